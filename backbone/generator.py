@@ -1,0 +1,173 @@
+"""The generator: a decoder-only LLM or a seq2seq model, with prompts, answer log-likelihoods and decoding."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, GenerationConfig
+
+from .config import BackboneConfig
+from .loading import converted_gguf_dir, hub_kwargs, resolve_reference
+from .lora import AdapterHost
+
+SYSTEM_PROMPT = (
+    "Answer the question from the passage. Reply with the shortest exact phrase from the passage, nothing else."
+)
+RECONSTRUCT_PROMPT = "Reconstruct a sentence stated in the passage."
+# The control token of RAG End2End's input reconstruction: it replaces the question.
+RECONSTRUCT_TOKEN = "<reconstruct>"
+
+
+@dataclass(frozen=True)
+class Passage:
+    id: str
+    title: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    logprob: float  # log p(text | source), summed over generated tokens
+
+
+class Generator:
+    def __init__(self, model, tokenizer, kind: Literal["causal", "seq2seq"], device: torch.device, config: BackboneConfig):
+        self.host = AdapterHost(model)
+        self.tokenizer = tokenizer
+        self.kind = kind
+        self.device = device
+        self.config = config
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.eos_ids = self._eos_ids()
+
+    @classmethod
+    def load(cls, config: BackboneConfig, dtype: torch.dtype, device: torch.device) -> "Generator":
+        if config.generator_gguf_file:
+            source, kwargs = str(converted_gguf_dir(config)), {"local_files_only": True}
+        else:
+            source, kwargs = resolve_reference(config.generator, config.allow_hub), hub_kwargs(config.allow_hub)
+        model_config = AutoConfig.from_pretrained(source, **kwargs)
+        kind = "seq2seq" if model_config.is_encoder_decoder else "causal"
+        auto = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
+        model = auto.from_pretrained(source, dtype=dtype, **kwargs).to(device)
+        model.eval()
+        model.requires_grad_(False)
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        return cls(model, tokenizer, kind, device, config)
+
+    def _eos_ids(self) -> list[int]:
+        ids = {self.tokenizer.eos_token_id}
+        end_of_turn = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        if isinstance(end_of_turn, int) and end_of_turn != self.tokenizer.unk_token_id:
+            ids.add(end_of_turn)
+        return sorted(i for i in ids if i is not None)
+
+    # --- prompts -------------------------------------------------------------------------------------------------
+
+    def _clip(self, text: str, max_tokens: int) -> str:
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        return text if len(ids) <= max_tokens else self.tokenizer.decode(ids[:max_tokens])
+
+    def source(self, question: str | None, passage: Passage) -> str:
+        """The generator input for one (question, passage) pair; question None is a reconstruction input."""
+        body = self._clip(passage.text, self.config.max_passage_tokens)
+        query = RECONSTRUCT_TOKEN if question is None else self._clip(question, self.config.max_question_tokens)
+        if self.kind == "seq2seq":
+            # RAG's layout: title / text // question
+            return f"{passage.title} / {body} // {query}"
+        instruction = RECONSTRUCT_PROMPT if question is None else SYSTEM_PROMPT
+        user = f"Passage ({passage.title}): {body}\n\nQuestion: {query}"
+        if self.tokenizer.chat_template:
+            return self.tokenizer.apply_chat_template(
+                [{"role": "system", "content": instruction}, {"role": "user", "content": user}],
+                tokenize=False,
+                add_generation_prompt=True,
+            )
+        return f"{instruction}\n\n{user}\nAnswer:"
+
+    # --- likelihood ----------------------------------------------------------------------------------------------
+
+    def target_logprobs(self, sources: list[str], targets: list[str], adapters: list[str] | None):
+        """Per-token log p(target | source) -> (logprobs [batch, T], mask [batch, T]).
+
+        Rows sharing a target are token-aligned, as RAG-token marginalisation needs. `adapters` None runs the
+        active adapter (a single-adapter training scope).
+        """
+        if self.kind == "seq2seq":
+            return self._seq2seq_logprobs(sources, targets, adapters)
+        return self._causal_logprobs(sources, targets, adapters)
+
+    def _target_ids(self, targets: list[str]) -> list[list[int]]:
+        max_len = self.config.max_answer_tokens
+        return [self.tokenizer(t, add_special_tokens=False).input_ids[: max_len - 1] + [self.eos_ids[-1]] for t in targets]
+
+    def _causal_logprobs(self, sources, targets, adapters):
+        prompts = self.tokenizer(sources, add_special_tokens=False).input_ids
+        answers = self._target_ids(targets)
+        rows = [p + a for p, a in zip(prompts, answers)]
+        width = max(map(len, rows))
+        span = max(map(len, answers))
+        pad = self.tokenizer.pad_token_id
+        # Left padding puts every answer at the end, so only the last `span` positions need vocabulary logits.
+        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
+        attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        out = self.host.forward(
+            adapters, input_ids=input_ids, attention_mask=attention, position_ids=positions, logits_to_keep=span + 1
+        )
+        logits = out.logits[:, :-1].float()  # [batch, span, vocab]
+        wanted = input_ids[:, -span:]  # [batch, span]
+        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, wanted.unsqueeze(-1)).squeeze(-1)
+        lengths = torch.tensor([len(a) for a in answers], device=self.device)
+        mask = torch.arange(span, device=self.device).unsqueeze(0) >= (span - lengths).unsqueeze(1)
+        return logprobs * mask, mask
+
+    def _seq2seq_logprobs(self, sources, targets, adapters):
+        enc = self.tokenizer(sources, padding=True, truncation=True, max_length=512, return_tensors="pt").to(self.device)
+        answers = self._target_ids(targets)
+        span = max(map(len, answers))
+        labels = torch.tensor([a + [-100] * (span - len(a)) for a in answers], device=self.device)
+        out = self.host.forward(adapters, input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=labels)
+        mask = labels != -100
+        logprobs = torch.log_softmax(out.logits.float(), dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return logprobs * mask, mask
+
+    # --- decoding ------------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(self, sources: list[str], adapters: list[str], max_new_tokens: int, num_beams: int = 1) -> list[Generation]:
+        self.tokenizer.padding_side = "left" if self.kind == "causal" else "right"
+        enc = self.tokenizer(
+            sources, padding=True, add_special_tokens=self.kind == "seq2seq", return_tensors="pt"
+        ).to(self.device)
+        generation_config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            do_sample=False,
+            eos_token_id=self.eos_ids,
+            pad_token_id=self.tokenizer.pad_token_id,
+            decoder_start_token_id=getattr(self.host.base.config, "decoder_start_token_id", None),
+            return_dict_in_generate=True,
+            output_scores=True,
+        )
+        model = self.host.model
+        extra = {"adapter_names": list(adapters)} if self.host.peft is not None else {}
+        out = model.generate(
+            input_ids=enc.input_ids, attention_mask=enc.attention_mask, generation_config=generation_config, **extra
+        )
+        scores = self.host.base.compute_transition_scores(
+            out.sequences, out.scores, getattr(out, "beam_indices", None), normalize_logits=num_beams == 1
+        )  # [batch, new_tokens]
+        new_tokens = out.sequences[:, enc.input_ids.shape[1] :] if self.kind == "causal" else out.sequences[:, 1:]
+        new_tokens = new_tokens[:, -scores.shape[1] :]
+        results = []
+        for row_tokens, row_scores in zip(new_tokens, scores):
+            keep = row_tokens != self.tokenizer.pad_token_id
+            keep &= torch.isfinite(row_scores)
+            text = self.tokenizer.decode(row_tokens[keep], skip_special_tokens=True).strip()
+            results.append(Generation(text=text, logprob=float(row_scores[keep].sum())))
+        return results
