@@ -2,8 +2,12 @@
 
 from storage.artifacts import FileEntry, Manifest, new_version_id
 from storage.errors import (
+    DomainExists,
+    DomainNotFound,
     IntegrityError,
+    InvalidDomainName,
     InvalidKey,
+    NothingToRollback,
     ObjectNotFound,
     PreconditionFailed,
     StoreAuthError,
@@ -11,14 +15,24 @@ from storage.errors import (
     StoreUnavailable,
     VersionNotFound,
 )
+from storage.registry import ArtifactKind, Domain, DomainRegistry, LivePointer, LiveState
 from storage.store import LocalStore, ObjectInfo, ObjectStore, S3Store, StoreConfig, open_store
 
 __all__ = [
+    "ArtifactKind",
+    "Domain",
+    "DomainExists",
+    "DomainNotFound",
+    "DomainRegistry",
     "FileEntry",
     "IntegrityError",
+    "InvalidDomainName",
     "InvalidKey",
+    "LivePointer",
+    "LiveState",
     "LocalStore",
     "Manifest",
+    "NothingToRollback",
     "ObjectInfo",
     "ObjectNotFound",
     "ObjectStore",

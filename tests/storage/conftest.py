@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from storage import LocalStore, ObjectStore, S3Store
+from storage import DomainRegistry, LocalStore, ObjectStore, S3Store
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -13,3 +13,8 @@ def store(request, tmp_path) -> ObjectStore:
     if request.param == "local":
         return LocalStore(tmp_path / "store")
     return S3Store(request.getfixturevalue("s3_server").store_config())
+
+
+@pytest.fixture
+def registry(store) -> DomainRegistry:
+    return DomainRegistry(store)
