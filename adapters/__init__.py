@@ -1,0 +1,12 @@
+"""Adapter registry (versions of a domain's adapter set) and, later, adaptation runs."""
+
+from adapters.errors import AdapterError, AdapterIncompatible, AdapterVersionNotFound, InvalidAdapterSet
+from adapters.registry import AdapterRegistry
+
+__all__ = [
+    "AdapterError",
+    "AdapterIncompatible",
+    "AdapterRegistry",
+    "AdapterVersionNotFound",
+    "InvalidAdapterSet",
+]

@@ -1,0 +1,93 @@
+"""Adapter versions of a domain: publish a trained adapter set, list them, fetch one for the loaded backbone.
+
+An adapter version is the directory ``Backbone.save_adapter_set`` writes (``question/``, ``passage/`` and
+``generator/``, each a PEFT adapter) stored as an artifact under ``domains/<domain>/adapters/<version>/``,
+with the backbone fingerprint, run, metrics, parent, index version and LoRA settings in its manifest.
+Making a version live is ``storage.DomainRegistry.promote``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from adapters.errors import AdapterIncompatible, AdapterVersionNotFound, InvalidAdapterSet
+from storage import artifacts
+from storage.artifacts import Manifest
+from storage.errors import VersionNotFound
+from storage.registry import ArtifactKind, DomainRegistry
+from storage.store import ObjectStore
+
+# The components of an adapter set, as backbone.COMPONENTS names them (not imported: that pulls in torch).
+COMPONENTS = ("question", "passage", "generator")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+class AdapterRegistry:
+    """Adapter versions per domain, on top of ``DomainRegistry``."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        self._store = store
+        self._domains = DomainRegistry(store)
+
+    def publish(
+        self,
+        domain: str,
+        directory: Path,
+        *,
+        backbone_fingerprint: str,
+        run_id: str | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        parent: str | None = None,
+        index_version: str | None = None,
+        lora: Mapping[str, Any] | None = None,
+        progress: Callable[[str, int], None] | None = None,
+    ) -> Manifest:
+        """Store an adapter set directory as a new version of ``domain``; returns its manifest."""
+        directory = Path(directory)
+        missing = [
+            f"{component}/{name}"
+            for component in COMPONENTS
+            for name in ADAPTER_FILES
+            if not (directory / component / name).is_file()
+        ]
+        if missing:
+            raise InvalidAdapterSet(f"{directory} is not an adapter set: missing {', '.join(missing)}")
+        metadata = {
+            "backbone_fingerprint": backbone_fingerprint,
+            "run_id": run_id,
+            "metrics": dict(metrics or {}),
+            "parent": parent,
+            "index_version": index_version,
+            "lora": dict(lora or {}),
+        }
+        return self._domains.publish(domain, ArtifactKind.ADAPTERS, directory, metadata, progress=progress)
+
+    def list(self, domain: str) -> list[Manifest]:
+        """Complete adapter versions of ``domain``, oldest first."""
+        return self._domains.list_versions(domain, ArtifactKind.ADAPTERS)
+
+    def get(self, domain: str, version: str) -> Manifest:
+        """The manifest of one adapter version; ``AdapterVersionNotFound`` if it is not there."""
+        try:
+            return self._domains.read_manifest(domain, ArtifactKind.ADAPTERS, version)
+        except VersionNotFound as exc:
+            raise AdapterVersionNotFound(f"domain {domain!r} has no adapter version {version!r}") from exc
+
+    def fetch(self, domain: str, version: str, dest_dir: Path, *, expected_fingerprint: str) -> Manifest:
+        """Download an adapter version into ``dest_dir`` with checksums verified.
+
+        Refuses with ``AdapterIncompatible`` before downloading anything when the version was trained on a
+        backbone other than ``expected_fingerprint`` (the loaded backbone's).
+        """
+        manifest = self.get(domain, version)
+        trained_on = manifest.metadata.get("backbone_fingerprint")
+        if trained_on != expected_fingerprint:
+            raise AdapterIncompatible(
+                f"adapter {domain}/{version} was trained on backbone {trained_on!r}, "
+                f"but the loaded backbone is {expected_fingerprint!r}"
+            )
+        return artifacts.download(
+            self._store, self._domains.prefix(domain, ArtifactKind.ADAPTERS), version, dest_dir
+        )

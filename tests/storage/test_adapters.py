@@ -1,0 +1,117 @@
+"""Adapter registry: publish adapter sets, fetch them only for the backbone they were trained on."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from adapters import AdapterIncompatible, AdapterRegistry, AdapterVersionNotFound, InvalidAdapterSet
+from storage import IntegrityError
+
+FINGERPRINT = "backbone-minilm-smollm2-7f3a"
+
+
+@pytest.fixture
+def adapter_set(tmp_path):
+    """What ``Backbone.save_adapter_set`` writes: one PEFT LoRA adapter per component, tiny random weights."""
+    root = tmp_path / "adapter-set"
+    rng = np.random.default_rng(0)
+    for component in ("question", "passage", "generator"):
+        directory = root / component
+        directory.mkdir(parents=True)
+        config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["query", "value"]}
+        (directory / "adapter_config.json").write_text(json.dumps(config))
+        save_file(
+            {
+                "base_model.model.query.lora_A.weight": rng.standard_normal((4, 16), dtype=np.float32),
+                "base_model.model.query.lora_B.weight": rng.standard_normal((16, 4), dtype=np.float32),
+            },
+            str(directory / "adapter_model.safetensors"),
+        )
+    return root
+
+
+@pytest.fixture
+def adapters(registry):
+    registry.create_domain("law")
+    return AdapterRegistry(registry.store)
+
+
+def _publish(adapters, adapter_set, **overrides):
+    fields = dict(
+        backbone_fingerprint=FINGERPRINT,
+        run_id="run-1",
+        metrics={"exact_match": 0.41},
+        parent=None,
+        index_version=None,
+        lora={"r": 4, "alpha": 8},
+    )
+    return adapters.publish("law", adapter_set, **{**fields, **overrides})
+
+
+def test_publish_records_provenance_and_fetch_restores_the_weights(adapters, adapter_set, tmp_path):
+    manifest = _publish(adapters, adapter_set)
+
+    assert manifest.metadata == {
+        "backbone_fingerprint": FINGERPRINT,
+        "run_id": "run-1",
+        "metrics": {"exact_match": 0.41},
+        "parent": None,
+        "index_version": None,
+        "lora": {"r": 4, "alpha": 8},
+    }
+    assert adapters.get("law", manifest.version) == manifest
+    assert [m.version for m in adapters.list("law")] == [manifest.version]
+
+    fetched = adapters.fetch(
+        "law", manifest.version, tmp_path / "cache" / "v", expected_fingerprint=FINGERPRINT
+    )
+
+    assert fetched == manifest
+    for component in ("question", "passage", "generator"):
+        original = load_file(str(adapter_set / component / "adapter_model.safetensors"))
+        restored = load_file(str(tmp_path / "cache" / "v" / component / "adapter_model.safetensors"))
+        assert original.keys() == restored.keys()
+        assert all(np.array_equal(original[name], restored[name]) for name in original)
+
+
+def test_fetch_for_another_backbone_is_refused_before_downloading(adapters, adapter_set, tmp_path):
+    manifest = _publish(adapters, adapter_set)
+
+    with pytest.raises(AdapterIncompatible) as caught:
+        adapters.fetch("law", manifest.version, tmp_path / "v", expected_fingerprint="backbone-other-0000")
+
+    assert caught.value.code == "adapter_incompatible"
+    assert FINGERPRINT in str(caught.value) and "backbone-other-0000" in str(caught.value)
+    assert not (tmp_path / "v").exists()
+
+
+def test_fetch_of_a_corrupted_adapter_fails_the_checksum(adapters, registry, adapter_set, tmp_path):
+    manifest = _publish(adapters, adapter_set)
+    key = f"domains/law/adapters/{manifest.version}/generator/adapter_model.safetensors"
+    registry.store.put_bytes(key, b"not the trained weights")
+
+    with pytest.raises(IntegrityError):
+        adapters.fetch("law", manifest.version, tmp_path / "v", expected_fingerprint=FINGERPRINT)
+    assert not (tmp_path / "v").exists()
+
+
+def test_a_directory_without_the_three_adapters_is_refused(adapters, adapter_set):
+    (adapter_set / "passage" / "adapter_model.safetensors").unlink()
+
+    with pytest.raises(InvalidAdapterSet) as caught:
+        _publish(adapters, adapter_set)
+
+    assert "passage/adapter_model.safetensors" in str(caught.value)
+    assert adapters.list("law") == []
+
+
+def test_unknown_adapter_version(adapters, tmp_path):
+    with pytest.raises(AdapterVersionNotFound) as caught:
+        adapters.get("law", "20990101T000000Z-abcdef")
+    assert caught.value.code == "adapter_version_not_found"
+    with pytest.raises(AdapterVersionNotFound):
+        adapters.fetch("law", "20990101T000000Z-abcdef", tmp_path / "v", expected_fingerprint=FINGERPRINT)
