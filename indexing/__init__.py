@@ -5,17 +5,21 @@ Imports `backbone` and `storage`, never `service` or `adapters`.
 
 from .builder import BuildInfo, IndexConfig, build_index, write_index
 from .chunking import ChunkConfig, load_corpus, passages_checksum, read_passages, write_passages
+from .cli import IngestResult, ingest
 from .encoder import EncodeConfig, encode_passages
-from .errors import (DimensionMismatch, DomainNotFound, EmptyCorpus, EncoderMismatch, IndexingError,
-                     IndexNotReady, IndexVersionNotFound, InvalidIndexConfig, MalformedPassages, RebuildCancelled,
-                     RebuildFailed, RetrievalModeUnavailable)
+from .errors import (AdapterMismatch, DimensionMismatch, DomainNotFound, EmptyCorpus, EncoderMismatch,
+                     IndexingError, IndexNotReady, IndexVersionNotFound, InvalidIndexConfig, LiveIndexMoved,
+                     MalformedPassages, RebuildCancelled, RebuildFailed, RetrievalModeUnavailable)
 from .handles import LiveIndexes
+from .rebuild import RebuildJob, RebuildProgress, RebuildResult, RebuildSpec, RebuildState
 from .searcher import Hit, IndexHandle
+from .versions import IndexVersions
 
 __all__ = [
-    "BuildInfo", "ChunkConfig", "DimensionMismatch", "DomainNotFound", "EmptyCorpus", "EncodeConfig",
-    "EncoderMismatch", "Hit", "IndexConfig", "IndexHandle", "IndexNotReady", "IndexVersionNotFound",
-    "IndexingError", "InvalidIndexConfig", "LiveIndexes", "MalformedPassages", "RebuildCancelled", "RebuildFailed",
-    "RetrievalModeUnavailable", "build_index", "encode_passages", "load_corpus", "passages_checksum",
-    "read_passages", "write_index", "write_passages",
+    "AdapterMismatch", "BuildInfo", "ChunkConfig", "DimensionMismatch", "DomainNotFound", "EmptyCorpus",
+    "EncodeConfig", "EncoderMismatch", "Hit", "IndexConfig", "IndexHandle", "IndexNotReady", "IndexVersionNotFound",
+    "IndexVersions", "IndexingError", "IngestResult", "InvalidIndexConfig", "LiveIndexMoved", "LiveIndexes",
+    "MalformedPassages", "RebuildCancelled", "RebuildFailed", "RebuildJob", "RebuildProgress", "RebuildResult",
+    "RebuildSpec", "RebuildState", "RetrievalModeUnavailable", "build_index", "encode_passages", "ingest",
+    "load_corpus", "passages_checksum", "read_passages", "write_index", "write_passages",
 ]

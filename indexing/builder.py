@@ -98,9 +98,12 @@ class IndexConfig:
 
 @dataclass(frozen=True)
 class BuildInfo:
-    """The build config saved beside an index (build.json) and in its store manifest."""
+    """The build config saved beside an index (build.json) and in its store manifest.
 
-    version: str
+    `build_id` names the build; the store assigns the index *version* id when the directory is published.
+    """
+
+    build_id: str
     dim: int
     factory: str
     passage_count: int
@@ -178,7 +181,7 @@ def write_index(
     passages: list[Passage],
     embeddings: np.ndarray,
     *,
-    version: str,
+    build_id: str,
     encoder_fingerprint: str,
     config: IndexConfig = IndexConfig(),
     passage_adapter: str = "base",
@@ -218,7 +221,7 @@ def write_index(
             Bm25Index.build(passages, config.bm25_k1, config.bm25_b).save(staging / BM25_DIR)
             seconds["bm25"] = round(time.perf_counter() - started, 3)
         info = BuildInfo(
-            version=version,
+            build_id=build_id,
             dim=int(embeddings.shape[1]),
             factory=factory,
             passage_count=len(passages),
@@ -242,7 +245,7 @@ def build_index(
     passages: list[Passage],
     directory: Path,
     *,
-    version: str,
+    build_id: str,
     adapter: str | None = None,
     adapter_version: str | None = None,
     passages_version: str | None = None,
@@ -252,7 +255,7 @@ def build_index(
     on_progress: BuildProgressFn | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> BuildInfo:
-    """Encode `passages` with the passage encoder under `adapter` and write index version `version` to `directory`.
+    """Encode `passages` with the passage encoder under `adapter` and write the index directory `directory`.
 
     `adapter` is a loaded adapter-set key (None: the base encoder); `adapter_version` is recorded for people and
     the registry. With `work_dir`, encoding is resumable by shard (see `indexing.encoder`).
@@ -267,7 +270,7 @@ def build_index(
     encode_seconds = time.perf_counter() - started
     return write_index(
         directory, passages, embeddings,
-        version=version,
+        build_id=build_id,
         encoder_fingerprint=backbone.fingerprint,
         config=config,
         passage_adapter=adapter_digest(backbone, adapter),

@@ -58,8 +58,10 @@ class Document:
 def chunk_document(document: Document, config: ChunkConfig = ChunkConfig()) -> list[Passage]:
     """Split one document into passages of at most `config.max_words` words, line breaks kept.
 
-    Whole lines are packed greedily; a line longer than the limit is cut into windows. With an overlap, each
-    passage after the first starts with the last `overlap_words` words of the one before.
+    Whole lines are packed greedily; a passage ends at a line end when that fills at least half of it, otherwise
+    inside the next line (so a heading before a long paragraph does not become a passage of its own), and a line
+    longer than the limit is cut into windows. With an overlap, each passage after the first starts with the
+    last `overlap_words` words of the one before.
     """
     lines = [line.split() for line in document.text.splitlines()]
     words: list[str] = []
@@ -77,7 +79,8 @@ def chunk_document(document: Document, config: ChunkConfig = ChunkConfig()) -> l
     while True:
         limit = start + config.max_words
         last_fitting = boundaries[bisect.bisect_right(boundaries, limit) - 1]
-        end = last_fitting if last_fitting > start else min(limit, len(words))
+        # Cut at a line end when that fills at least half a passage; else cut inside the long line that follows.
+        end = last_fitting if last_fitting - start >= config.max_words // 2 else min(limit, len(words))
         text = _join(words, start, end, line_starts)
         passages.append(Passage(f"{document.id}-{len(passages):03d}", document.title, text))
         if end >= len(words):

@@ -72,6 +72,20 @@ class InvalidIndexConfig(IndexingError):
     status = 422
 
 
+class LiveIndexMoved(IndexingError):
+    """The live index changed while a new one was built; the new version is kept but not made live."""
+
+    code = "live_index_moved"
+    status = 409
+
+
+class AdapterMismatch(IndexingError):
+    """An index encoded with one adapter version cannot go live while the domain serves another."""
+
+    code = "index_adapter_mismatch"
+    status = 409
+
+
 class IndexNotReady(IndexingError):
     """The domain has no index to answer from yet (first build still running, or never ingested)."""
 

@@ -64,7 +64,7 @@ class IndexHandle:
         fingerprint: str | None = None,
         config: IndexConfig | None = None,
     ) -> "IndexHandle":
-        """Open an index version directory.
+        """Open an index version directory; `version` defaults to the directory's build id (unpublished builds).
 
         `embedding_dim` (the backbone's) is checked against the index: a mismatch raises DimensionMismatch.
         `fingerprint`, when given, must equal the encoder fingerprint the index was built with (EncoderMismatch
@@ -100,7 +100,7 @@ class IndexHandle:
         if config.retrieval != "dense" and bm25 is None:
             config = replace(config, retrieval="dense")
         index, gpu_lock = _maybe_to_gpu(index, config)
-        return cls(domain=domain, version=version or info.version, directory=directory, info=info, config=config,
+        return cls(domain=domain, version=version or info.build_id, directory=directory, info=info, config=config,
                    passages=passages, index=index, bm25=bm25, gpu_lock=gpu_lock)
 
     # --- what it is ----------------------------------------------------------------------------------------------

@@ -9,8 +9,8 @@ from tests.models import tiny_backbone_config
 
 
 @pytest.fixture(scope="session")
-def tiny_config(tmp_path_factory) -> BackboneConfig:
-    return tiny_backbone_config(tmp_path_factory.mktemp("tiny-models"))
+def tiny_config(tiny_root) -> BackboneConfig:
+    return tiny_backbone_config(tiny_root)
 
 
 @pytest.fixture(scope="session")

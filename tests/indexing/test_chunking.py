@@ -27,6 +27,12 @@ def test_a_line_longer_than_the_limit_is_cut_into_windows():
     assert [len(p.text.split()) for p in passages] == [100, 100, 50]
 
 
+def test_a_heading_before_a_long_paragraph_does_not_become_a_passage_of_its_own():
+    passages = chunk_document(Document("doc", "", "Heading\n" + words(150)))
+    assert [len(p.text.split()) for p in passages] == [100, 51]
+    assert passages[0].text.startswith("Heading\nw0 w1")
+
+
 def test_overlap_repeats_the_tail_of_the_previous_passage():
     passages = chunk_document(Document("doc", "", words(250)), ChunkConfig(max_words=100, overlap_words=20))
     first, second = passages[0].text.split(), passages[1].text.split()

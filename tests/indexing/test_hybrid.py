@@ -27,7 +27,7 @@ BM25_ORDER = [2, 0, 3]  # only passages sharing a word; 0 and 3 tie (same length
 def open_hybrid(tmp_path, **config) -> IndexHandle:
     passages = [Passage(f"p{i}", "", text) for i, text in enumerate(TEXTS)]
     directory = tmp_path / "v1"
-    write_index(directory, passages, np.eye(6, dtype=np.float32), version="v1", encoder_fingerprint="hand-made",
+    write_index(directory, passages, np.eye(6, dtype=np.float32), build_id="v1", encoder_fingerprint="hand-made",
                 config=IndexConfig(**config))
     return IndexHandle.open(directory, domain="geo", embedding_dim=6)
 

@@ -24,7 +24,7 @@ def synthetic_passages(n: int) -> list[Passage]:
 
 def open_random(tmp_path, n, dim, config=IndexConfig(), name="v1", seed=0, domain="news"):
     embeddings = random_unit(n, dim, seed)
-    write_index(tmp_path / name, synthetic_passages(n), embeddings, version=name, encoder_fingerprint="random",
+    write_index(tmp_path / name, synthetic_passages(n), embeddings, build_id=name, encoder_fingerprint="random",
                 config=config)
     return IndexHandle.open(tmp_path / name, domain=domain, embedding_dim=dim), embeddings
 
@@ -76,7 +76,7 @@ def test_ivf_factory_string_is_honoured_and_exact_when_probing_every_list(tmp_pa
 
 def test_unknown_factory_string_is_a_typed_error_and_leaves_no_directory(tmp_path):
     with pytest.raises(InvalidIndexConfig):
-        write_index(tmp_path / "v1", synthetic_passages(10), random_unit(10, 8, 0), version="v1",
+        write_index(tmp_path / "v1", synthetic_passages(10), random_unit(10, 8, 0), build_id="v1",
                     encoder_fingerprint="random", config=IndexConfig(factory="NoSuchIndex99"))
     assert not (tmp_path / "v1").exists()
     assert list(tmp_path.iterdir()) == []
@@ -100,7 +100,7 @@ def test_a_version_directory_is_never_overwritten(tmp_path):
     open_random(tmp_path, 20, 16)
     before = (tmp_path / "v1" / "build.json").read_text()
     with pytest.raises(FileExistsError):
-        write_index(tmp_path / "v1", synthetic_passages(5), random_unit(5, 16, 9), version="v1",
+        write_index(tmp_path / "v1", synthetic_passages(5), random_unit(5, 16, 9), build_id="v1",
                     encoder_fingerprint="random")
     assert (tmp_path / "v1" / "build.json").read_text() == before
 
