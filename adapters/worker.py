@@ -1,0 +1,732 @@
+"""Running adaptation runs outside the HTTP process: the run pipeline, the worker processes and `RunManager`.
+
+`RunManager` (in the service process) validates and queues runs, answers reads from the store, and supervises
+`max_concurrent` worker processes (multiprocessing "spawn": a fresh interpreter each, never a forked torch).
+A worker loads the backbone once, then claims queued runs from the store one at a time (compare-and-swap on
+run.json, with a lease it renews while it works) and executes them:
+
+    evaluate what serves now -> train (RAG End2End + LoRA, async index refreshes) -> build and publish the index
+    of the new passage encoder -> evaluate it -> publish the adapter version -> promote per policy
+
+Each phase records its outcome in run.json before the next starts, so a run resumed after a crash (from its last
+checkpoint) skips what is done. A worker that dies is noticed at once by the manager's monitor thread (it waits
+on the process sentinels), which queues the run again and starts a new worker; a whole host that died is noticed
+by the lease running out. Cancelling sets a flag in run.json that the worker reads between micro-batches. Nothing
+live changes unless the run reaches promotion.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import multiprocessing.synchronize
+import os
+import secrets
+import shutil
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait as wait_for
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from adapters.errors import LeaseLost, RunCancelled, RunFinished, RunInterrupted, RunNotFound
+from adapters.qa import parse_qa_jsonl
+from adapters.registry import AdapterRegistry
+from adapters.runs import (Prepared, RunInfo, RunRecord, RunRequest, RunState, RunStore, lease_expiry, lora_metadata,
+                           now, owner_is_dead_here, owner_token, prepare)
+from storage import artifacts, new_version_id
+from storage.errors import PreconditionFailed
+from storage.registry import DomainRegistry
+from storage.store import ObjectStore
+
+if TYPE_CHECKING:
+    from backbone import Backbone, BackboneConfig
+    from adapters.training import TrainerState
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[str, int, int, dict], None]  # (stage, done, total, latest step metrics)
+
+
+# --- one run's link to its record --------------------------------------------------------------------------------
+
+
+class RunContext:
+    """The executing side of one claimed run: cancel/stop checks, lease renewal, progress, events, checkpoints.
+
+    Store writes are batched: step events and progress go out at most every `flush_s` seconds (and with every
+    other event), the lease is renewed with them; run.json is read at every `tick` for a cancel request.
+    """
+
+    def __init__(self, runs: RunStore, record: RunRecord, owner: str, *, lease_s: float = 120.0,
+                 should_stop: Callable[[], bool] = lambda: False, on_progress: ProgressFn | None = None,
+                 flush_s: float = 1.0):
+        self.runs = runs
+        self.record = record
+        self.owner = owner
+        self.lease_s = lease_s
+        self.should_stop = should_stop
+        self.on_progress = on_progress
+        self.flush_s = flush_s
+        self._events: list[dict] = []
+        self._progress: dict[str, Any] = {}
+        self._flushed = time.monotonic()
+        self._stage = ""
+
+    @property
+    def id(self) -> str:
+        return self.record.id
+
+    def tick(self) -> None:
+        if self.should_stop():
+            raise RunInterrupted("the worker is stopping")
+        current = self.runs.get(self.id)
+        if current.owner != self.owner:
+            raise LeaseLost(f"run {self.id} was taken over by {current.owner}")
+        if current.cancel_requested:
+            raise RunCancelled("cancelled on request")
+        if time.monotonic() - self._flushed >= min(self.flush_s, self.lease_s / 4):
+            self.flush()
+
+    def stage(self, name: str, done: int = 0, total: int = 0) -> None:
+        self._stage = name
+        if self.on_progress is not None:
+            self.on_progress(name, done, total, {})
+
+    def progress(self, done: int, total: int) -> None:
+        if self.on_progress is not None:
+            self.on_progress(self._stage, done, total, {})
+        self.tick()
+
+    def event(self, kind: str, **payload: Any) -> None:
+        self._events.append({"time": now().isoformat(), "kind": kind, **payload})
+        self.flush()
+
+    def step(self, step: int, latest: dict[str, float]) -> None:
+        self._events.append({"time": now().isoformat(), "kind": "step", "step": step, **latest})
+        self._progress = {"step": step, "latest": latest}
+        if self.on_progress is not None:
+            self.on_progress("training", step, self.record.total_steps, latest)
+        if time.monotonic() - self._flushed >= self.flush_s or step == self.record.total_steps:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._events:
+            self.runs.append_events(self.id, self._events)
+            self._events = []
+        self.update(**self._progress)
+        self._flushed = time.monotonic()
+
+    def update(self, **fields: Any) -> RunRecord:
+        """Change run.json fields (and renew the lease) if this worker still holds the run."""
+        lease_s = self.lease_s
+
+        def change(record: RunRecord) -> RunRecord:
+            for name, value in fields.items():
+                setattr(record, name, value)
+            record.lease_until = lease_expiry(lease_s)
+            return record
+
+        self.record = self.runs.update(self.id, change, owner=self.owner)
+        return self.record
+
+    # RunHooks of the trainer
+
+    def upload_index(self, directory: Path, build_id: str) -> str:
+        """Store a mid-run index beside the run (a checkpoint refers to it); returns its version."""
+        manifest = artifacts.publish(self.runs.store, self.runs.indexes_prefix(self.id), directory,
+                                     {"build_id": build_id})
+        return manifest.version
+
+    def checkpoint(self, step: int, directory: Path, state: "TrainerState") -> None:
+        """Publish a checkpoint directory, then drop older checkpoints and mid-run indexes it no longer needs."""
+        store, prefix = self.runs.store, self.runs.checkpoints_prefix(self.id)
+        manifest = artifacts.publish(store, prefix, directory, {"step": step, "index": state.index})
+        self.runs.drop_artifacts(self.id, keep_checkpoints=1)
+        referenced = state.index.get("version") if state.index.get("kind") == "run" else None
+        for old in artifacts.list_versions(store, self.runs.indexes_prefix(self.id)):
+            if old.version != referenced:
+                artifacts.delete_version(store, self.runs.indexes_prefix(self.id), old.version)
+        self._events.append({"time": now().isoformat(), "kind": "checkpoint", "step": step,
+                             "version": manifest.version})
+        self._progress = {**self._progress, "checkpoint_step": step}
+        self.flush()
+
+
+# --- the run pipeline --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Workspace:
+    """What a run executes with: the backbone (per quantization), local scratch, a cache of index versions."""
+
+    backbone_config: "BackboneConfig"
+    work_dir: Path
+    _backbones: dict[str, "Backbone"] = field(default_factory=dict)
+
+    def backbone(self, quantize: str = "none") -> "Backbone":
+        if quantize not in self._backbones:
+            from adapters.training import backbone_for
+
+            self._backbones.clear()  # one copy of the weights at a time
+            self._backbones[quantize] = backbone_for(self.backbone_config, quantize)
+        return self._backbones[quantize]
+
+
+def execute_run(ctx: RunContext, workspace: Workspace) -> RunRecord:
+    """Execute (or resume) a claimed run to its end; raises RunCancelled / RunInterrupted / LeaseLost / errors.
+
+    Imports torch and the indexing stack lazily: `adapters.worker` is imported by the HTTP process too."""
+    from adapters.evaluation import EvalReport, evaluate, is_better
+    from adapters.training import (IndexRefresher, Trainer, TrainerState, adapter_set_config, base_index_version,
+                                   build_domain_index, load_resume, reconstruction_sentences)
+    from indexing import IndexHandle
+    from indexing.versions import IndexVersions
+
+    record = ctx.record
+    request, hp = record.request, record.request.hyperparameters
+    store = ctx.runs.store
+    bb = workspace.backbone(hp.quantize_generator)
+    run_dir = workspace.work_dir / "runs" / record.id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    domains = DomainRegistry(store)
+    versions = IndexVersions(domains, workspace.work_dir / "index-cache")
+    adapters = AdapterRegistry(store)
+    key = f"run-{record.id}"
+    attached: list[str] = []
+
+    def attach_version(name: str, version: str) -> None:
+        target = run_dir / f"adapter-{version}"
+        if not target.exists():
+            adapters.fetch(record.domain, version, target, expected_fingerprint=bb.fingerprint)
+        bb.load_adapter_set(name, target)
+        attached.append(name)
+
+    def open_index(version: str) -> IndexHandle:
+        return versions.open(record.domain, version, embedding_dim=bb.embedding_dim, fingerprint=bb.fingerprint)
+
+    def evaluation_examples():
+        data = ctx.runs.get_input(record.id, "eval.jsonl")
+        return parse_qa_jsonl(data) if data else []
+
+    def run_eval(adapter: str | None, handle: IndexHandle, version: str | None, phase: str) -> dict:
+        ctx.stage(f"evaluating {phase}")
+        report = evaluate(bb, adapter, handle, dev, top_k=hp.top_k, max_new_tokens=hp.eval_max_new_tokens,
+                          max_questions=hp.eval_max_questions, adapter_version=version, tick=ctx.tick,
+                          progress=ctx.progress)
+        ctx.event("eval", phase=phase, **{k: v for k, v in report.to_dict().items() if k != "samples"})
+        return report.to_dict()
+
+    try:
+        train = parse_qa_jsonl(ctx.runs.get_input(record.id, "train.jsonl") or b"")
+        dev = evaluation_examples()
+        lora = hp.lora
+        parent = record.parent
+        warm = parent is not None and hp.init == "live"
+
+        # What serves now, evaluated once (a resumed run has it already).
+        if dev and record.metrics.get("base") is None:
+            if parent is not None:
+                attach_version(f"parent-{record.id}", parent)
+                parent_index = adapters.get(record.domain, parent).metadata.get("index_version")
+                handle = open_index(parent_index or versions.live(record.domain).index_version)
+                base = run_eval(f"parent-{record.id}", handle, parent, "base")
+                bb.remove_adapter_set(f"parent-{record.id}")
+                attached.remove(f"parent-{record.id}")
+            else:
+                handle = open_index(base_index_version(bb, versions, record.domain, work_dir=run_dir))
+                base = run_eval(None, handle, None, "base")
+            ctx.update(metrics={**record.metrics, "base": base})
+
+        # The adapter set: from the last checkpoint, the parent version, or zero LoRA.
+        checkpoint = ctx.runs.latest_checkpoint(record.id)
+        resume = None
+        if checkpoint is not None:
+            target = run_dir / f"checkpoint-{checkpoint.version}"
+            shutil.rmtree(target, ignore_errors=True)
+            artifacts.download(store, ctx.runs.checkpoints_prefix(record.id), checkpoint.version, target)
+            bb.load_adapter_set(key, target / "adapters")
+            attached.append(key)
+            resume = load_resume(target)
+            ctx.event("state", state="running", resumed_from=resume.state.step, checkpoint=checkpoint.version)
+        elif warm:
+            attach_version(key, parent)
+        else:
+            bb.add_adapter_set(key, adapter_set_config(lora))
+            attached.append(key)
+
+        # The index training searches first: the checkpoint's, the parent's, or one of the base encoder.
+        index_dir = None
+        if resume is not None and resume.state.index.get("kind") == "run":
+            index_dir = run_dir / f"index-{resume.state.index['version']}"
+            if not index_dir.exists():
+                artifacts.download(store, ctx.runs.indexes_prefix(record.id), resume.state.index["version"],
+                                   index_dir)
+            handle = IndexHandle.open(index_dir, domain=record.domain, version=f"run-{resume.state.index['build_id']}",
+                                      embedding_dim=bb.embedding_dim, fingerprint=bb.fingerprint)
+            start_version = resume.state.index["start_version"]
+        else:
+            if resume is not None:
+                start_version = resume.state.index["start_version"]
+            elif warm:
+                start_version = (adapters.get(record.domain, parent).metadata.get("index_version")
+                                 or versions.live(record.domain).index_version)
+            else:
+                start_version = base_index_version(bb, versions, record.domain, work_dir=run_dir)
+            handle = open_index(start_version)
+        start_info = versions.build_info(record.domain, start_version)
+
+        recon = request.reconstruction
+        sentences: list[str] = []
+        if hp.reconstruction_ratio > 0:
+            given = ctx.runs.get_input(record.id, "reconstruction.txt")
+            if given is not None:
+                sentences = [s for s in given.decode("utf-8").splitlines() if s.strip()]
+            else:
+                settings = recon.model_dump() if recon is not None else {}
+                sentences = reconstruction_sentences(
+                    handle.passages, min_words=settings.get("min_words", 6), max_words=settings.get("max_words", 48),
+                    limit=settings.get("max_sentences", 5000), seed=hp.seed)
+
+        ctx.update(state=RunState.RUNNING, started_at=record.started_at or now())
+        ctx.stage("training", resume.state.step if resume else 0, record.total_steps)
+        refresher = (IndexRefresher(record.domain, bb, versions, run_dir) if request.refresh_every else None)
+        trainer = Trainer(bb, key, request, record.total_steps, train, sentences, handle, index_dir,
+                          ctx, refresher=refresher, work_dir=run_dir, resume=resume,
+                          state=TrainerState(index={"kind": "domain", "version": start_version,
+                                                    "start_version": start_version}))
+        state = trainer.train()
+        ctx.flush()
+
+        # The index of the new passage encoder, published as a domain index version (nothing goes live).
+        index_version = ctx.record.index_version
+        if index_version is None:
+            if "passage" in request.components:
+                ctx.stage("indexing")
+                index_version = build_domain_index(
+                    bb, key, list(trainer.index.passages), versions, record.domain,
+                    passages_version=start_info.passages_version, config=start_info.config,
+                    work_dir=run_dir, on_progress=lambda _stage, done, total: ctx.progress(done, total))
+                ctx.event("rebuild", state="published", index_version=index_version, step=state.step)
+            else:
+                index_version = start_version
+            ctx.update(index_version=index_version)
+
+        final = ctx.record.metrics.get("final")
+        if dev and final is None:
+            final = run_eval(key, open_index(index_version), None, "final")
+            ctx.update(metrics={**ctx.record.metrics, "final": final})
+
+        adapter_version = ctx.record.adapter_version
+        if adapter_version is None:
+            ctx.stage("publishing")
+            target = run_dir / "final"
+            shutil.rmtree(target, ignore_errors=True)
+            bb.save_adapter_set(key, target)
+            manifest = adapters.publish(
+                record.domain, target, backbone_fingerprint=bb.fingerprint, run_id=record.id,
+                metrics={**ctx.record.metrics, "mode": request.mode}, parent=parent, index_version=index_version,
+                lora=lora_metadata(lora))
+            adapter_version = manifest.version
+            ctx.update(adapter_version=adapter_version)
+
+        promoted, reason = _promote(domains, ctx.record, adapter_version, index_version, is_better, EvalReport)
+        ctx.update(promoted=promoted, state=RunState.SUCCEEDED, finished_at=now(), step=state.step)
+        ctx.event("state", state="succeeded", adapter_version=adapter_version, index_version=index_version,
+                  promoted=promoted, promotion=reason)
+        return ctx.record
+    finally:
+        for name in attached:
+            if name in bb.adapter_sets:
+                bb.remove_adapter_set(name)
+
+
+def _promote(domains: DomainRegistry, record: RunRecord, adapter_version: str, index_version: str,
+             is_better, report_type) -> tuple[bool, str]:
+    """Apply the run's promotion policy; returns (promoted, why)."""
+    if record.promoted:
+        return True, "promoted"
+    policy = record.promote
+    if policy == "never":
+        return False, "policy is never"
+    pointer = domains.live(record.domain)
+    if policy == "if_better":
+        base, final = record.metrics.get("base"), record.metrics.get("final")
+        if final is None:
+            return False, "no evaluation to compare"
+        if not is_better(final, base):
+            return False, (f"not better than what serves (F1 {final['f1']:.3f} vs {base['f1']:.3f}, "
+                           f"recall@5 {final['recall'].get('5')} vs {base['recall'].get('5')})")
+        if pointer.adapter_version != record.parent:
+            return False, f"the live adapter changed during the run ({record.parent} -> {pointer.adapter_version})"
+    try:
+        domains.promote(record.domain, adapter_version, index_version=index_version,
+                        expected_etag=pointer.etag if policy == "if_better" else None)
+    except PreconditionFailed:
+        return False, "the live pointer changed while promoting; promote by hand if still wanted"
+    return True, "promoted" if policy == "always" else "better than what served"
+
+
+# --- claiming and finishing runs ---------------------------------------------------------------------------------
+
+
+def claim_next(runs: RunStore, owner: str, *, lease_s: float, max_crashes: int) -> RunRecord | None:
+    """Take the oldest queued run (or a running one whose worker is gone); None when there is none."""
+    for run_id in runs.active():
+        try:
+            record = runs.get(run_id)
+        except RunNotFound:  # a marker without a record: a submit that failed half-way
+            runs.dequeue(run_id)
+            continue
+        if record.state.finished:
+            runs.dequeue(run_id)
+            continue
+        if not _claimable(record):
+            continue
+        claimed = _claim(runs, run_id, owner, lease_s, max_crashes)
+        if claimed is not None:
+            return claimed
+    return None
+
+
+def _claimable(record: RunRecord) -> bool:
+    if record.state == RunState.QUEUED:
+        return True
+    if record.state != RunState.RUNNING:
+        return False
+    expired = record.lease_until is None or record.lease_until < now()
+    return expired or owner_is_dead_here(record.owner)
+
+
+def _claim(runs: RunStore, run_id: str, owner: str, lease_s: float, max_crashes: int) -> RunRecord | None:
+    crashed = False
+
+    def take(record: RunRecord) -> RunRecord | None:
+        nonlocal crashed
+        if not _claimable(record):
+            return None
+        crashed = record.state == RunState.RUNNING  # its previous worker vanished without releasing it
+        if crashed:
+            record.crashes += 1
+            if record.crashes > max_crashes:
+                record.state, record.finished_at = RunState.FAILED, now()
+                record.error_code = "worker_died"
+                record.error = f"the worker running it died {record.crashes} times"
+                record.owner = record.lease_until = None
+                return record
+        record.state, record.owner, record.lease_until = RunState.RUNNING, owner, lease_expiry(lease_s)
+        return record
+
+    try:
+        record = runs.update(run_id, take)
+    except PreconditionFailed:
+        return None
+    if record.state == RunState.FAILED:
+        runs.append_events(run_id, [{"kind": "state", "state": "failed", "error": record.error}])
+        runs.dequeue(run_id)
+        runs.drop_artifacts(run_id)
+        return None
+    if record.owner != owner:
+        return None
+    runs.append_events(run_id, [{"kind": "state", "state": "running", "owner": owner,
+                                 "after_crash": crashed, "checkpoint_step": record.checkpoint_step}])
+    return record
+
+
+def requeue(runs: RunStore, run_id: str, *, reason: str, owner: str | None = None, crashed: bool = False) -> None:
+    """Put a running run back in the queue (its worker stopped or died); it resumes from its last checkpoint."""
+
+    def back(record: RunRecord) -> RunRecord | None:
+        if record.state != RunState.RUNNING or (owner is not None and record.owner != owner):
+            return None
+        record.state, record.owner, record.lease_until = RunState.QUEUED, None, None
+        if crashed:
+            record.crashes += 1
+        return record
+
+    record = runs.update(run_id, back)
+    if record.state == RunState.QUEUED:
+        runs.append_events(run_id, [{"kind": "state", "state": "queued", "reason": reason,
+                                     "resumes_from": record.checkpoint_step}])
+
+
+def run_claimed(ctx: RunContext, workspace: Workspace) -> RunRecord:
+    """Execute a claimed run and settle its end state, whatever happens."""
+    runs, run_id = ctx.runs, ctx.id
+    try:
+        return execute_run(ctx, workspace)
+    except RunInterrupted as exc:
+        ctx.flush()
+        requeue(runs, run_id, reason=str(exc), owner=ctx.owner)
+        raise
+    except LeaseLost:
+        log.warning("run %s was taken over by another worker; leaving it", run_id)
+        raise
+    except RunCancelled:
+        _finish(ctx, RunState.CANCELLED, None, None)
+        raise
+    except BaseException as exc:
+        log.exception("run %s failed", run_id)
+        code = getattr(exc, "code", None) or "run_failed"
+        message = f"{type(exc).__name__}: {exc}" if not isinstance(exc, KeyboardInterrupt) else "interrupted"
+        _finish(ctx, RunState.FAILED if not isinstance(exc, KeyboardInterrupt) else RunState.CANCELLED,
+                code, message)
+        raise
+    finally:
+        shutil.rmtree(workspace.work_dir / "runs" / run_id, ignore_errors=True)
+        if ctx.record.state.finished:
+            runs.dequeue(run_id)
+            runs.drop_artifacts(run_id)
+
+
+def _finish(ctx: RunContext, state: RunState, code: str | None, error: str | None) -> None:
+    try:
+        ctx.flush()
+    except (LeaseLost, PreconditionFailed):
+        pass
+    ctx.update(state=state, finished_at=now(), error=error, error_code=code)
+    ctx.event("state", state=state.value, **({"error": error, "code": code} if error else {}))
+
+
+# --- worker processes --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a worker process needs, picklable."""
+
+    store: Any  # an ObjectStore that pickles (LocalStore), or a storage.StoreConfig
+    backbone_config: "BackboneConfig"
+    work_dir: Path
+    token: str
+    lease_s: float
+    poll_s: float
+    max_crashes: int
+
+
+def _open(store: Any) -> ObjectStore:
+    if isinstance(store, ObjectStore):
+        return store
+    from storage import open_store
+
+    return open_store(store)
+
+
+def worker_main(spec: WorkerSpec, stop: multiprocessing.synchronize.Event,
+                wake: multiprocessing.synchronize.Event, parent_pid: int) -> None:
+    """A worker process: load the backbone, then claim and execute runs until told to stop."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s [worker] %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the manager decides
+    runs = RunStore(_open(spec.store))
+    owner = owner_token(spec.token)
+    workspace = Workspace(spec.backbone_config, Path(spec.work_dir) / f"worker-{spec.token}")
+    workspace.backbone()
+
+    def should_stop() -> bool:
+        return stop.is_set() or os.getppid() != parent_pid
+
+    try:
+        while not should_stop():
+            record = claim_next(runs, owner, lease_s=spec.lease_s, max_crashes=spec.max_crashes)
+            if record is None:
+                wake.wait(spec.poll_s)
+                wake.clear()
+                continue
+            ctx = RunContext(runs, record, owner, lease_s=spec.lease_s, should_stop=should_stop)
+            try:
+                run_claimed(ctx, workspace)
+            except (RunInterrupted, LeaseLost, RunCancelled):
+                continue
+            except Exception:
+                continue  # recorded as failed; the worker goes on with the next run
+    finally:
+        shutil.rmtree(workspace.work_dir, ignore_errors=True)
+
+
+@dataclass
+class _Worker:
+    token: str
+    process: multiprocessing.process.BaseProcess
+
+    @property
+    def owner(self) -> str:
+        return f"{socket.gethostname()}/{self.process.pid}/{self.token}"
+
+
+class RunManager:
+    """Queues adaptation runs and runs them in `max_concurrent` worker processes (one by default)."""
+
+    def __init__(self, store: ObjectStore, backbone_config: "BackboneConfig", work_dir: Path, *,
+                 max_concurrent: int = 1, store_config: Any = None, lease_s: float = 120.0, poll_s: float = 1.0,
+                 stop_timeout_s: float = 60.0, max_crashes: int = 2, cuda_available: bool | None = None):
+        """`store_config` (a storage.StoreConfig) lets workers open stores that do not pickle (S3); a LocalStore
+        travels as it is. `cuda_available` is what validation assumes about the workers' device (None: ask
+        torch here). A run whose worker dies more than `max_crashes` times fails."""
+        if max_concurrent < 1:
+            raise ValueError("max_concurrent must be >= 1")
+        self.runs = RunStore(store)
+        self.backbone_config = backbone_config
+        self.work_dir = Path(work_dir)
+        self.max_concurrent = max_concurrent
+        self._store_spec = store_config if store_config is not None else store
+        self._lease_s, self._poll_s, self._stop_timeout_s = lease_s, poll_s, stop_timeout_s
+        self._max_crashes = max_crashes
+        self._cuda_available = cuda_available
+        self._context = multiprocessing.get_context("spawn")
+        self._stop = self._context.Event()
+        self._wake = self._context.Event()
+        self._workers: list[_Worker] = []
+        self._monitor: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+
+    # --- lifecycle -----------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Queue again the runs whose worker on this host is gone (a restart), then start the workers."""
+        with self._lock:
+            if self._monitor is not None:
+                raise RuntimeError("RunManager already started")
+            for run_id in self.runs.active():
+                record = self.runs.get(run_id)
+                if record.state == RunState.RUNNING and owner_is_dead_here(record.owner):
+                    requeue(self.runs, run_id, reason="its worker is gone (restart); resuming", crashed=True)
+            self._stop.clear()
+            self._stopping.clear()
+            self._workers = [self._spawn() for _ in range(self.max_concurrent)]
+            self._monitor = threading.Thread(target=self._watch, name="run-workers", daemon=True)
+            self._monitor.start()
+
+    def stop(self) -> None:
+        """Ask workers to stop (a running run checkpoints and goes back to the queue), wait, then end them."""
+        with self._lock:
+            if self._monitor is None:
+                return
+            self._stopping.set()
+            self._stop.set()
+            self._wake.set()
+            deadline = time.monotonic() + self._stop_timeout_s
+            for worker in self._workers:
+                worker.process.join(max(deadline - time.monotonic(), 0.1))
+                if worker.process.is_alive():
+                    log.warning("run worker %s did not stop in time; terminating it", worker.process.pid)
+                    worker.process.terminate()
+                    worker.process.join(10)
+                    if worker.process.is_alive():
+                        worker.process.kill()
+                        worker.process.join(5)
+            self._monitor.join(10)
+            self._monitor = None
+            self._workers = []
+
+    def worker_pids(self) -> list[int]:
+        return [w.process.pid for w in self._workers if w.process.pid is not None]
+
+    def _spawn(self) -> _Worker:
+        token = secrets.token_hex(4)
+        spec = WorkerSpec(self._store_spec, self.backbone_config, self.work_dir, token, self._lease_s, self._poll_s,
+                          self._max_crashes)
+        # Not a daemon: a worker starts index-rebuild processes of its own, which daemons may not.
+        process = self._context.Process(target=worker_main, args=(spec, self._stop, self._wake, os.getpid()),
+                                        name=f"run-worker-{token}")
+        process.start()
+        log.info("started run worker %s (pid %s)", token, process.pid)
+        return _Worker(token, process)
+
+    def _watch(self) -> None:
+        """Wait on the workers' sentinels; a worker that dies has its run queued again and is replaced."""
+        while not self._stopping.is_set():
+            workers = list(self._workers)
+            wait_for([w.process.sentinel for w in workers], timeout=1.0)
+            if self._stopping.is_set():
+                return
+            for index, worker in enumerate(workers):
+                if worker.process.is_alive():
+                    continue
+                worker.process.join(1)
+                code = worker.process.exitcode
+                log.error("run worker %s (pid %s) died with exit code %s", worker.token, worker.process.pid, code)
+                self._release_runs_of(worker, f"worker pid {worker.process.pid} died (exit code {code})")
+                with self._lock:
+                    if self._stopping.is_set():
+                        return
+                    self._workers[self._workers.index(worker)] = self._spawn()
+                self._wake.set()
+
+    def _release_runs_of(self, worker: _Worker, reason: str) -> None:
+        for run_id in self.runs.active():
+            try:
+                requeue(self.runs, run_id, reason=reason, owner=worker.owner, crashed=True)
+            except Exception:
+                log.exception("could not queue run %s again after its worker died", run_id)
+
+    # --- the interface the service calls -------------------------------------------------------------------------
+
+    def submit(self, request: RunRequest) -> RunInfo:
+        """Validate (DomainNotFound, InvalidRun) and queue a run; returns it queued."""
+        record = queue_run(self.runs, request, cuda_available=self._cuda_available)
+        self._wake.set()
+        return record.info()
+
+    def get(self, run_id: str) -> RunInfo:
+        return self.runs.get(run_id).info()
+
+    def list(self, domain: str | None = None) -> list[RunInfo]:
+        return [r.info() for r in self.runs.list() if domain is None or r.domain == domain]
+
+    def events(self, run_id: str, after: int = 0) -> tuple[list[dict], int]:
+        return self.runs.events(run_id, after)
+
+    def cancel(self, run_id: str) -> RunInfo:
+        """Cancel a run: a queued one at once, a running one at its worker's next micro-batch (the returned info
+        says `cancel_requested` until then). RunFinished if it already ended."""
+        def change(record: RunRecord) -> RunRecord | None:
+            if record.state.finished:
+                raise RunFinished(f"run {run_id} already {record.state.value}")
+            if record.cancel_requested:
+                return None
+            record.cancel_requested = True
+            if record.state in (RunState.QUEUED, RunState.VALIDATING):
+                record.state, record.finished_at = RunState.CANCELLED, now()
+            return record
+
+        record = self.runs.update(run_id, change)
+        if record.state == RunState.CANCELLED:
+            self.runs.append_events(run_id, [{"kind": "state", "state": "cancelled"}])
+            self.runs.dequeue(run_id)
+            self.runs.drop_artifacts(run_id)
+        else:
+            self.runs.append_events(run_id, [{"kind": "state", "state": record.state.value,
+                                              "cancel_requested": True}])
+        return record.info()
+
+
+def queue_run(runs: RunStore, request: RunRequest, *, cuda_available: bool | None = None,
+              owner: str | None = None, lease_s: float = 120.0) -> RunRecord:
+    """Validate `request`, persist it with its frozen inputs and queue it. With `owner` the run is created
+    already claimed by that owner (the CLI runs it in its own process)."""
+    run_id = new_version_id()
+    prepared: Prepared = prepare(runs.store, request, run_id, cuda_available=cuda_available)
+    record = runs.create(prepared.record)
+    try:
+        for name, data in prepared.inputs.items():
+            runs.put_input(run_id, name, data)
+
+        def queued(r: RunRecord) -> RunRecord:
+            if owner is None:
+                r.state = RunState.QUEUED
+            else:
+                r.state, r.owner, r.lease_until = RunState.RUNNING, owner, lease_expiry(lease_s)
+            return r
+
+        record = runs.update(run_id, queued)
+        runs.enqueue(run_id)
+        runs.append_events(run_id, [{"kind": "state", "state": "validating"},
+                                    {"kind": "state", "state": record.state.value, "total_steps": record.total_steps}])
+    except BaseException:
+        runs.delete(run_id)
+        raise
+    return record
