@@ -1,0 +1,144 @@
+"""The SDK against the real service on loopback (tiny random models, local store): every call a user makes,
+and the typed errors the service's problems turn into."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from conftest import PASSAGES
+from ragadapt_client import (
+    AsyncClient,
+    AuthenticationError,
+    ConflictError,
+    NotFoundError,
+    UnprocessableEntityError,
+)
+
+
+def test_health_and_readiness(live_server, using):
+    assert using(live_server.url, lambda client: client.health()).status == "alive"
+    ready = using(live_server.url, lambda client: client.ready())
+    assert ready.status == "ready" and ready.backbone and ready.store.startswith("local:")
+
+
+def test_created_domain_is_listed_with_its_live_index(live_server, tiny_domain, using):
+    domains = using(live_server.url, lambda client: client.domains.list())
+    assert tiny_domain in [d.name for d in domains]
+    info = using(live_server.url, lambda client: client.domains.get(tiny_domain))
+    assert info.description == "three facts"
+    assert info.passages == len(PASSAGES)
+    assert info.retrieval == "dense"
+    assert info.live.adapter_version is None  # served by the base backbone until an adapter is promoted
+    assert info.live.index_version == info.versions.indexes[0].version
+    assert info.versions.indexes[0].passages == len(PASSAGES)
+
+
+def test_ask_answers_from_the_live_index(live_server, tiny_domain, using):
+    answer = using(live_server.url, lambda client: client.ask(tiny_domain, "what is the incubation period",
+                                                              top_k=2, max_new_tokens=4),
+                   api_key=live_server.api_key)
+    live = using(live_server.url, lambda client: client.domains.get(tiny_domain))
+    assert answer.domain == tiny_domain
+    assert answer.adapter_version is None and answer.index_version == live.live.index_version
+    assert isinstance(answer.answer, str)
+    assert len(answer.passages) == 2
+    assert {p.id for p in answer.passages} <= {p["id"] for p in PASSAGES}
+    assert answer.timings.generate is not None and answer.timings.generate > 0
+
+
+def test_ask_without_passages(live_server, tiny_domain, using):
+    answer = using(live_server.url, lambda client: client.ask(tiny_domain, "what is the capital of france",
+                                                              max_new_tokens=2, return_passages=False),
+                   api_key=live_server.api_key)
+    assert answer.passages == []
+
+
+def test_ask_without_api_key_is_an_authentication_error(live_server, tiny_domain, using):
+    with pytest.raises(AuthenticationError) as caught:
+        using(live_server.url, lambda client: client.ask(tiny_domain, "what is the capital of france"))
+    error = caught.value
+    assert error.status == 401 and error.code == "unauthorized"
+    # The id the client sent is the one the server logged and answered with.
+    assert error.request_id == error.response.request.headers["X-Request-ID"]
+    assert error.request_id == error.response.headers["X-Request-ID"]
+
+
+def test_ask_unknown_domain_is_not_found(live_server, using):
+    with pytest.raises(NotFoundError) as caught:
+        using(live_server.url, lambda client: client.ask("nowhere", "what is the capital of france"),
+              api_key=live_server.api_key)
+    assert caught.value.code == "domain_not_found"
+
+
+def test_ask_out_of_range_is_unprocessable(live_server, tiny_domain, using):
+    with pytest.raises(UnprocessableEntityError) as caught:
+        using(live_server.url, lambda client: client.ask(tiny_domain, "what", top_k=0),
+              api_key=live_server.api_key)
+    assert caught.value.code == "invalid_request"
+    assert "top_k" in caught.value.detail
+
+
+def test_admin_call_with_wrong_token_is_an_authentication_error(live_server, using):
+    with pytest.raises(AuthenticationError) as caught:
+        using(live_server.url, lambda client: client.jobs.get("0123456789abcdef"), admin_token="wrong")
+    assert caught.value.code == "unauthorized"
+
+
+def test_unknown_job_is_not_found(live_server, using):
+    with pytest.raises(NotFoundError) as caught:
+        using(live_server.url, lambda client: client.jobs.get("0123456789abcdef"),
+              admin_token=live_server.admin_token)
+    assert caught.value.code == "job_not_found"
+
+
+def test_creating_an_existing_domain_conflicts(live_server, tiny_domain, using):
+    with pytest.raises(ConflictError) as caught:
+        using(live_server.url, lambda client: client.domains.create(tiny_domain, PASSAGES),
+              admin_token=live_server.admin_token)
+    assert caught.value.code == "domain_exists"
+
+
+def test_malformed_passages_name_the_line(live_server, tmp_path, using):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(PASSAGES[0]) + "\n{not json\n")
+    with pytest.raises(UnprocessableEntityError) as caught:
+        using(live_server.url, lambda client: client.domains.create("broken", bad),
+              admin_token=live_server.admin_token)
+    assert caught.value.code == "invalid_passages"
+    assert caught.value.problem["line"] == 2
+    with pytest.raises(NotFoundError):  # nothing was created
+        using(live_server.url, lambda client: client.domains.get("broken"))
+
+
+def test_promoting_an_unknown_version_is_not_found(live_server, tiny_domain, using):
+    with pytest.raises(NotFoundError) as caught:
+        using(live_server.url, lambda client: client.domains.promote(tiny_domain, "20260101T000000Z-abcdef"),
+              admin_token=live_server.admin_token)
+    assert caught.value.code in ("version_not_found", "adapter_version_not_found")
+
+
+def test_async_client_creates_a_domain_from_a_jsonl_file_and_asks_it(live_server, tmp_path, capsys):
+    path = tmp_path / "passages.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in PASSAGES[:2]))
+
+    async def main():
+        async with AsyncClient(live_server.url, admin_token=live_server.admin_token,
+                               api_key=live_server.api_key) as client:
+            job = await client.domains.create("from-file", path, description="two facts", retrieval="bm25")
+            assert job.domain == "from-file" and job.info.kind == "ingest"
+            done = await job.wait(progress=True, timeout=300)
+            info = await client.domains.get("from-file")
+            answer = await client.ask("from-file", "what is the capital of france", max_new_tokens=2)
+            return done, info, answer
+
+    done, info, answer = asyncio.run(main())
+    assert done.state == "succeeded" and done.progress == 1.0
+    assert done.result["passages"] == 2
+    assert info.passages == 2 and info.retrieval == "bm25"
+    assert info.live.index_version == done.result["index_version"] == answer.index_version
+    assert answer.passages[0].id == "geo-1"  # BM25 finds the only passage sharing the question's words
+    bar = capsys.readouterr().err
+    assert "ingest from-file" in bar and "100/100%" in bar and "state=succeeded" in bar
+
