@@ -7,19 +7,62 @@ from .builder import BuildInfo, IndexConfig, build_index, write_index
 from .chunking import ChunkConfig, load_corpus, passages_checksum, read_passages, write_passages
 from .cli import IngestResult, ingest
 from .encoder import EncodeConfig, encode_passages
-from .errors import (AdapterMismatch, DimensionMismatch, DomainNotFound, EmptyCorpus, EncoderMismatch,
-                     IndexingError, IndexNotReady, IndexVersionNotFound, InvalidIndexConfig, LiveIndexMoved,
-                     MalformedPassages, RebuildCancelled, RebuildFailed, RetrievalModeUnavailable)
+from .errors import (
+    AdapterMismatch,
+    DimensionMismatch,
+    DomainNotFound,
+    EmptyCorpus,
+    EncoderMismatch,
+    IndexingError,
+    IndexNotReady,
+    IndexVersionNotFound,
+    InvalidIndexConfig,
+    LiveIndexMoved,
+    MalformedPassages,
+    RebuildCancelled,
+    RebuildFailed,
+    RetrievalModeUnavailable,
+)
 from .handles import LiveIndexes
 from .rebuild import RebuildJob, RebuildProgress, RebuildResult, RebuildSpec, RebuildState
 from .searcher import Hit, IndexHandle
 from .versions import IndexVersions
 
 __all__ = [
-    "AdapterMismatch", "BuildInfo", "ChunkConfig", "DimensionMismatch", "DomainNotFound", "EmptyCorpus",
-    "EncodeConfig", "EncoderMismatch", "Hit", "IndexConfig", "IndexHandle", "IndexNotReady", "IndexVersionNotFound",
-    "IndexVersions", "IndexingError", "IngestResult", "InvalidIndexConfig", "LiveIndexMoved", "LiveIndexes",
-    "MalformedPassages", "RebuildCancelled", "RebuildFailed", "RebuildJob", "RebuildProgress", "RebuildResult",
-    "RebuildSpec", "RebuildState", "RetrievalModeUnavailable", "build_index", "encode_passages", "ingest",
-    "load_corpus", "passages_checksum", "read_passages", "write_index", "write_passages",
+    "AdapterMismatch",
+    "BuildInfo",
+    "ChunkConfig",
+    "DimensionMismatch",
+    "DomainNotFound",
+    "EmptyCorpus",
+    "EncodeConfig",
+    "EncoderMismatch",
+    "Hit",
+    "IndexConfig",
+    "IndexHandle",
+    "IndexNotReady",
+    "IndexVersionNotFound",
+    "IndexVersions",
+    "IndexingError",
+    "IngestResult",
+    "InvalidIndexConfig",
+    "LiveIndexMoved",
+    "LiveIndexes",
+    "MalformedPassages",
+    "RebuildCancelled",
+    "RebuildFailed",
+    "RebuildJob",
+    "RebuildProgress",
+    "RebuildResult",
+    "RebuildSpec",
+    "RebuildState",
+    "RetrievalModeUnavailable",
+    "build_index",
+    "encode_passages",
+    "ingest",
+    "load_corpus",
+    "passages_checksum",
+    "read_passages",
+    "write_index",
+    "write_passages",
 ]

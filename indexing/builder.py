@@ -1,4 +1,4 @@
-"""Building an index version: encode passages, build the FAISS inner-product index and BM25, write the directory.
+"""Building an index version: encode passages, build the FAISS inner-product index and BM25, write it out.
 
 An index version is one directory, written under a staging name and renamed into place when complete:
 
@@ -6,8 +6,8 @@ An index version is one directory, written under a staging name and renamed into
     passages.jsonl    the passages in index order (row i of the index is line i)
     embeddings.npy    [n, dim] float32, only with `IndexConfig.save_embeddings`
     bm25/             BM25 index for lexical and hybrid retrieval (unless `IndexConfig.bm25` is off)
-    build.json        how it was built: encoder fingerprint, adapter version, dims, factory string, passage count,
-                      passages checksum, index settings, timings
+    build.json        how it was built: encoder fingerprint, adapter version, dims, factory string,
+                      passage count, passages checksum, index settings, timings
 """
 
 from __future__ import annotations
@@ -50,15 +50,15 @@ FORMAT = 1
 class IndexConfig:
     """How a domain's index is built and searched by default.
 
-    `factory` is a FAISS index factory string (always with inner-product metric), or "auto": exact "Flat" below
-    `flat_max` passages and `large_factory` (HNSW, 32 links) from there on. `retrieval` is the domain's default
-    mode; a request may ask for another.
+    `factory` is a FAISS index factory string (always with inner-product metric), or "auto": exact "Flat"
+    below `flat_max` passages and `large_factory` (HNSW, 32 links) from there on. `retrieval` is the domain's
+    default mode; a request may ask for another.
     """
 
     factory: str = "auto"
     flat_max: int = 20_000
     large_factory: str = "HNSW32"
-    hnsw_ef_construction: int = 200
+    hnsw_ef_construction: int = 80
     hnsw_ef_search: int = 128
     ivf_nprobe: int = 32
     retrieval: RetrievalMode = "dense"
@@ -169,7 +169,9 @@ def build_faiss(embeddings: np.ndarray, factory: str, config: IndexConfig = Inde
         try:
             target.train(sample)
         except RuntimeError as exc:
-            raise InvalidIndexConfig(f"FAISS factory {factory!r} cannot be trained on {n} passages: {exc}") from None
+            raise InvalidIndexConfig(
+                f"FAISS factory {factory!r} cannot be trained on {n} passages: {exc}"
+            ) from None
     target.add(embeddings)
     if target is not index:
         index = faiss.index_gpu_to_cpu(target)
@@ -257,19 +259,26 @@ def build_index(
 ) -> BuildInfo:
     """Encode `passages` with the passage encoder under `adapter` and write the index directory `directory`.
 
-    `adapter` is a loaded adapter-set key (None: the base encoder); `adapter_version` is recorded for people and
-    the registry. With `work_dir`, encoding is resumable by shard (see `indexing.encoder`).
+    `adapter` is a loaded adapter-set key (None: the base encoder); `adapter_version` is recorded for people
+    and the registry. With `work_dir`, encoding is resumable by shard (see `indexing.encoder`).
     """
     checksum = passages_checksum(passages)
     started = time.perf_counter()
     embeddings = encode_passages(
-        backbone, passages, adapter=adapter, config=encode, work_dir=work_dir, checksum=checksum,
+        backbone,
+        passages,
+        adapter=adapter,
+        config=encode,
+        work_dir=work_dir,
+        checksum=checksum,
         on_progress=(lambda done, total: on_progress("encoding", done, total)) if on_progress else None,
         should_stop=should_stop,
     )  # [n, dim]
     encode_seconds = time.perf_counter() - started
     return write_index(
-        directory, passages, embeddings,
+        directory,
+        passages,
+        embeddings,
         build_id=build_id,
         encoder_fingerprint=backbone.fingerprint,
         config=config,

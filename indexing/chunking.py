@@ -1,10 +1,10 @@
-"""Ingestion: documents (JSONL records, plain text or markdown files) into passages of at most `max_words` words.
+"""Ingestion: documents (JSONL records, text or markdown files) into passages of at most `max_words` words.
 
-RAG End2End retrieves 100-word passages; the shared domain data follows that convention (lines packed greedily,
-longer lines cut into windows), and so does the chunker here. Passage ids are deterministic from a passage's
-position in its document (`<doc_id>-000`, `<doc_id>-001`, ...), so re-ingesting the same document gives the
-same ids. JSONL records that already fit in `max_words` are taken as passages as they are (id and text kept),
-which is what the shared `passages.jsonl` files are.
+RAG End2End retrieves 100-word passages; the shared domain data follows that convention (lines packed
+greedily, longer lines cut into windows), and so does the chunker here. Passage ids are deterministic from a
+passage's position in its document (`<doc_id>-000`, `<doc_id>-001`, ...), so re-ingesting the same document
+gives the same ids. JSONL records that already fit in `max_words` are taken as passages as they are (id and
+text kept), which is what the shared `passages.jsonl` files are.
 
 A corpus is read completely and validated before anything is written, so a malformed line never leaves a
 half-written passages file behind.
@@ -32,7 +32,7 @@ _HEADING = re.compile(r"^\s{0,3}(#{1,6})\s+(.*?)\s*#*\s*$")
 
 @dataclass(frozen=True)
 class ChunkConfig:
-    """How documents are cut: at most `max_words` words a passage, `overlap_words` repeated between neighbours."""
+    """How documents are cut: at most `max_words` words a passage, `overlap_words` shared by neighbours."""
 
     max_words: int = 100
     overlap_words: int = 0
@@ -58,10 +58,10 @@ class Document:
 def chunk_document(document: Document, config: ChunkConfig = ChunkConfig()) -> list[Passage]:
     """Split one document into passages of at most `config.max_words` words, line breaks kept.
 
-    Whole lines are packed greedily; a passage ends at a line end when that fills at least half of it, otherwise
-    inside the next line (so a heading before a long paragraph does not become a passage of its own), and a line
-    longer than the limit is cut into windows. With an overlap, each passage after the first starts with the
-    last `overlap_words` words of the one before.
+    Whole lines are packed greedily; a passage ends at a line end when that fills at least half of it,
+    otherwise inside the next line (so a heading before a long paragraph does not become a passage of its
+    own), and a line longer than the limit is cut into windows. With an overlap, each passage after the first
+    starts with the last `overlap_words` words of the one before.
     """
     lines = [line.split() for line in document.text.splitlines()]
     words: list[str] = []
@@ -79,7 +79,7 @@ def chunk_document(document: Document, config: ChunkConfig = ChunkConfig()) -> l
     while True:
         limit = start + config.max_words
         last_fitting = boundaries[bisect.bisect_right(boundaries, limit) - 1]
-        # Cut at a line end when that fills at least half a passage; else cut inside the long line that follows.
+        # Cut at a line end if that fills half a passage or more; else cut inside the long line that follows.
         end = last_fitting if last_fitting - start >= config.max_words // 2 else min(limit, len(words))
         text = _join(words, start, end, line_starts)
         passages.append(Passage(f"{document.id}-{len(passages):03d}", document.title, text))
@@ -98,10 +98,12 @@ def _join(words: list[str], start: int, end: int, line_starts: set[int]) -> str:
 
 
 def read_documents(path: Path) -> list[Document]:
-    """Documents from a `.jsonl` file, a `.txt`/`.md` file, or a directory of them (read recursively, sorted)."""
+    """Documents from a `.jsonl`, `.txt` or `.md` file, or a directory of them (recursively, sorted)."""
     path = Path(path)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in JSONL_SUFFIXES + TEXT_SUFFIXES)
+        files = sorted(
+            p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in JSONL_SUFFIXES + TEXT_SUFFIXES
+        )
         documents = []
         for file in files:
             documents += _read_file(file, doc_id=file.relative_to(path).with_suffix("").as_posix())
@@ -125,7 +127,7 @@ def _read_file(path: Path, doc_id: str) -> list[Document]:
 
 
 def _markdown_title(text: str, default: str) -> tuple[str, str]:
-    """The first heading is the title; heading markers are dropped from the text so they do not count as words."""
+    """The first heading is the title; heading markers leave the text so they do not count as words."""
     title = None
     lines = []
     for line in text.splitlines():
@@ -167,7 +169,7 @@ def _read_jsonl(path: Path) -> Iterable[Document]:
 
 
 def load_corpus(path: Path, config: ChunkConfig = ChunkConfig()) -> list[Passage]:
-    """Read and chunk a corpus; raises MalformedPassages (with the line) or EmptyCorpus before anything is kept."""
+    """Read and chunk a corpus; MalformedPassages (with the line) or EmptyCorpus before anything is kept."""
     passages: list[Passage] = []
     seen: dict[str, str] = {}
     for document in read_documents(path):
@@ -185,12 +187,14 @@ def load_corpus(path: Path, config: ChunkConfig = ChunkConfig()) -> list[Passage
 
 
 def _passage_line(passage: Passage) -> bytes:
-    return (json.dumps({"id": passage.id, "title": passage.title, "text": passage.text}, ensure_ascii=False)
-            + "\n").encode("utf-8")
+    return (
+        json.dumps({"id": passage.id, "title": passage.title, "text": passage.text}, ensure_ascii=False)
+        + "\n"
+    ).encode("utf-8")
 
 
 def passages_checksum(passages: Iterable[Passage]) -> str:
-    """sha256 of the canonical passages JSONL: the identity of a corpus, recorded with every index built on it."""
+    """sha256 of the canonical passages JSONL: a corpus's identity, recorded with every index built on it."""
     digest = hashlib.sha256()
     for passage in passages:
         digest.update(_passage_line(passage))

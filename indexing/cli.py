@@ -2,8 +2,8 @@
 
 It runs in the calling process (a one-shot command, with a progress bar on stderr): chunk and validate the
 corpus, publish it as a passages version, encode and index it, publish the index version, and point the
-domain's live index and passages at them. Nothing is published unless the corpus is valid, and the live pointer
-moves only once both versions are complete.
+domain's live index and passages at them. Nothing is published unless the corpus is valid, and the live
+pointer moves only once both versions are complete.
 """
 
 from __future__ import annotations
@@ -54,10 +54,11 @@ def ingest(
     """Ingest `passages_path` (passages or documents: JSONL, .txt, .md, or a directory of them) into `domain`.
 
     Creates the domain if it does not exist. `backbone` reuses an already loaded backbone (else one is loaded
-    from `backbone_config`). `cache_dir` keeps the built index as a cached version for a server on this machine
-    and the encoder's shards for resuming an interrupted run; without it everything goes to a temp dir.
-    A domain that already serves an adapter needs that adapter's directory and version (`adapter_dir`,
-    `adapter_version`): its index must be encoded with the adapter's passage encoder (AdapterMismatch otherwise).
+    from `backbone_config`). `cache_dir` keeps the built index as a cached version for a server on this
+    machine and the encoder's shards for resuming an interrupted run; without it everything goes to a temp
+    dir. A domain that already serves an adapter needs that adapter's directory and version (`adapter_dir`,
+    `adapter_version`): its index must be encoded with the adapter's passage encoder (AdapterMismatch
+    otherwise).
 
     Raises MalformedPassages (with the line) or EmptyCorpus before anything is published.
     """
@@ -83,20 +84,46 @@ def ingest(
         work_dir = Path(cache_dir) / "work" / domain if cache_dir is not None else scratch / "work"
         build_dir = scratch / "index"
         try:
-            info = build_index(backbone, passages, build_dir, build_id=new_version_id(), adapter=adapter,
-                               adapter_version=adapter_version, config=index, encode=encode, work_dir=work_dir)
+            info = build_index(
+                backbone,
+                passages,
+                build_dir,
+                build_id=new_version_id(),
+                adapter=adapter,
+                adapter_version=adapter_version,
+                config=index,
+                encode=encode,
+                work_dir=work_dir,
+            )
         finally:
             if adapter is not None:
                 backbone.remove_adapter_set(adapter)
         passages_version = versions.publish_passages(domain, passages_file, source=str(passages_path))
         index_version = versions.publish_index(domain, build_dir, passages_version=passages_version)
         versions.adopt(domain, index_version, build_dir)
-        versions.make_live(domain, index_version, passages_version=passages_version,
-                           replacing=pointer.index_version, adapter_version=adapter_version)
+        versions.make_live(
+            domain,
+            index_version,
+            passages_version=passages_version,
+            replacing=pointer.index_version,
+            adapter_version=adapter_version,
+        )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     seconds = round(time.perf_counter() - started, 3)
-    log.info("domain %s serves index %s (%d passages, %s) after %.1fs", domain, index_version, len(passages),
-             info.factory, seconds)
-    return IngestResult(domain, passages_version, index_version, len(passages), BuildInfo.from_dict(
-        {**info.to_dict(), "passages_version": passages_version}), seconds)
+    log.info(
+        "domain %s serves index %s (%d passages, %s) after %.1fs",
+        domain,
+        index_version,
+        len(passages),
+        info.factory,
+        seconds,
+    )
+    return IngestResult(
+        domain,
+        passages_version,
+        index_version,
+        len(passages),
+        BuildInfo.from_dict({**info.to_dict(), "passages_version": passages_version}),
+        seconds,
+    )

@@ -54,8 +54,13 @@ def adapter_digest(backbone: Backbone, adapter: str | None) -> str:
     return digest.hexdigest()[:16]
 
 
-def encoding_identity(backbone: Backbone, passages: list[Passage], adapter: str | None, config: EncodeConfig,
-                      checksum: str | None = None) -> dict:
+def encoding_identity(
+    backbone: Backbone,
+    passages: list[Passage],
+    adapter: str | None,
+    config: EncodeConfig,
+    checksum: str | None = None,
+) -> dict:
     """Everything the embeddings depend on; shards are reused only when all of it matches."""
     return {
         "format": SHARD_FORMAT,
@@ -89,8 +94,8 @@ def encode_passages(
     """Embed passages with the passage encoder under `adapter` (None: base). Returns [n, dim] float32.
 
     With `work_dir`, finished shards are saved there and reused by a restarted call with the same encoder,
-    adapter weights and passages. `should_stop` is polled between batches; when it returns True the call raises
-    RebuildCancelled, leaving finished shards behind for a later resume.
+    adapter weights and passages. `should_stop` is polled between batches; when it returns True the call
+    raises RebuildCancelled, leaving finished shards behind for a later resume.
     """
     n, dim = len(passages), backbone.embedding_dim
     out = np.empty((n, dim), dtype=np.float32)  # [n, dim]
@@ -98,12 +103,7 @@ def encode_passages(
     directory = None
     if work_dir is not None:
         identity = encoding_identity(backbone, passages, adapter, config, checksum)
-        directory = shard_directory(work_dir, identity)
-        directory.mkdir(parents=True, exist_ok=True)
-        identity_file = directory / "identity.json"
-        if not identity_file.is_file() or json.loads(identity_file.read_text()) != identity:
-            with atomic_file(identity_file) as fh:
-                fh.write(json.dumps(identity, sort_keys=True).encode())
+        directory = _prepare_shard_directory(work_dir, identity)
     done = 0
     with tqdm(total=n, desc="encoding passages", unit="passage", disable=not config.progress) as bar:
 
@@ -121,7 +121,9 @@ def encode_passages(
                 out[start:end] = cached
                 advance(end - start)
                 continue
-            out[start:end] = _encode_shard(backbone, passages[start:end], adapter, config, should_stop, advance)
+            out[start:end] = _encode_shard(
+                backbone, passages[start:end], adapter, config, should_stop, advance
+            )
             if shard_file is not None:
                 _save_shard(shard_file, out[start:end])
     if directory is not None and not config.keep_shards:
@@ -129,8 +131,32 @@ def encode_passages(
     return out
 
 
-def _encode_shard(backbone: Backbone, passages: list[Passage], adapter: str | None, config: EncodeConfig,
-                  should_stop: Callable[[], bool] | None, advance: Callable[[int], None]) -> np.ndarray:
+def _prepare_shard_directory(work_dir: Path, identity: dict) -> Path:
+    """The shard directory of this identity; shards under an identity.json saying otherwise are dropped."""
+    directory = shard_directory(work_dir, identity)
+    identity_file = directory / "identity.json"
+    if identity_file.is_file():
+        try:
+            recorded = json.loads(identity_file.read_text())
+        except (OSError, ValueError):
+            recorded = None
+        if recorded == identity:
+            return directory
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with atomic_file(identity_file) as fh:
+        fh.write(json.dumps(identity, sort_keys=True).encode())
+    return directory
+
+
+def _encode_shard(
+    backbone: Backbone,
+    passages: list[Passage],
+    adapter: str | None,
+    config: EncodeConfig,
+    should_stop: Callable[[], bool] | None,
+    advance: Callable[[int], None],
+) -> np.ndarray:
     """Encode one shard in length-sorted batches and return its rows in the original order: [rows, dim]."""
     order = list(range(len(passages)))
     if config.sort_by_length:

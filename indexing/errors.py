@@ -52,7 +52,7 @@ class DimensionMismatch(IndexingError):
 
 
 class EncoderMismatch(IndexingError):
-    """The index was encoded by another frozen backbone (fingerprint differs): its vectors live in another space."""
+    """The index was encoded by another frozen backbone (fingerprint differs): its vectors are elsewhere."""
 
     code = "index_encoder_mismatch"
     status = 409
@@ -66,7 +66,7 @@ class RetrievalModeUnavailable(IndexingError):
 
 
 class InvalidIndexConfig(IndexingError):
-    """An index setting FAISS or the builder cannot honour (unknown factory string, too few passages to train)."""
+    """An index setting FAISS cannot honour (unknown factory string, too few passages to train)."""
 
     code = "invalid_index_config"
     status = 422

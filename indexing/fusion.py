@@ -12,8 +12,9 @@ from typing import Sequence
 import numpy as np
 
 
-def reciprocal_rank_fusion(rankings: Sequence[Sequence[int]], k: int = 60,
-                           weights: Sequence[float] | None = None) -> list[tuple[int, float]]:
+def reciprocal_rank_fusion(
+    rankings: Sequence[Sequence[int]], k: int = 60, weights: Sequence[float] | None = None
+) -> list[tuple[int, float]]:
     """score(d) = sum over rankings of weight / (k + rank of d), ranks from 1; absent passages add nothing."""
     weights = weights if weights is not None else [1.0] * len(rankings)
     fused: dict[int, float] = {}
@@ -34,9 +35,12 @@ def min_max(scores: np.ndarray) -> np.ndarray:
     return (scores - low) / (high - low)
 
 
-def weighted_fusion(dense: tuple[Sequence[int], Sequence[float]], lexical: tuple[Sequence[int], Sequence[float]],
-                    dense_weight: float = 0.5) -> list[tuple[int, float]]:
-    """score(d) = w * norm_dense(d) + (1 - w) * norm_bm25(d), each list min-max normalised over its candidates.
+def weighted_fusion(
+    dense: tuple[Sequence[int], Sequence[float]],
+    lexical: tuple[Sequence[int], Sequence[float]],
+    dense_weight: float = 0.5,
+) -> list[tuple[int, float]]:
+    """score(d) = w * norm_dense(d) + (1 - w) * norm_bm25(d), each list min-max normalised on its own.
 
     A passage missing from one list gets 0 from it, the same as that list's weakest candidate.
     """

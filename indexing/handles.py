@@ -1,8 +1,8 @@
 """Which index version answers each domain right now: one reference per domain, swapped atomically.
 
-Writers replace the whole mapping (copy-on-write under a lock); readers take the current mapping without a lock,
-so a search never waits for a swap and always gets one complete handle. An old handle stays usable for as long
-as a reader holds it; it is dropped when the last one lets go.
+Writers replace the whole mapping (copy-on-write under a lock); readers take the current mapping without a
+lock, so a search never waits for a swap and always gets one complete handle. An old handle stays usable for
+as long as a reader holds it; it is dropped when the last one lets go.
 """
 
 from __future__ import annotations

@@ -51,8 +51,12 @@ class Bm25Index:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self._retriever.save(str(directory), show_progress=False)
-        settings = {"version": TOKENIZER_VERSION, "pattern": _WORD.pattern, "lowercase": True,
-                    "stopwords": sorted(self._stopwords)}
+        settings = {
+            "version": TOKENIZER_VERSION,
+            "pattern": _WORD.pattern,
+            "lowercase": True,
+            "stopwords": sorted(self._stopwords),
+        }
         (directory / TOKENIZER_FILE).write_text(json.dumps(settings))
 
     @classmethod
@@ -72,7 +76,7 @@ class Bm25Index:
         return np.asarray(self._retriever.get_scores_from_ids(ids), dtype=np.float32)
 
     def top_k(self, query: str, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Indices and scores of the best `k` passages that share at least one word with the query, best first."""
+        """Indices and scores of the best `k` passages sharing a word with the query, best first."""
         scores = self.scores(query)  # [size]
         return top_k(scores, k, positive_only=True)
 

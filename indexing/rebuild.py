@@ -1,17 +1,18 @@
-"""Asynchronous index rebuilds: encode and index in a background worker process, publish, then flip the pointer.
+"""Asynchronous index rebuilds: encode and index in a background worker process, publish, flip the pointer.
 
 A `RebuildJob` runs in three places:
 
-- a **worker process** (multiprocessing "spawn": a fresh interpreter, no forked torch or FAISS state) loads the
-  backbone, attaches the given adapter set, reads or chunks the passages, encodes them (resumable by shard) and
-  writes the index directory. It reports progress over a pipe and polls a cancel event between batches.
+- a **worker process** (multiprocessing "spawn": a fresh interpreter, no forked torch or FAISS state) loads
+  the backbone, attaches the given adapter set, reads or chunks the passages, encodes them (resumable by
+  shard) and writes the index directory. It reports progress over a pipe and polls a cancel event between
+  batches.
 - a **monitor thread** in the calling process waits on the pipe and the process sentinel at once, so a worker
-  that dies (killed, out of memory, segfault) is noticed at once instead of hanging the job. When the worker is
-  done it publishes the new version(s) and moves the live pointer by compare-and-swap. It does I/O only.
+  that dies (killed, out of memory, segfault) is noticed at once instead of hanging the job. When the worker
+  is done it publishes the new version(s) and moves the live pointer by compare-and-swap. It does I/O only.
 - the **caller** reads `status`/`progress`/`error`, `cancel()`s, or `result()`s; nothing blocks an event loop.
 
-Queries keep using the old version throughout: nothing live is touched until the pointer flips, and a failed or
-cancelled rebuild leaves it where it was, with `error` saying why.
+Queries keep using the old version throughout: nothing live is touched until the pointer flips, and a failed
+or cancelled rebuild leaves it where it was, with `error` saying why.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ import signal
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
-from multiprocessing.connection import Connection, wait as wait_for
+from multiprocessing.connection import Connection
+from multiprocessing.connection import wait as wait_for
 from pathlib import Path
 from typing import Callable
 
@@ -56,8 +58,8 @@ class RebuildState(StrEnum):
 
 @dataclass(frozen=True)
 class RebuildProgress:
-    """Where a rebuild is: stage (pending, preparing, starting, loading, reading, encoding, indexing, publishing,
-    flipping, done) and, for encoding and indexing, passages done of total."""
+    """Where a rebuild is: stage (pending, preparing, starting, loading, reading, encoding, indexing,
+    publishing, flipping, done) and, for encoding and indexing, passages done of total."""
 
     stage: str = "pending"
     done: int = 0
@@ -72,12 +74,13 @@ class RebuildProgress:
 class RebuildSpec:
     """What to rebuild.
 
-    `passages`: a new corpus (JSONL, text or markdown; chunked with `chunk`), published as a new passages version
-    when the build succeeds; None rebuilds the domain's live passages version. `adapter_dir`: an adapter set
-    saved by `Backbone.save_adapter_set` whose passage encoder encodes the passages (None: the base encoder);
-    `adapter_version` names it in the build config and must be the domain's live adapter for the flip.
-    `flip=False` publishes without moving the live pointer (training switches its own handle); `publish=False`
-    keeps the build local only (the result's `directory`). `index=None` keeps the live index's settings.
+    `passages`: a new corpus (JSONL, text or markdown; chunked with `chunk`), published as a new passages
+    version when the build succeeds; None rebuilds the domain's live passages version. `adapter_dir`: an
+    adapter set saved by `Backbone.save_adapter_set` whose passage encoder encodes the passages (None: the
+    base encoder); `adapter_version` names it in the build config and must be the domain's live adapter for
+    the flip. `flip=False` publishes without moving the live pointer (training switches its own handle);
+    `publish=False` keeps the build local only (the result's `directory`). `index=None` keeps the live index's
+    settings.
     """
 
     domain: str
@@ -134,9 +137,16 @@ def _worker_main(task: _WorkerTask, conn: Connection, cancel: multiprocessing.sy
         if not passages:
             raise EmptyCorpus(f"{task.passages} holds no passages")
         info = build_index(
-            backbone, passages, task.output,
-            build_id=task.build_id, adapter=adapter, adapter_version=task.adapter_version,
-            passages_version=task.passages_version, config=task.index, encode=task.encode, work_dir=task.shards,
+            backbone,
+            passages,
+            task.output,
+            build_id=task.build_id,
+            adapter=adapter,
+            adapter_version=task.adapter_version,
+            passages_version=task.passages_version,
+            config=task.index,
+            encode=task.encode,
+            work_dir=task.shards,
             on_progress=lambda stage, done, total: conn.send(("progress", stage, done, total)),
             should_stop=cancel.is_set,
         )
@@ -151,7 +161,7 @@ def _worker_main(task: _WorkerTask, conn: Connection, cancel: multiprocessing.sy
 
 
 class RebuildJob:
-    """One rebuild of one domain's index. `start()` it, then poll `status`/`progress` or block on `result()`."""
+    """One rebuild of one domain's index. `start()` it, then poll `status`/`progress` or `result()`."""
 
     def __init__(
         self,
@@ -166,8 +176,8 @@ class RebuildJob:
         """`versions` is required to publish or flip (and to rebuild the live passages); `work_dir` holds the
         job's scratch files and the encoder's resumable shards. `on_success` runs in the monitor thread after
         the flip (e.g. open the new version and install it in `LiveIndexes`). A worker silent for
-        `stall_timeout_s` is killed and the job fails; `cancel_grace_s` is how long a cancelled worker may take
-        to stop by itself before it is killed."""
+        `stall_timeout_s` is killed and the job fails; `cancel_grace_s` is how long a cancelled worker may
+        take to stop by itself before it is killed."""
         if (spec.publish or spec.flip or spec.passages is None) and versions is None:
             raise ValueError("publishing, flipping or rebuilding live passages needs an IndexVersions")
         if spec.flip and not spec.publish:
@@ -184,7 +194,7 @@ class RebuildJob:
         self._cancel_event = self._context.Event()
         self._cancel_requested = threading.Event()
         self._finished = threading.Event()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # cancel() may finish a job that never started while holding it
         self._status = RebuildState.PENDING
         self._progress = RebuildProgress()
         self._error: str | None = None
@@ -195,7 +205,8 @@ class RebuildJob:
         self._thread: threading.Thread | None = None
         self._started_at: float | None = None
 
-    # --- what callers see ----------------------------------------------------------------------------------------
+    # --- what callers see
+    # ----------------------------------------------------------------------------------------
 
     @property
     def domain(self) -> str:
@@ -230,7 +241,7 @@ class RebuildJob:
         return self._index_version
 
     def start(self) -> "RebuildJob":
-        """Start the monitor thread, which starts the worker process. A job cancelled before start stays so."""
+        """Start the monitor thread, which starts the worker. A job cancelled before start stays cancelled."""
         with self._lock:
             if self._thread is not None:
                 raise RuntimeError("a rebuild job starts once")
@@ -239,13 +250,14 @@ class RebuildJob:
             self._started_at = time.perf_counter()
             self._status = RebuildState.RUNNING
             self._progress = RebuildProgress("preparing")
-            self._thread = threading.Thread(target=self._run, name=f"rebuild-{self.domain}-{self.build_id}",
-                                            daemon=True)
+            self._thread = threading.Thread(
+                target=self._run, name=f"rebuild-{self.domain}-{self.build_id}", daemon=True
+            )
             self._thread.start()
         return self
 
     def cancel(self) -> bool:
-        """Ask the rebuild to stop. True if it will end cancelled; False if it already finished (or flipped)."""
+        """Ask the rebuild to stop. True if it will end cancelled; False if it finished (or flipped)."""
         with self._lock:
             if self._status.finished or self._progress.stage in ("flipping", "done"):
                 return False
@@ -270,24 +282,35 @@ class RebuildJob:
             raise RebuildCancelled(f"rebuild of {self.domain} cancelled: {self._error}")
         raise RebuildFailed(f"rebuild of {self.domain} failed: {self._error}")
 
-    # --- the monitor thread --------------------------------------------------------------------------------------
+    # --- the monitor thread
+    # --------------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        status, code, error = RebuildState.SUCCEEDED, None, None
         try:
             self._execute()
         except RebuildCancelled as exc:
-            self._finish(RebuildState.CANCELLED, exc.code, str(exc))
+            status, code, error = RebuildState.CANCELLED, exc.code, str(exc)
         except IndexingError as exc:
-            self._finish(RebuildState.FAILED, exc.code, str(exc))
+            status, code, error = RebuildState.FAILED, exc.code, str(exc)
         except Exception as exc:  # store errors and the unexpected: the job must end, and say why
             log.exception("rebuild of %s failed", self.domain)
-            self._finish(RebuildState.FAILED, getattr(exc, "code", RebuildFailed.code), f"{type(exc).__name__}: {exc}")
-        finally:
-            self._clean_up()
+            status, code, error = (
+                RebuildState.FAILED,
+                getattr(exc, "code", RebuildFailed.code),
+                f"{type(exc).__name__}: {exc}",
+            )
+        self._clean_up(status)
+        if status is RebuildState.SUCCEEDED and self._on_success is not None:
+            try:
+                self._on_success(self._result)
+            except Exception:  # the new version is live on the store either way; say so, do not unflip
+                log.exception("on_success callback of the rebuild of %s failed", self.domain)
+        self._finish(status, code, error)
 
-    def _clean_up(self) -> None:
+    def _clean_up(self, status: RebuildState) -> None:
         """Remove the job's scratch files, keeping only a result directory that still lives in them."""
-        keep = self._result.directory if self._status is RebuildState.SUCCEEDED else None
+        keep = self._result.directory if status is RebuildState.SUCCEEDED else None
         if keep is not None and self._job_dir in keep.parents:
             shutil.rmtree(self._job_dir / "input", ignore_errors=True)
         else:
@@ -303,29 +326,47 @@ class RebuildJob:
         else:
             passages_version = pointer.passages_version
             if passages_version is None:
-                raise RebuildFailed(f"domain {spec.domain!r} has no live passages to rebuild from; give passages")
-            passages_file = self._versions.fetch_passages(spec.domain, passages_version, self._job_dir / "input")
+                raise RebuildFailed(
+                    f"domain {spec.domain!r} has no live passages to rebuild from; give passages"
+                )
+            passages_file = self._versions.fetch_passages(
+                spec.domain, passages_version, self._job_dir / "input"
+            )
             chunk = None
         index_config = spec.index
         if index_config is None:
-            index_config = (self._versions.build_info(spec.domain, base_index).config
-                            if base_index is not None else IndexConfig())
+            index_config = (
+                self._versions.build_info(spec.domain, base_index).config
+                if base_index is not None
+                else IndexConfig()
+            )
         self._check_cancelled()
         output = self._job_dir / "index"
         task = _WorkerTask(
-            backbone=spec.backbone, passages=passages_file, chunk=chunk, adapter_dir=spec.adapter_dir,
-            adapter_version=spec.adapter_version, passages_version=passages_version, index=index_config,
-            encode=spec.encode, output=output, shards=self._work_dir / "shards", build_id=self.build_id,
+            backbone=spec.backbone,
+            passages=passages_file,
+            chunk=chunk,
+            adapter_dir=spec.adapter_dir,
+            adapter_version=spec.adapter_version,
+            passages_version=passages_version,
+            index=index_config,
+            encode=spec.encode,
+            output=output,
+            shards=self._work_dir / "shards",
+            build_id=self.build_id,
         )
         info = self._run_worker(task)
         self._check_cancelled()
         if not spec.publish:
-            self._succeed(RebuildResult(spec.domain, None, passages_version, output, info, False, self._elapsed()))
+            self._succeed(
+                RebuildResult(spec.domain, None, passages_version, output, info, False, self._elapsed())
+            )
             return
         self._set_progress("publishing")
         if spec.passages is not None:
-            passages_version = self._versions.publish_passages(spec.domain, output / "passages.jsonl",
-                                                               source=str(spec.passages))
+            passages_version = self._versions.publish_passages(
+                spec.domain, output / "passages.jsonl", source=str(spec.passages)
+            )
         version = self._versions.publish_index(spec.domain, output, passages_version=passages_version)
         self._index_version = version
         directory = self._versions.adopt(spec.domain, version, output)
@@ -335,18 +376,28 @@ class RebuildJob:
             with self._lock:
                 self._check_cancelled()
                 self._progress = RebuildProgress("flipping")
-            self._versions.make_live(spec.domain, version, passages_version=passages_version,
-                                     replacing=base_index, adapter_version=spec.adapter_version)
+            self._versions.make_live(
+                spec.domain,
+                version,
+                passages_version=passages_version,
+                replacing=base_index,
+                adapter_version=spec.adapter_version,
+            )
             flipped = True
             log.info("domain %s now serves index %s", spec.domain, version)
-        self._succeed(RebuildResult(spec.domain, version, passages_version, directory, info, flipped,
-                                    self._elapsed()))
+        self._succeed(
+            RebuildResult(spec.domain, version, passages_version, directory, info, flipped, self._elapsed())
+        )
 
     def _run_worker(self, task: _WorkerTask) -> BuildInfo:
         """Start the worker and follow it until it reports, dies, stalls or is cancelled."""
         receiver, sender = self._context.Pipe(duplex=False)
-        process = self._context.Process(target=_worker_main, args=(task, sender, self._cancel_event),
-                                        name=f"rebuild-{self.domain}", daemon=True)
+        process = self._context.Process(
+            target=_worker_main,
+            args=(task, sender, self._cancel_event),
+            name=f"rebuild-{self.domain}",
+            daemon=True,
+        )
         self._set_progress("starting")
         process.start()
         self._process = process
@@ -361,7 +412,9 @@ class RebuildJob:
                         message = receiver.recv()
                     except EOFError:  # the worker is gone without a last word: killed or crashed
                         process.join(timeout=5)
-                        raise _WorkerError("worker_died", _death_reason(process.pid, process.exitcode)) from None
+                        raise _WorkerError(
+                            "worker_died", _death_reason(process.pid, process.exitcode)
+                        ) from None
                     last_heard = time.monotonic()
                     kind = message[0]
                     if kind == "progress":
@@ -384,15 +437,18 @@ class RebuildJob:
                         raise RebuildCancelled("cancelled; the worker did not stop in time and was killed")
                 if self._stall_timeout_s is not None and now - last_heard > self._stall_timeout_s:
                     _stop(process)
-                    raise _WorkerError("worker_stalled", f"the worker sent nothing for {self._stall_timeout_s:.0f}s "
-                                                         "and was killed")
+                    raise _WorkerError(
+                        "worker_stalled",
+                        f"the worker sent nothing for {self._stall_timeout_s:.0f}s and was killed",
+                    )
         finally:
             receiver.close()
             process.join(timeout=10)  # a worker that reported is exiting by itself
             if process.is_alive():
                 _stop(process)
 
-    # --- state ---------------------------------------------------------------------------------------------------
+    # --- state
+    # ---------------------------------------------------------------------------------------------------
 
     def _check_cancelled(self) -> None:
         if self._cancel_requested.is_set():
@@ -407,17 +463,12 @@ class RebuildJob:
     def _succeed(self, result: RebuildResult) -> None:
         self._result = result
         self._progress = RebuildProgress("done", result.info.passage_count, result.info.passage_count)
-        if self._on_success is not None:
-            try:
-                self._on_success(result)
-            except Exception:  # the new version is live on the store either way; say so, do not unflip
-                log.exception("on_success callback of the rebuild of %s failed", self.domain)
-        self._finish(RebuildState.SUCCEEDED, None, None)
 
     def _finish(self, status: RebuildState, code: str | None, error: str | None) -> None:
-        self._error_code, self._error = code, error
-        self._status = status
-        self._process = None
+        with self._lock:
+            self._error_code, self._error = code, error
+            self._status = status
+            self._process = None
         if status is not RebuildState.SUCCEEDED:
             log.warning("rebuild of %s %s: %s", self.domain, status.value, error)
         self._finished.set()

@@ -2,8 +2,8 @@
 
 An `IndexHandle` is immutable once opened and keyed by (domain, index_version); a rebuild opens a new handle
 beside it instead of changing it, so a reader holding a handle always sees one complete version. CPU FAISS and
-the BM25 arrays are only read during search, so any number of threads may search one handle at once; a GPU index
-(not re-entrant) is searched under a lock.
+the BM25 arrays are only read during search, so any number of threads may search one handle at once; a GPU
+index (not re-entrant) is searched under a lock.
 """
 
 from __future__ import annotations
@@ -19,8 +19,17 @@ import numpy as np
 
 from backbone import Passage
 
-from .builder import (BM25_DIR, BUILD_FILE, INDEX_FILE, PASSAGES_FILE, BuildInfo, FusionMethod, IndexConfig,
-                      RetrievalMode, faiss_gpu_available)
+from .builder import (
+    BM25_DIR,
+    BUILD_FILE,
+    INDEX_FILE,
+    PASSAGES_FILE,
+    BuildInfo,
+    FusionMethod,
+    IndexConfig,
+    RetrievalMode,
+    faiss_gpu_available,
+)
 from .chunking import read_passages
 from .errors import DimensionMismatch, EncoderMismatch, IndexVersionNotFound, RetrievalModeUnavailable
 from .fusion import reciprocal_rank_fusion, weighted_fusion
@@ -38,11 +47,31 @@ class Hit:
 class IndexHandle:
     """One opened index version. Build it with `IndexHandle.open`; it never changes afterwards."""
 
-    __slots__ = ("_domain", "_version", "_directory", "_info", "_config", "_passages", "_index", "_bm25", "_gpu_lock")
+    __slots__ = (
+        "_domain",
+        "_version",
+        "_directory",
+        "_info",
+        "_config",
+        "_passages",
+        "_index",
+        "_bm25",
+        "_gpu_lock",
+    )
 
-    def __init__(self, *, domain: str, version: str, directory: Path, info: BuildInfo, config: IndexConfig,
-                 passages: tuple[Passage, ...], index: faiss.Index, bm25: Bm25Index | None,
-                 gpu_lock: threading.Lock | None):
+    def __init__(
+        self,
+        *,
+        domain: str,
+        version: str,
+        directory: Path,
+        info: BuildInfo,
+        config: IndexConfig,
+        passages: tuple[Passage, ...],
+        index: faiss.Index,
+        bm25: Bm25Index | None,
+        gpu_lock: threading.Lock | None,
+    ):
         self._domain = domain
         self._version = version
         self._directory = directory
@@ -64,12 +93,13 @@ class IndexHandle:
         fingerprint: str | None = None,
         config: IndexConfig | None = None,
     ) -> "IndexHandle":
-        """Open an index version directory; `version` defaults to the directory's build id (unpublished builds).
+        """Open an index version directory; `version` defaults to its build id (for unpublished builds).
 
         `embedding_dim` (the backbone's) is checked against the index: a mismatch raises DimensionMismatch.
-        `fingerprint`, when given, must equal the encoder fingerprint the index was built with (EncoderMismatch
-        otherwise): vectors from other frozen weights live in another space. `config` overrides the search-time
-        settings recorded at build (default retrieval mode, fusion, efSearch, nprobe).
+        `fingerprint`, when given, must equal the encoder fingerprint the index was built with
+        (EncoderMismatch otherwise): vectors from other frozen weights live in another space. `config`
+        overrides the search-time settings recorded at build (default retrieval mode, fusion, efSearch,
+        nprobe).
         """
         directory = Path(directory)
         if not (directory / BUILD_FILE).is_file():
@@ -78,17 +108,22 @@ class IndexHandle:
         if embedding_dim is not None and info.dim != embedding_dim:
             raise DimensionMismatch(
                 f"index {directory.name} holds {info.dim}-dim vectors; the backbone produces {embedding_dim}",
-                expected=embedding_dim, found=info.dim,
+                expected=embedding_dim,
+                found=info.dim,
             )
         if fingerprint is not None and info.encoder_fingerprint != fingerprint:
             raise EncoderMismatch(
-                f"index {directory.name} was encoded by backbone {info.encoder_fingerprint}, not {fingerprint}"
+                f"index {directory.name} was encoded by backbone {info.encoder_fingerprint}, "
+                f"not {fingerprint}"
             )
         config = config or info.config
         index = faiss.read_index(str(directory / INDEX_FILE))
         if index.d != info.dim:
-            raise DimensionMismatch(f"{INDEX_FILE} holds {index.d}-dim vectors but build.json says {info.dim}",
-                                    expected=info.dim, found=index.d)
+            raise DimensionMismatch(
+                f"{INDEX_FILE} holds {index.d}-dim vectors but build.json says {info.dim}",
+                expected=info.dim,
+                found=index.d,
+            )
         _tune(index, config)
         passages = tuple(read_passages(directory / PASSAGES_FILE))
         if len(passages) != index.ntotal or len(passages) != info.passage_count:
@@ -100,10 +135,20 @@ class IndexHandle:
         if config.retrieval != "dense" and bm25 is None:
             config = replace(config, retrieval="dense")
         index, gpu_lock = _maybe_to_gpu(index, config)
-        return cls(domain=domain, version=version or info.build_id, directory=directory, info=info, config=config,
-                   passages=passages, index=index, bm25=bm25, gpu_lock=gpu_lock)
+        return cls(
+            domain=domain,
+            version=version or info.build_id,
+            directory=directory,
+            info=info,
+            config=config,
+            passages=passages,
+            index=index,
+            bm25=bm25,
+            gpu_lock=gpu_lock,
+        )
 
-    # --- what it is ----------------------------------------------------------------------------------------------
+    # --- what it is
+    # ----------------------------------------------------------------------------------------------
 
     @property
     def domain(self) -> str:
@@ -146,10 +191,13 @@ class IndexHandle:
         return ("dense", "bm25", "hybrid") if self._bm25 is not None else ("dense",)
 
     def __repr__(self) -> str:
-        return f"IndexHandle(domain={self._domain!r}, version={self._version!r}, size={self.size}, " \
-               f"factory={self._info.factory!r})"
+        return (
+            f"IndexHandle(domain={self._domain!r}, version={self._version!r}, size={self.size}, "
+            f"factory={self._info.factory!r})"
+        )
 
-    # --- searching -----------------------------------------------------------------------------------------------
+    # --- searching
+    # -----------------------------------------------------------------------------------------------
 
     def search(
         self,
@@ -161,16 +209,17 @@ class IndexHandle:
     ) -> list[list[Hit]]:
         """Top-k passages per query, best first.
 
-        `query_embeddings` [n, dim] (numpy or torch) serve dense retrieval, `query_texts` (n strings) BM25; hybrid
-        needs both. `mode` defaults to the domain's configured retrieval, `fusion` to its fusion method. BM25
-        returns only passages sharing a word with the query, so a row may hold fewer than k hits.
+        `query_embeddings` [n, dim] (numpy or torch) serve dense retrieval, `query_texts` (n strings) BM25;
+        hybrid needs both. `mode` defaults to the domain's configured retrieval, `fusion` to its fusion
+        method. BM25 returns only passages sharing a word with the query, so a row may hold fewer than k hits.
         """
         mode = mode or self._config.retrieval
         if mode not in ("dense", "bm25", "hybrid"):
             raise ValueError(f"retrieval mode must be dense, bm25 or hybrid, got {mode!r}")
         if mode != "dense" and self._bm25 is None:
             raise RetrievalModeUnavailable(
-                f"index {self._domain}/{self._version} was built without BM25; only dense retrieval is available"
+                f"index {self._domain}/{self._version} was built without BM25; "
+                "only dense retrieval is available"
             )
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
@@ -192,8 +241,11 @@ class IndexHandle:
             keep = row_ids >= 0
             lexical_ids, lexical_scores = self._bm25.top_k(text, depth)
             if (fusion or self._config.fusion) == "weighted":
-                fused = weighted_fusion((row_ids[keep], row_scores[keep]), (lexical_ids, lexical_scores),
-                                        self._config.dense_weight)
+                fused = weighted_fusion(
+                    (row_ids[keep], row_scores[keep]),
+                    (lexical_ids, lexical_scores),
+                    self._config.dense_weight,
+                )
             else:
                 fused = reciprocal_rank_fusion([row_ids[keep], lexical_ids], k=self._config.rrf_k)
             results.append([Hit(self._passages[i], score) for i, score in fused[:k]])
@@ -209,8 +261,11 @@ class IndexHandle:
             queries = queries[None, :]
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise DimensionMismatch(
-                f"query embeddings have shape {queries.shape}; index {self._domain}/{self._version} needs [n, "
-                f"{self.dim}]", expected=self.dim, found=queries.shape[-1],
+                f"query embeddings have shape {queries.shape}; "
+                f"index {self._domain}/{self._version} needs [n, "
+                f"{self.dim}]",
+                expected=self.dim,
+                found=queries.shape[-1],
             )
         return queries
 

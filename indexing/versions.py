@@ -1,12 +1,13 @@
 """Index and passages versions of each domain on the artifact store, and a local cache of fetched versions.
 
-Layout (storage's registry): `domains/<d>/passages/<version>/passages.jsonl` and `domains/<d>/indexes/<version>/`
-holding one index directory (see `indexing.builder`). The index manifest's metadata carries the build config
-(and `passages_version` at its top level, which the registry's `promote` follows). Versions are only ever added:
-a rebuild publishes a new version next to the live one, then moves the live pointer by compare-and-swap.
+Layout (storage's registry): `domains/<d>/passages/<version>/passages.jsonl` and
+`domains/<d>/indexes/<version>/` holding one index directory (see `indexing.builder`). The index manifest's
+metadata carries the build config (and `passages_version` at its top level, which the registry's `promote`
+follows). Versions are only ever added: a rebuild publishes a new version next to the live one, then moves the
+live pointer by compare-and-swap.
 
-Fetched versions are cached under `<cache_dir>/<domain>/indexes/<version>/`, downloaded with checksums verified
-and renamed into place whole, so a cached directory is always complete and never rewritten.
+Fetched versions are cached under `<cache_dir>/<domain>/indexes/<version>/`, downloaded with checksums
+verified and renamed into place whole, so a cached directory is always complete and never rewritten.
 """
 
 from __future__ import annotations
@@ -55,18 +56,27 @@ class IndexVersions:
     def registry(self) -> DomainRegistry:
         return self._registry
 
-    # --- publishing ----------------------------------------------------------------------------------------------
+    # --- publishing
+    # ----------------------------------------------------------------------------------------------
 
     def publish_passages(self, domain: str, passages_file: Path, source: str | None = None) -> str:
         """Store a canonical passages JSONL as a new passages version; returns the version id."""
         passages = read_passages(passages_file)
-        metadata = {"passage_count": len(passages), "passages_checksum": passages_checksum(passages),
-                    "source": source}
+        metadata = {
+            "passage_count": len(passages),
+            "passages_checksum": passages_checksum(passages),
+            "source": source,
+        }
         with _domain_errors(domain):
-            manifest = self._registry.publish(domain, ArtifactKind.PASSAGES, {PASSAGES_FILE: Path(passages_file)},
-                                              metadata)
-        log.info("published passages version %s of domain %s (%d passages)", manifest.version, domain,
-                 len(passages))
+            manifest = self._registry.publish(
+                domain, ArtifactKind.PASSAGES, {PASSAGES_FILE: Path(passages_file)}, metadata
+            )
+        log.info(
+            "published passages version %s of domain %s (%d passages)",
+            manifest.version,
+            domain,
+            len(passages),
+        )
         return manifest.version
 
     def publish_index(self, domain: str, directory: Path, passages_version: str | None = None) -> str:
@@ -93,13 +103,19 @@ class IndexVersions:
         }
         with _domain_errors(domain):
             manifest = self._registry.publish(domain, ArtifactKind.INDEXES, directory, metadata)
-        log.info("published index version %s of domain %s (%s, %d passages)", manifest.version, domain,
-                 info.factory, info.passage_count)
+        log.info(
+            "published index version %s of domain %s (%s, %d passages)",
+            manifest.version,
+            domain,
+            info.factory,
+            info.passage_count,
+        )
         return manifest.version
 
     def adopt(self, domain: str, version: str, directory: Path) -> Path:
-        """Move a just-published build directory into the cache as `version`, saving a download; when the cache
-        already has it or lies on another filesystem the directory is left where it is and the cache unchanged."""
+        """Move a just-published build directory into the cache as `version`, saving a download; when the
+        cache already has it or lies on another filesystem the directory is left where it is and the cache
+        unchanged."""
         target = self._version_dir(domain, version)
         if target.exists():
             return target
@@ -110,7 +126,8 @@ class IndexVersions:
             return Path(directory)
         return target
 
-    # --- reading -------------------------------------------------------------------------------------------------
+    # --- reading
+    # -------------------------------------------------------------------------------------------------
 
     def versions(self, domain: str) -> list[str]:
         """Complete index versions of `domain`, oldest first."""
@@ -144,21 +161,41 @@ class IndexVersions:
             self._registry.download(domain, ArtifactKind.PASSAGES, version, destination)
         return Path(destination) / PASSAGES_FILE
 
-    def open(self, domain: str, version: str, *, embedding_dim: int, fingerprint: str | None = None,
-             config: IndexConfig | None = None) -> IndexHandle:
+    def open(
+        self,
+        domain: str,
+        version: str,
+        *,
+        embedding_dim: int,
+        fingerprint: str | None = None,
+        config: IndexConfig | None = None,
+    ) -> IndexHandle:
         """Fetch (if needed) and open one index version; see `IndexHandle.open` for the checks made."""
-        return IndexHandle.open(self.fetch(domain, version), domain=domain, version=version,
-                                embedding_dim=embedding_dim, fingerprint=fingerprint, config=config)
+        return IndexHandle.open(
+            self.fetch(domain, version),
+            domain=domain,
+            version=version,
+            embedding_dim=embedding_dim,
+            fingerprint=fingerprint,
+            config=config,
+        )
 
-    def open_live(self, domain: str, *, embedding_dim: int, fingerprint: str | None = None,
-                  config: IndexConfig | None = None) -> IndexHandle:
+    def open_live(
+        self,
+        domain: str,
+        *,
+        embedding_dim: int,
+        fingerprint: str | None = None,
+        config: IndexConfig | None = None,
+    ) -> IndexHandle:
         """Open the version the domain's live pointer names; IndexNotReady while it names none."""
         version = self.live(domain).index_version
         if version is None:
             raise IndexNotReady(f"domain {domain!r} has no live index yet")
         return self.open(domain, version, embedding_dim=embedding_dim, fingerprint=fingerprint, config=config)
 
-    # --- the live pointer ----------------------------------------------------------------------------------------
+    # --- the live pointer
+    # ----------------------------------------------------------------------------------------
 
     def make_live(
         self,
@@ -173,9 +210,10 @@ class IndexVersions:
         """Point the domain's live index (and passages, if given) at new versions, by compare-and-swap.
 
         `replacing`: the index version expected live now (None: no index yet); if another rebuild moved it
-        meanwhile, LiveIndexMoved is raised and nothing changes. `adapter_version`: the adapter version the index
-        was encoded with; it must be the live adapter, else AdapterMismatch (a query encoder and an index from
-        different adapters would not match). A concurrent change to other fields is retried on the fresh pointer.
+        meanwhile, LiveIndexMoved is raised and nothing changes. `adapter_version`: the adapter version the
+        index was encoded with; it must be the live adapter, else AdapterMismatch (a query encoder and an
+        index from different adapters would not match). A concurrent change to other fields is retried on the
+        fresh pointer.
         """
         for attempt in range(attempts):
             pointer = self.live(domain)
@@ -186,18 +224,28 @@ class IndexVersions:
                 )
             if not isinstance(adapter_version, Unchecked) and pointer.adapter_version != adapter_version:
                 raise AdapterMismatch(
-                    f"domain {domain!r} serves adapter {pointer.adapter_version}, but index {index_version} was "
+                    f"domain {domain!r} serves adapter {pointer.adapter_version}, "
+                    f"but index {index_version} was "
                     f"encoded with adapter {adapter_version}; it was not made live"
                 )
             try:
                 with _domain_errors(domain, index_version):
-                    return self._registry.set_live(domain, index_version=index_version,
-                                                   passages_version=passages_version, expected_etag=pointer.etag)
+                    return self._registry.set_live(
+                        domain,
+                        index_version=index_version,
+                        passages_version=passages_version,
+                        expected_etag=pointer.etag,
+                    )
             except PreconditionFailed:
-                log.info("live pointer of %s changed concurrently (attempt %d); retrying", domain, attempt + 1)
-        raise LiveIndexMoved(f"live pointer of domain {domain!r} kept changing; index {index_version} not made live")
+                log.info(
+                    "live pointer of %s changed concurrently (attempt %d); retrying", domain, attempt + 1
+                )
+        raise LiveIndexMoved(
+            f"live pointer of domain {domain!r} kept changing; index {index_version} not made live"
+        )
 
-    # --- internals -----------------------------------------------------------------------------------------------
+    # --- internals
+    # -----------------------------------------------------------------------------------------------
 
     def _version_dir(self, domain: str, version: str) -> Path:
         return self._cache_dir / domain / "indexes" / version
@@ -209,7 +257,7 @@ class IndexVersions:
 
 @contextmanager
 def _domain_errors(domain: str, version: str | None = None) -> Iterator[None]:
-    """Translate the store's not-found errors into indexing's typed errors (same codes, indexing's classes)."""
+    """Translate the store's not-found errors into indexing's typed errors (same codes)."""
     try:
         yield
     except StoreDomainNotFound as exc:

@@ -20,7 +20,7 @@ def tiny_backbone(tiny_config) -> Backbone:
 
 @pytest.fixture(scope="session")
 def corpus() -> list[Passage]:
-    """A small corpus whose passages are told apart by their words (so BM25 and assertions can tell them apart)."""
+    """A small corpus whose passages differ in their words (so BM25 and assertions can tell them apart)."""
     topics = [
         ("Paris", "the capital of france is paris and the river is the seine"),
         ("Rome", "the capital of italy is rome and the river is the tiber"),

@@ -2,7 +2,14 @@ import json
 
 import pytest
 
-from indexing.chunking import ChunkConfig, Document, chunk_document, load_corpus, read_passages, write_passages
+from indexing.chunking import (
+    ChunkConfig,
+    Document,
+    chunk_document,
+    load_corpus,
+    read_passages,
+    write_passages,
+)
 from indexing.errors import EmptyCorpus, MalformedPassages
 
 
@@ -54,7 +61,10 @@ def test_ids_are_stable_across_runs_and_independent_of_other_documents(tmp_path)
 
 def test_passages_jsonl_loads_as_is(tmp_path):
     source = tmp_path / "passages.jsonl"
-    records = [{"id": "p1", "title": "T", "text": "line one\nline  two"}, {"id": "p2", "title": "U", "text": "x"}]
+    records = [
+        {"id": "p1", "title": "T", "text": "line one\nline  two"},
+        {"id": "p2", "title": "U", "text": "x"},
+    ]
     source.write_text("".join(json.dumps(r) + "\n" for r in records))
     passages = load_corpus(source)
     assert [(p.id, p.title, p.text) for p in passages] == [(r["id"], r["title"], r["text"]) for r in records]
@@ -73,7 +83,9 @@ def test_markdown_title_is_the_first_heading_and_text_files_use_the_file_name(tm
 
 def test_malformed_jsonl_reports_the_line_and_writes_nothing(tmp_path):
     source = tmp_path / "bad.jsonl"
-    source.write_text('{"id": "a", "text": "fine"}\n\n{"id": "b", "text": "broken"\n{"id": "c", "text": "x"}\n')
+    source.write_text(
+        '{"id": "a", "text": "fine"}\n\n{"id": "b", "text": "broken"\n{"id": "c", "text": "x"}\n'
+    )
     target = tmp_path / "out" / "passages.jsonl"
     with pytest.raises(MalformedPassages) as caught:
         write_passages(load_corpus(source), target)
@@ -83,11 +95,14 @@ def test_malformed_jsonl_reports_the_line_and_writes_nothing(tmp_path):
     assert not target.exists()
 
 
-@pytest.mark.parametrize("line, reason", [
-    ('{"title": "no id", "text": "x"}', '"id"'),
-    ('{"id": "a", "text": 5}', '"text"'),
-    ('["not", "an", "object"]', "JSON object"),
-])
+@pytest.mark.parametrize(
+    "line, reason",
+    [
+        ('{"title": "no id", "text": "x"}', '"id"'),
+        ('{"id": "a", "text": 5}', '"text"'),
+        ('["not", "an", "object"]', "JSON object"),
+    ],
+)
 def test_records_without_id_or_text_are_malformed(tmp_path, line, reason):
     source = tmp_path / "bad.jsonl"
     source.write_text('{"id": "ok", "text": "fine"}\n' + line + "\n")

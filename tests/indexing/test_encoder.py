@@ -12,8 +12,10 @@ from indexing.errors import RebuildCancelled
 @pytest.fixture(scope="module")
 def passages() -> list[Passage]:
     # Lengths vary a lot so that length sorting reorders the batches.
-    return [Passage(f"p{i}", f"title {i}", " ".join(["the capital of france is paris"] * (1 + (i * 7) % 9)))
-            for i in range(40)]
+    return [
+        Passage(f"p{i}", f"title {i}", " ".join(["the capital of france is paris"] * (1 + (i * 7) % 9)))
+        for i in range(40)
+    ]
 
 
 def reference(backbone, passages, adapter=None) -> np.ndarray:
@@ -31,12 +33,23 @@ def test_a_restarted_encode_skips_finished_shards(tiny_backbone, passages, tmp_p
     config = EncodeConfig(batch_size=4, shard_size=16, progress=False)
     seen = []
     with pytest.raises(RebuildCancelled):
-        encode_passages(tiny_backbone, passages, config=config, work_dir=tmp_path,
-                        on_progress=lambda done, total: seen.append(done), should_stop=lambda: len(seen) >= 5)
+        encode_passages(
+            tiny_backbone,
+            passages,
+            config=config,
+            work_dir=tmp_path,
+            on_progress=lambda done, total: seen.append(done),
+            should_stop=lambda: len(seen) >= 5,
+        )
     assert seen == [4, 8, 12, 16, 20]  # the first shard (16) finished, the second was cut short
     resumed = []
-    encoded = encode_passages(tiny_backbone, passages, config=config, work_dir=tmp_path,
-                              on_progress=lambda done, total: resumed.append(done))
+    encoded = encode_passages(
+        tiny_backbone,
+        passages,
+        config=config,
+        work_dir=tmp_path,
+        on_progress=lambda done, total: resumed.append(done),
+    )
     assert resumed[0] == 16  # the finished shard is taken whole, not re-encoded batch by batch
     assert resumed[-1] == 40
     np.testing.assert_allclose(encoded, reference(tiny_backbone, passages), atol=1e-5)
@@ -51,15 +64,26 @@ def test_shards_of_another_adapter_or_corpus_are_not_reused(tiny_backbone, passa
         for param in tiny_backbone.trainable_parameters("encoder-test")["passage"]:
             param.add_(torch.randn_like(param) * 0.5)
     adapted = []
-    encoded = encode_passages(tiny_backbone, passages, adapter="encoder-test", config=config, work_dir=tmp_path,
-                              on_progress=lambda done, total: adapted.append(done))
+    encoded = encode_passages(
+        tiny_backbone,
+        passages,
+        adapter="encoder-test",
+        config=config,
+        work_dir=tmp_path,
+        on_progress=lambda done, total: adapted.append(done),
+    )
     assert adapted[0] == 4  # encoded from scratch
     np.testing.assert_allclose(encoded, reference(tiny_backbone, passages, "encoder-test"), atol=1e-5)
     assert not np.allclose(encoded, reference(tiny_backbone, passages))
     changed = passages[:-1] + [Passage("p39", "title 39", "a different last passage")]
     fresh = []
-    encode_passages(tiny_backbone, changed, config=config, work_dir=tmp_path,
-                    on_progress=lambda done, total: fresh.append(done))
+    encode_passages(
+        tiny_backbone,
+        changed,
+        config=config,
+        work_dir=tmp_path,
+        on_progress=lambda done, total: fresh.append(done),
+    )
     assert fresh[0] == 4
     assert len(list(tmp_path.glob("shards-*"))) == 3
 

@@ -1,4 +1,4 @@
-"""Hybrid retrieval on a corpus where BM25 and the dense retriever disagree, with hand-computed expectations."""
+"""Hybrid retrieval on a corpus where BM25 and the dense retriever disagree; expectations computed by hand."""
 
 import numpy as np
 import pytest
@@ -27,8 +27,14 @@ BM25_ORDER = [2, 0, 3]  # only passages sharing a word; 0 and 3 tie (same length
 def open_hybrid(tmp_path, **config) -> IndexHandle:
     passages = [Passage(f"p{i}", "", text) for i, text in enumerate(TEXTS)]
     directory = tmp_path / "v1"
-    write_index(directory, passages, np.eye(6, dtype=np.float32), build_id="v1", encoder_fingerprint="hand-made",
-                config=IndexConfig(**config))
+    write_index(
+        directory,
+        passages,
+        np.eye(6, dtype=np.float32),
+        build_id="v1",
+        encoder_fingerprint="hand-made",
+        config=IndexConfig(**config),
+    )
     return IndexHandle.open(directory, domain="geo", embedding_dim=6)
 
 
@@ -51,11 +57,14 @@ def test_rrf_prefers_the_passage_both_retrievers_rank_well(tmp_path):
     assert row[3].score == pytest.approx(1 / 61)
 
 
-@pytest.mark.parametrize("dense_weight, expected", [
-    (1.0, DENSE_ORDER),
-    (0.6, [4, 0, 2, 5, 1, 3]),  # dense normalised: q / 0.9; bm25 normalised: p2 = 1, p0 = p3 = 0
-    (0.3, [2, 4, 0, 5, 1, 3]),
-])
+@pytest.mark.parametrize(
+    "dense_weight, expected",
+    [
+        (1.0, DENSE_ORDER),
+        (0.6, [4, 0, 2, 5, 1, 3]),  # dense normalised: q / 0.9; bm25 normalised: p2 = 1, p0 = p3 = 0
+        (0.3, [2, 4, 0, 5, 1, 3]),
+    ],
+)
 def test_weighted_fusion_follows_the_weight(tmp_path, dense_weight, expected):
     handle = open_hybrid(tmp_path, fusion="weighted", dense_weight=dense_weight)
     [row] = handle.search(QUERY, QUERY_TEXT, k=6, mode="hybrid")

@@ -1,4 +1,4 @@
-"""Rebuilds in a background worker process: queries keep working, failures and kills leave the old index live."""
+"""Rebuilds in a worker process: queries keep working, failures and kills leave the old index live."""
 
 import json
 import os
@@ -39,9 +39,13 @@ def domain(tmp_path, tiny_config, tiny_backbone, corpus):
 @pytest.fixture
 def slow_corpus(tmp_path):
     """Enough passages, encoded one at a time, that a rebuild is still encoding when the test acts on it."""
-    return write_corpus(tmp_path / "slow.jsonl",
-                        [{"id": f"s{i}", "title": "slow", "text": f"the capital of france is paris {i}"}
-                         for i in range(20_000)])
+    return write_corpus(
+        tmp_path / "slow.jsonl",
+        [
+            {"id": f"s{i}", "title": "slow", "text": f"the capital of france is paris {i}"}
+            for i in range(20_000)
+        ],
+    )
 
 
 def wait_until_encoding(job: RebuildJob) -> None:
@@ -52,18 +56,24 @@ def wait_until_encoding(job: RebuildJob) -> None:
         time.sleep(0.05)
 
 
-def test_queries_during_a_rebuild_see_one_whole_version_then_the_new_one(domain, tmp_path, tiny_config,
-                                                                          tiny_backbone):
+def test_queries_during_a_rebuild_see_one_whole_version_then_the_new_one(
+    domain, tmp_path, tiny_config, tiny_backbone
+):
     versions, first = domain
     dim = tiny_backbone.embedding_dim
     live = LiveIndexes()
     live.install(versions.open("news", first.index_version, embedding_dim=dim))
-    new_corpus = write_corpus(tmp_path / "new.jsonl", [{"id": f"new-{i}", "title": "New", "text": f"fresh words {i}"}
-                                                      for i in range(200)])
+    new_corpus = write_corpus(
+        tmp_path / "new.jsonl",
+        [{"id": f"new-{i}", "title": "New", "text": f"fresh words {i}"} for i in range(200)],
+    )
     job = RebuildJob(
-        RebuildSpec("news", tiny_config, passages=new_corpus), versions, tmp_path / "work",
-        on_success=lambda r: live.install(versions.open("news", r.index_version, embedding_dim=dim),
-                                          replacing=first.index_version),
+        RebuildSpec("news", tiny_config, passages=new_corpus),
+        versions,
+        tmp_path / "work",
+        on_success=lambda r: live.install(
+            versions.open("news", r.index_version, embedding_dim=dim), replacing=first.index_version
+        ),
     )
     queries = np.random.default_rng(0).standard_normal((4, dim)).astype(np.float32)
     seen, problems, stop = [], [], threading.Event()
@@ -75,7 +85,9 @@ def test_queries_during_a_rebuild_see_one_whole_version_then_the_new_one(domain,
                 rows = handle.search(queries, ["capital paris"] * 4, k=5, mode="hybrid")
                 ids = {h.passage.id for row in rows for h in row}
                 expected_new = handle.version != first.index_version
-                if any(r and len(r) != 5 for r in rows) or any(i.startswith("new-") != expected_new for i in ids):
+                if any(r and len(r) != 5 for r in rows) or any(
+                    i.startswith("new-") != expected_new for i in ids
+                ):
                     problems.append((handle.version, sorted(ids)))
                 seen.append(handle.version)
             except Exception as exc:  # noqa: BLE001 - any failure is what this test looks for
@@ -95,20 +107,26 @@ def test_queries_during_a_rebuild_see_one_whole_version_then_the_new_one(domain,
     assert seen[0] == first.index_version and seen[-1] == result.index_version
     assert seen.count(first.index_version) > 0 and seen.count(result.index_version) > 0
     pointer = versions.live("news")
-    assert (pointer.index_version, pointer.passages_version) == (result.index_version, result.passages_version)
+    assert (pointer.index_version, pointer.passages_version) == (
+        result.index_version,
+        result.passages_version,
+    )
     assert result.passages_version != first.passages_version and result.info.passage_count == 200
     assert job.progress.stage == "done"
 
 
-def test_rebuild_with_an_adapter_from_live_passages_without_flipping(domain, tmp_path, tiny_config,
-                                                                     tiny_backbone):
+def test_rebuild_with_an_adapter_from_live_passages_without_flipping(
+    domain, tmp_path, tiny_config, tiny_backbone
+):
     versions, first = domain
     tiny_backbone.add_adapter_set("rebuild-test")
     with torch.no_grad():
         for param in tiny_backbone.trainable_parameters("rebuild-test")["passage"]:
             param.add_(torch.randn_like(param) * 0.5)
     tiny_backbone.save_adapter_set("rebuild-test", tmp_path / "adapter")
-    spec = RebuildSpec("news", tiny_config, adapter_dir=tmp_path / "adapter", adapter_version="a1", flip=False)
+    spec = RebuildSpec(
+        "news", tiny_config, adapter_dir=tmp_path / "adapter", adapter_version="a1", flip=False
+    )
     result = RebuildJob(spec, versions, tmp_path / "work").start().result(timeout=TIMEOUT)
     assert not result.flipped
     assert versions.live("news").index_version == first.index_version
@@ -137,9 +155,13 @@ def test_a_rebuild_the_worker_fails_leaves_the_old_version_live_and_says_why(dom
     assert not any((tmp_path / "work" / "news").glob("job-*"))
 
 
-def test_a_killed_worker_is_detected_and_the_old_version_stays_live(domain, tmp_path, tiny_config, slow_corpus):
+def test_a_killed_worker_is_detected_and_the_old_version_stays_live(
+    domain, tmp_path, tiny_config, slow_corpus
+):
     versions, first = domain
-    spec = RebuildSpec("news", tiny_config, passages=slow_corpus, encode=EncodeConfig(batch_size=1, progress=False))
+    spec = RebuildSpec(
+        "news", tiny_config, passages=slow_corpus, encode=EncodeConfig(batch_size=1, progress=False)
+    )
     job = RebuildJob(spec, versions, tmp_path / "work").start()
     wait_until_encoding(job)
     os.kill(job.pid, signal.SIGKILL)
@@ -152,7 +174,9 @@ def test_a_killed_worker_is_detected_and_the_old_version_stays_live(domain, tmp_
 
 def test_cancel_stops_the_worker_and_publishes_nothing(domain, tmp_path, tiny_config, slow_corpus):
     versions, first = domain
-    spec = RebuildSpec("news", tiny_config, passages=slow_corpus, encode=EncodeConfig(batch_size=1, progress=False))
+    spec = RebuildSpec(
+        "news", tiny_config, passages=slow_corpus, encode=EncodeConfig(batch_size=1, progress=False)
+    )
     job = RebuildJob(spec, versions, tmp_path / "work").start()
     wait_until_encoding(job)
     pid = job.pid

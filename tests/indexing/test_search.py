@@ -1,4 +1,4 @@
-"""Dense search against exact brute force (FAISS's own habit), index persistence, handles and the live holder."""
+"""Dense search against exact brute force (FAISS's habit), index persistence, handles, the live holder."""
 
 from concurrent.futures import ThreadPoolExecutor
 
@@ -24,8 +24,14 @@ def synthetic_passages(n: int) -> list[Passage]:
 
 def open_random(tmp_path, n, dim, config=IndexConfig(), name="v1", seed=0, domain="news"):
     embeddings = random_unit(n, dim, seed)
-    write_index(tmp_path / name, synthetic_passages(n), embeddings, build_id=name, encoder_fingerprint="random",
-                config=config)
+    write_index(
+        tmp_path / name,
+        synthetic_passages(n),
+        embeddings,
+        build_id=name,
+        encoder_fingerprint="random",
+        config=config,
+    )
     return IndexHandle.open(tmp_path / name, domain=domain, embedding_dim=dim), embeddings
 
 
@@ -37,8 +43,12 @@ def test_flat_search_equals_exact_brute_force(tmp_path):
     expected = np.argsort(-exact, axis=1)[:, :10]
     assert handle.info.factory == "Flat"
     assert [[int(h.passage.id[1:]) for h in row] for row in hits] == expected.tolist()
-    np.testing.assert_allclose([[h.score for h in row] for row in hits],
-                               np.take_along_axis(exact, expected, axis=1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        [[h.score for h in row] for row in hits],
+        np.take_along_axis(exact, expected, axis=1),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def test_hits_carry_passage_ids_titles_and_texts_and_accept_torch_queries(tmp_path):
@@ -67,7 +77,9 @@ def test_hnsw_recall_at_10_is_at_least_95_percent_of_flat(tmp_path):
 
 
 def test_ivf_factory_string_is_honoured_and_exact_when_probing_every_list(tmp_path):
-    handle, embeddings = open_random(tmp_path, 2000, 16, config=IndexConfig(factory="IVF16,Flat", ivf_nprobe=16))
+    handle, embeddings = open_random(
+        tmp_path, 2000, 16, config=IndexConfig(factory="IVF16,Flat", ivf_nprobe=16)
+    )
     queries = random_unit(20, 16, seed=4)
     found = [[int(h.passage.id[1:]) for h in row] for row in handle.search(queries, k=5)]
     assert handle.info.factory == "IVF16,Flat"
@@ -76,8 +88,14 @@ def test_ivf_factory_string_is_honoured_and_exact_when_probing_every_list(tmp_pa
 
 def test_unknown_factory_string_is_a_typed_error_and_leaves_no_directory(tmp_path):
     with pytest.raises(InvalidIndexConfig):
-        write_index(tmp_path / "v1", synthetic_passages(10), random_unit(10, 8, 0), build_id="v1",
-                    encoder_fingerprint="random", config=IndexConfig(factory="NoSuchIndex99"))
+        write_index(
+            tmp_path / "v1",
+            synthetic_passages(10),
+            random_unit(10, 8, 0),
+            build_id="v1",
+            encoder_fingerprint="random",
+            config=IndexConfig(factory="NoSuchIndex99"),
+        )
     assert not (tmp_path / "v1").exists()
     assert list(tmp_path.iterdir()) == []
 
@@ -100,8 +118,13 @@ def test_a_version_directory_is_never_overwritten(tmp_path):
     open_random(tmp_path, 20, 16)
     before = (tmp_path / "v1" / "build.json").read_text()
     with pytest.raises(FileExistsError):
-        write_index(tmp_path / "v1", synthetic_passages(5), random_unit(5, 16, 9), build_id="v1",
-                    encoder_fingerprint="random")
+        write_index(
+            tmp_path / "v1",
+            synthetic_passages(5),
+            random_unit(5, 16, 9),
+            build_id="v1",
+            encoder_fingerprint="random",
+        )
     assert (tmp_path / "v1" / "build.json").read_text() == before
 
 
@@ -110,7 +133,7 @@ def test_concurrent_searches_on_one_handle_agree_with_a_single_thread(tmp_path):
     queries = random_unit(64, 32, seed=5)
     expected = [[h.passage.id for h in row] for row in handle.search(queries, k=5)]
     with ThreadPoolExecutor(max_workers=8) as pool:
-        rows = list(pool.map(lambda i: handle.search(queries[i:i + 1], k=5)[0], range(64)))
+        rows = list(pool.map(lambda i: handle.search(queries[i : i + 1], k=5)[0], range(64)))
     assert [[h.passage.id for h in row] for row in rows] == expected
 
 
@@ -126,5 +149,7 @@ def test_live_indexes_swap_handles_and_refuse_a_stale_swap(tmp_path):
     assert live.install(new, replacing="v1")
     assert not live.install(old, replacing="v1")  # v2 is live now; a slower swap must not undo it
     assert live.get("news").version == "v2"
-    assert held.version == "v1" and len(held.search(random_unit(1, 8, 2), k=2)[0]) == 2  # old handle still works
+    assert (
+        held.version == "v1" and len(held.search(random_unit(1, 8, 2), k=2)[0]) == 2
+    )  # old handle still works
     assert live.versions() == {"news": "v2"}

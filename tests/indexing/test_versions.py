@@ -6,8 +6,17 @@ import numpy as np
 import pytest
 
 from indexing.cli import ingest
-from indexing.errors import (AdapterMismatch, DimensionMismatch, DomainNotFound, EmptyCorpus, EncoderMismatch,
-                             IndexNotReady, IndexVersionNotFound, LiveIndexMoved, MalformedPassages)
+from indexing.errors import (
+    AdapterMismatch,
+    DimensionMismatch,
+    DomainNotFound,
+    EmptyCorpus,
+    EncoderMismatch,
+    IndexNotReady,
+    IndexVersionNotFound,
+    LiveIndexMoved,
+    MalformedPassages,
+)
 from indexing.versions import IndexVersions
 from storage import DomainRegistry, IntegrityError, LocalStore
 
@@ -41,19 +50,23 @@ def test_ingest_publishes_passages_and_index_and_makes_them_live(first, versions
     assert info.passages_version == first.passages_version
     assert (info.dim, info.factory, info.passage_count) == (tiny_backbone.embedding_dim, "Flat", len(corpus))
     assert info.encoder_fingerprint == tiny_backbone.fingerprint and info.adapter_version is None
-    handle = versions.open_live("news", embedding_dim=tiny_backbone.embedding_dim,
-                                fingerprint=tiny_backbone.fingerprint)
+    handle = versions.open_live(
+        "news", embedding_dim=tiny_backbone.embedding_dim, fingerprint=tiny_backbone.fingerprint
+    )
     assert handle.key == ("news", first.index_version) and handle.size == len(corpus)
     query = tiny_backbone.encode_passages([corpus[3]]).detach()
     [row] = handle.search(query, [corpus[3].text], k=1, mode="hybrid")
     assert row[0].passage == corpus[3]
 
 
-def test_a_second_ingest_adds_versions_and_keeps_the_old_one_intact(first, tmp_path, store, versions, tiny_config,
-                                                                    tiny_backbone):
+def test_a_second_ingest_adds_versions_and_keeps_the_old_one_intact(
+    first, tmp_path, store, versions, tiny_config, tiny_backbone
+):
     old_dir = versions.fetch("news", first.index_version)
     old_files = {p.name: p.read_bytes() for p in old_dir.iterdir() if p.is_file()}
-    path = write_corpus(tmp_path / "second.jsonl", [{"id": "n1", "title": "New", "text": "brand new passage"}])
+    path = write_corpus(
+        tmp_path / "second.jsonl", [{"id": "n1", "title": "New", "text": "brand new passage"}]
+    )
     second = ingest("news", path, store, tiny_config, backbone=tiny_backbone)
     assert versions.versions("news") == [first.index_version, second.index_version]
     assert versions.live("news").index_version == second.index_version
@@ -76,7 +89,9 @@ def test_opening_checks_dimension_and_encoder(first, versions, tiny_backbone):
     with pytest.raises(DimensionMismatch):
         versions.open("news", first.index_version, embedding_dim=384)
     with pytest.raises(EncoderMismatch):
-        versions.open("news", first.index_version, embedding_dim=tiny_backbone.embedding_dim, fingerprint="other")
+        versions.open(
+            "news", first.index_version, embedding_dim=tiny_backbone.embedding_dim, fingerprint="other"
+        )
 
 
 def test_make_live_refuses_a_moved_pointer_or_another_adapter(first, versions):
@@ -115,9 +130,12 @@ def test_ingest_chunks_documents_and_keeps_a_cached_copy(tmp_path, store, tiny_c
     result = ingest("guides", docs, store, tiny_config, backbone=tiny_backbone, cache_dir=tmp_path / "cache")
     assert result.passage_count == 3
     cached = tmp_path / "cache" / "guides" / "indexes" / result.index_version
-    assert (cached / "build.json").is_file()  # adopted into the cache: a server here opens it without download
+    assert (
+        cached / "build.json"
+    ).is_file()  # adopted into the cache: a server here opens it without download
     handle = IndexVersions(DomainRegistry(store), tmp_path / "cache").open_live(
-        "guides", embedding_dim=tiny_backbone.embedding_dim)
+        "guides", embedding_dim=tiny_backbone.embedding_dim
+    )
     assert [p.id for p in handle.passages] == ["guide-000", "guide-001", "guide-002"]
     assert {p.title for p in handle.passages} == {"Guide"}
     np.testing.assert_equal(handle.size, 3)
