@@ -1,0 +1,117 @@
+"""Runs are validated before they are queued, and their records and events survive concurrent writers."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from pydantic import ValidationError
+
+from adapters.errors import DomainNotFound, InvalidRun, RunFinished
+from adapters.runs import EVENTS_PER_PAGE, RunRequest, RunState, RunStore
+from adapters.worker import RunManager, queue_run
+
+
+def request(**body) -> RunRequest:
+    return RunRequest.model_validate({"domain": "toy", **body})
+
+
+def assert_nothing_queued(store) -> None:
+    runs = RunStore(store)
+    assert runs.list() == []
+    assert runs.active() == []
+
+
+def test_unknown_domain_is_404_before_anything_is_stored(domain):
+    with pytest.raises(DomainNotFound) as caught:
+        queue_run(RunStore(domain.store), request(domain="nosuch"))
+    assert caught.value.status == 404 and caught.value.code == "domain_not_found"
+    assert_nothing_queued(domain.store)
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        ({"train": {"examples": [{"question": "what is it", "answers": []}]}}, "answers"),
+        ({"train": {"examples": [{"question": "  ", "answers": ["x"]}]}}, "question"),
+        ({"train": {"split": "nosuch"}}, "no training examples"),
+        ({"train": {"uri": "uploads/missing.jsonl"}}, "names no object"),
+        ({"mode": "generator_only", "hyperparameters": {"index_refresh_every": 10}}, "nothing to re-index"),
+        ({"evaluation": None}, "if_better"),
+        ({"hyperparameters": {"top_k": 99}}, "passages"),
+        ({"hyperparameters": {"quantize_generator": "4bit"}}, "CUDA"),
+    ],
+)
+def test_bad_data_and_contradicting_settings_are_rejected_before_queueing(domain, body, why):
+    with pytest.raises(InvalidRun, match=why) as caught:
+        queue_run(RunStore(domain.store), request(**body), cuda_available=False)
+    assert caught.value.status == 422 and caught.value.code == "invalid_run"
+    assert_nothing_queued(domain.store)
+
+
+def test_a_malformed_uploaded_file_is_rejected_with_its_line(domain):
+    domain.store.put_bytes("uploads/train.jsonl", b'{"question": "q", "answers": ["a"]}\n{"question": "q2"\n')
+    with pytest.raises(InvalidRun, match="line 2"):
+        queue_run(RunStore(domain.store), request(train={"uri": "uploads/train.jsonl"}))
+    assert_nothing_queued(domain.store)
+
+
+def test_shape_errors_fail_while_parsing_the_request():
+    with pytest.raises(ValidationError):
+        request(hyperparameters={"steps": 10, "epochs": 1})
+    with pytest.raises(ValidationError):
+        request(train={"split": "train", "uri": "x"})
+    with pytest.raises(ValidationError):
+        request(hyperparameters={"learning_rate": 1e-4})  # unknown fields are errors, not ignored
+
+
+def test_a_valid_run_is_queued_with_frozen_inputs_and_its_steps_counted(domain):
+    runs = RunStore(domain.store)
+    record = queue_run(runs, request(hyperparameters={"epochs": 2, "batch_size": 2}))
+    assert record.state == RunState.QUEUED
+    assert record.total_steps == 4  # 2 epochs of 4 training examples, 2 a step
+    assert runs.active() == [record.id]
+    assert runs.get_input(record.id, "train.jsonl").count(b"\n") == 4
+    assert runs.get_input(record.id, "eval.jsonl").count(b"\n") == 2
+    assert record.request.train.uri == f"runs/{record.id}/inputs/train.jsonl"
+    events, last = runs.events(record.id)
+    assert [e["state"] for e in events] == ["validating", "queued"] and last == 2
+
+
+def test_cancelling_a_queued_run_ends_it_at_once_and_twice_is_409(domain, tiny_config, tmp_path):
+    manager = RunManager(domain.store, tiny_config, tmp_path / "work")  # not started: the run stays queued
+    info = manager.submit(request())
+    assert info.state == RunState.QUEUED
+    cancelled = manager.cancel(info.id)
+    assert cancelled.state == RunState.CANCELLED and cancelled.finished_at is not None
+    assert RunStore(domain.store).active() == []
+    with pytest.raises(RunFinished) as caught:
+        manager.cancel(info.id)
+    assert caught.value.status == 409
+    assert [r.id for r in manager.list("toy")] == [info.id] and manager.list("other") == []
+
+
+def test_events_page_and_concurrent_appends_keep_one_gapless_sequence(domain):
+    runs = RunStore(domain.store)
+    run_id = queue_run(runs, request()).id
+    writers = 4
+    per_writer = EVENTS_PER_PAGE // 2 + 3  # enough to spill over two pages
+
+    def write(name: str) -> None:
+        writer = RunStore(domain.store)
+        for i in range(per_writer):
+            writer.append_events(run_id, [{"kind": "step", "writer": name, "i": i}])
+
+    threads = [threading.Thread(target=write, args=(f"w{n}",)) for n in range(writers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    events, last = runs.events(run_id)
+    assert [e["seq"] for e in events] == list(range(1, last + 1))
+    assert last == 2 + writers * per_writer
+    for n in range(writers):  # each writer's events, in its own order
+        assert [e["i"] for e in events if e.get("writer") == f"w{n}"] == list(range(per_writer))
+    later, next_after = runs.events(run_id, after=EVENTS_PER_PAGE + 5)
+    assert [e["seq"] for e in later] == list(range(EVENTS_PER_PAGE + 6, last + 1)) and next_after == last
+    assert runs.events(run_id, after=last) == ([], last)
