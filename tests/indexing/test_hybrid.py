@@ -72,7 +72,7 @@ def test_weighted_fusion_follows_the_weight(tmp_path, dense_weight, expected):
 
 
 def test_domain_default_mode_and_per_request_override(tmp_path):
-    handle = open_hybrid(tmp_path, retrieval="hybrid", dense_weight=0.6)
+    handle = open_hybrid(tmp_path, retrieval="hybrid", fusion="rrf", dense_weight=0.6)
     assert order(handle.search(QUERY, QUERY_TEXT, k=2)[0]) == [0, 2]
     assert order(handle.search(QUERY, QUERY_TEXT, k=2, mode="dense")[0]) == [4, 0]
     assert order(handle.search(QUERY, QUERY_TEXT, k=2, fusion="weighted")[0]) == [4, 0]

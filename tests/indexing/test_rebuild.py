@@ -137,8 +137,10 @@ def test_rebuild_with_an_adapter_from_live_passages_without_flipping(
     handle = versions.open("news", result.index_version, embedding_dim=tiny_backbone.embedding_dim)
     with torch.inference_mode():
         query = tiny_backbone.encode_passages([handle.passages[0]], "rebuild-test")  # [1, dim]
-    assert handle.search(query, k=1)[0][0].passage == handle.passages[0]
-    assert handle.search(query, k=1)[0][0].score == pytest.approx(float(query @ query.T), rel=1e-4)
+    assert handle.search(query, k=1, mode="dense")[0][0].passage == handle.passages[0]
+    assert handle.search(query, k=1, mode="dense")[0][0].score == pytest.approx(
+        float(query @ query.T), rel=1e-4
+    )
 
 
 def test_a_rebuild_the_worker_fails_leaves_the_old_version_live_and_says_why(domain, tmp_path, tiny_config):

@@ -53,7 +53,7 @@ def test_flat_search_equals_exact_brute_force(tmp_path):
 
 def test_hits_carry_passage_ids_titles_and_texts_and_accept_torch_queries(tmp_path):
     handle, embeddings = open_random(tmp_path, 50, 16)
-    [row] = handle.search(torch.from_numpy(embeddings[7:8]).to(torch.bfloat16), k=3)
+    [row] = handle.search(torch.from_numpy(embeddings[7:8]).to(torch.bfloat16), k=3, mode="dense")
     assert row[0].passage == Passage("p7", "title 7", "text of passage 7")
     assert row[0].score == pytest.approx(1.0, abs=1e-2)
     assert len(row) == 3 and row[0].score >= row[1].score >= row[2].score
@@ -61,7 +61,7 @@ def test_hits_carry_passage_ids_titles_and_texts_and_accept_torch_queries(tmp_pa
 
 def test_k_larger_than_the_corpus_returns_every_passage_once(tmp_path):
     handle, _ = open_random(tmp_path, 5, 8)
-    [row] = handle.search(random_unit(1, 8, 3), k=50)
+    [row] = handle.search(random_unit(1, 8, 3), k=50, mode="dense")
     assert sorted(h.passage.id for h in row) == [f"p{i}" for i in range(5)]
 
 
@@ -71,7 +71,7 @@ def test_hnsw_recall_at_10_is_at_least_95_percent_of_flat(tmp_path):
     assert handle.info.factory == "HNSW32"
     queries = random_unit(200, 32, seed=2)
     exact = np.argsort(-(queries @ embeddings.T), axis=1)[:, :10]  # [200, 10]
-    found = [[int(h.passage.id[1:]) for h in row] for row in handle.search(queries, k=10)]
+    found = [[int(h.passage.id[1:]) for h in row] for row in handle.search(queries, k=10, mode="dense")]
     recall = np.mean([len(set(f) & set(e)) / 10 for f, e in zip(found, exact.tolist())])
     assert recall >= 0.95
 
@@ -81,7 +81,7 @@ def test_ivf_factory_string_is_honoured_and_exact_when_probing_every_list(tmp_pa
         tmp_path, 2000, 16, config=IndexConfig(factory="IVF16,Flat", ivf_nprobe=16)
     )
     queries = random_unit(20, 16, seed=4)
-    found = [[int(h.passage.id[1:]) for h in row] for row in handle.search(queries, k=5)]
+    found = [[int(h.passage.id[1:]) for h in row] for row in handle.search(queries, k=5, mode="dense")]
     assert handle.info.factory == "IVF16,Flat"
     assert found == np.argsort(-(queries @ embeddings.T), axis=1)[:, :5].tolist()
 
@@ -111,7 +111,7 @@ def test_opening_with_another_embedding_width_is_a_dimension_mismatch(tmp_path):
 def test_queries_of_another_width_are_a_dimension_mismatch(tmp_path):
     handle, _ = open_random(tmp_path, 20, 16)
     with pytest.raises(DimensionMismatch):
-        handle.search(np.zeros((2, 8), dtype=np.float32), k=3)
+        handle.search(np.zeros((2, 8), dtype=np.float32), k=3, mode="dense")
 
 
 def test_a_version_directory_is_never_overwritten(tmp_path):
@@ -131,9 +131,9 @@ def test_a_version_directory_is_never_overwritten(tmp_path):
 def test_concurrent_searches_on_one_handle_agree_with_a_single_thread(tmp_path):
     handle, _ = open_random(tmp_path, 5000, 32, config=IndexConfig(factory="HNSW16"))
     queries = random_unit(64, 32, seed=5)
-    expected = [[h.passage.id for h in row] for row in handle.search(queries, k=5)]
+    expected = [[h.passage.id for h in row] for row in handle.search(queries, k=5, mode="dense")]
     with ThreadPoolExecutor(max_workers=8) as pool:
-        rows = list(pool.map(lambda i: handle.search(queries[i : i + 1], k=5)[0], range(64)))
+        rows = list(pool.map(lambda i: handle.search(queries[i : i + 1], k=5, mode="dense")[0], range(64)))
     assert [[h.passage.id for h in row] for row in rows] == expected
 
 
@@ -150,6 +150,6 @@ def test_live_indexes_swap_handles_and_refuse_a_stale_swap(tmp_path):
     assert not live.install(old, replacing="v1")  # v2 is live now; a slower swap must not undo it
     assert live.get("news").version == "v2"
     assert (
-        held.version == "v1" and len(held.search(random_unit(1, 8, 2), k=2)[0]) == 2
+        held.version == "v1" and len(held.search(random_unit(1, 8, 2), k=2, mode="dense")[0]) == 2
     )  # old handle still works
     assert live.versions() == {"news": "v2"}
