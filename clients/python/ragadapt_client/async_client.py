@@ -197,8 +197,9 @@ class AsyncRuns:
     async def get(self, run_id: str) -> RunInfo:
         return await self._client._send(endpoints.get_run(run_id))
 
-    async def list(self) -> list[RunInfo]:
-        return await self._client._send(endpoints.list_runs())
+    async def list(self, domain: str | None = None) -> list[RunInfo]:
+        """Runs, newest first; only ``domain``'s when given."""
+        return await self._client._send(endpoints.list_runs(domain))
 
     async def cancel(self, run_id: str) -> RunInfo:
         """Ask a run to stop; raises ``ConflictError`` (run_finished) if it already finished."""

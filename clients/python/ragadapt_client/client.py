@@ -197,8 +197,9 @@ class Runs:
     def get(self, run_id: str) -> RunInfo:
         return self._client._send(endpoints.get_run(run_id))
 
-    def list(self) -> list[RunInfo]:
-        return self._client._send(endpoints.list_runs())
+    def list(self, domain: str | None = None) -> list[RunInfo]:
+        """Runs, newest first; only ``domain``'s when given."""
+        return self._client._send(endpoints.list_runs(domain))
 
     def cancel(self, run_id: str) -> RunInfo:
         """Ask a run to stop; raises ``ConflictError`` (run_finished) if it already finished."""

@@ -210,8 +210,9 @@ def create_run(domain: str, mode: str, promote: str, split: str | None, uri: str
     return Call("POST", "/admin/adapt", _model(RunInfo), json=body, admin=True)
 
 
-def list_runs() -> Call[list[RunInfo]]:
-    return Call("GET", "/admin/runs", _listed(RunInfo, "runs"), admin=True)
+def list_runs(domain: str | None) -> Call[list[RunInfo]]:
+    params = {"domain": domain} if domain is not None else None
+    return Call("GET", "/admin/runs", _listed(RunInfo, "runs"), params=params, admin=True)
 
 
 def get_run(run_id: str) -> Call[RunInfo]:

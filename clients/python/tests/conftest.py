@@ -60,6 +60,15 @@ PASSAGES = [
     {"id": "fin-1", "title": "revenue",
      "text": "the company revenue was 42 million dollars in 2019 and 51 million in 2020"},
 ]
+QA = [
+    {"question": "what is the capital of france", "answers": ["paris"], "passage_ids": ["geo-1"]},
+    {"question": "what is the incubation period", "answers": ["five days"], "passage_ids": ["med-1"]},
+    {"question": "what was the revenue in 2019", "answers": ["42 million"], "passage_ids": ["fin-1"]},
+    {"question": "what is the capital of italy", "answers": ["rome"], "passage_ids": ["geo-1"],
+     "split": "dev"},
+]
+# A run that takes seconds on the tiny models: two generator steps over the tiny domain's three passages.
+TINY_RUN = {"steps": 2, "batch_size": 2, "top_k": 2}
 
 
 @dataclass(frozen=True)
@@ -114,7 +123,9 @@ def live_server(tmp_path_factory) -> LiveServer:
 
 @pytest.fixture(scope="session")
 def tiny_domain(live_server) -> str:
-    """A domain over ``PASSAGES``, created once through the SDK and ready to answer."""
+    """A domain over ``PASSAGES`` with ``QA`` (train and dev splits), created once through the SDK and ready
+    to answer. Served by the base backbone: tests that promote an adapter roll back before they end."""
     with Client(live_server.url, admin_token=live_server.admin_token) as client:
-        client.domains.create("tiny", PASSAGES, description="three facts").wait(progress=False, timeout=300)
+        job = client.domains.create("tiny", PASSAGES, qa=QA, description="three facts")
+        job.wait(progress=False, timeout=300, poll_interval=0.1, max_poll_interval=0.5)
     return "tiny"

@@ -7,12 +7,14 @@ import asyncio
 import json
 
 import pytest
-from conftest import PASSAGES
+from conftest import PASSAGES, TINY_RUN
 from ragadapt_client import (
     AsyncClient,
     AuthenticationError,
+    Client,
     ConflictError,
     NotFoundError,
+    RunCancelledError,
     UnprocessableEntityError,
 )
 
@@ -142,3 +144,68 @@ def test_async_client_creates_a_domain_from_a_jsonl_file_and_asks_it(live_server
     bar = capsys.readouterr().err
     assert "ingest from-file" in bar and "100/100%" in bar and "state=succeeded" in bar
 
+
+
+def test_a_run_trains_promotes_and_serves_its_adapter(live_server, tiny_domain, capsys):
+    with Client(live_server.url, admin_token=live_server.admin_token, api_key=live_server.api_key) as client:
+        run = client.runs.create(tiny_domain, mode="generator_only", promote="always",
+                                 hyperparameters=TINY_RUN)
+        final = run.wait(progress=True, timeout=300, poll_interval=0.1, max_poll_interval=0.5)
+        try:
+            assert final.state == "succeeded" and final.promoted
+            assert final.step == final.total_steps == 2 and final.latest.loss is not None
+            assert final.metrics.base is not None and final.metrics.final is not None
+            events = list(run.events())
+            assert [e.seq for e in events] == list(range(1, len(events) + 1))
+            assert [e.step for e in events if e.kind == "step"] == [1, 2]
+            assert events[-1].kind == "state" and events[-1].state == "succeeded"
+
+            info = client.domains.get(tiny_domain)
+            assert info.live.adapter_version == final.adapter_version
+            assert info.last_run is not None and info.last_run.id == run.id
+            assert any(a.version == final.adapter_version and a.run_id == run.id
+                       for a in info.versions.adapters)
+            answer = client.ask(tiny_domain, "what is the capital of france", max_new_tokens=2)
+            assert answer.adapter_version == final.adapter_version
+            assert run.id in [r.id for r in client.runs.list(domain=tiny_domain)]
+
+            with pytest.raises(ConflictError) as caught:
+                run.cancel()
+            assert caught.value.code == "run_finished"
+        finally:
+            back = client.domains.rollback(tiny_domain)
+        assert back.live.adapter_version is None
+        answer = client.ask(tiny_domain, "what is the capital of france", max_new_tokens=2)
+        assert answer.adapter_version is None
+    bar = capsys.readouterr().err
+    assert f"run {run.id} (tiny)" in bar and "2/2" in bar and "loss=" in bar and "state=succeeded" in bar
+
+
+def test_promote_and_rollback_move_the_live_adapter(live_server, tiny_domain):
+    with Client(live_server.url, admin_token=live_server.admin_token) as client:
+        run = client.runs.create(tiny_domain, mode="generator_only", promote="never",
+                                 hyperparameters=TINY_RUN)
+        final = run.wait(progress=False, timeout=300, poll_interval=0.1)
+        assert not final.promoted and client.domains.get(tiny_domain).live.adapter_version is None
+        promoted = client.domains.promote(tiny_domain, final.adapter_version)
+        assert promoted.live.adapter_version == final.adapter_version
+        assert client.domains.rollback(tiny_domain).live.adapter_version is None
+
+
+def test_async_cancel_ends_a_long_run_as_cancelled(live_server, tiny_domain):
+    async def main():
+        async with AsyncClient(live_server.url, admin_token=live_server.admin_token) as client:
+            run = await client.runs.create(tiny_domain, mode="generator_only", promote="never",
+                                           hyperparameters={**TINY_RUN, "steps": 100_000})
+            cancelled = await run.cancel()
+            with pytest.raises(RunCancelledError) as caught:
+                await run.wait(progress=False, timeout=300, poll_interval=0.1, max_poll_interval=0.5)
+            events = [event async for event in run.events(follow=True, poll_interval=0.1)]
+            listed = await client.runs.get(run.id)
+            return cancelled, caught.value, events, listed
+
+    cancelled, error, events, listed = asyncio.run(main())
+    assert cancelled.cancel_requested or cancelled.state == "cancelled"
+    assert error.code == "run_cancelled" and error.run.state == "cancelled"
+    assert error.run.step < 100_000 and listed.state == "cancelled"
+    assert events[-1].kind == "state" and events[-1].state == "cancelled"
