@@ -177,182 +177,223 @@ class Workspace:
 
 
 def execute_run(ctx: RunContext, workspace: Workspace) -> RunRecord:
-    """Execute (or resume) a claimed run to its end; raises RunCancelled / RunInterrupted / LeaseLost / errors.
+    """Execute (or resume) a claimed run to its end; raises RunCancelled / RunInterrupted / LeaseLost / errors."""
+    return _Execution(ctx, workspace).run()
 
-    Imports torch and the indexing stack lazily: `adapters.worker` is imported by the HTTP process too."""
-    from adapters.evaluation import EvalReport, evaluate, is_better
-    from adapters.training import (IndexRefresher, Trainer, TrainerState, adapter_set_config, base_index_version,
-                                   build_domain_index, load_resume, reconstruction_sentences)
-    from indexing import IndexHandle
-    from indexing.versions import IndexVersions
 
-    record = ctx.record
-    request, hp = record.request, record.request.hyperparameters
-    store = ctx.runs.store
-    bb = workspace.backbone(hp.quantize_generator)
-    run_dir = workspace.work_dir / "runs" / record.id
-    run_dir.mkdir(parents=True, exist_ok=True)
-    domains = DomainRegistry(store)
-    versions = IndexVersions(domains, workspace.work_dir / "index-cache")
-    adapters = AdapterRegistry(store)
-    key = f"run-{record.id}"
-    attached: list[str] = []
+class _Execution:
+    """The phases of one run. Each records its outcome in run.json before the next starts, so a resumed run skips
+    what is done: base metrics, training (from the last checkpoint), the new index, final metrics, the adapter
+    version, promotion. Imports torch and the indexing stack lazily: the HTTP process imports this module too."""
 
-    def attach_version(name: str, version: str) -> None:
-        target = run_dir / f"adapter-{version}"
+    def __init__(self, ctx: RunContext, workspace: Workspace):
+        from indexing.versions import IndexVersions
+
+        self.ctx = ctx
+        self.record = ctx.record
+        self.request = self.record.request
+        self.hp = self.request.hyperparameters
+        self.store = ctx.runs.store
+        self.bb = workspace.backbone(self.hp.quantize_generator)
+        self.run_dir = workspace.work_dir / "runs" / self.record.id
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.domains = DomainRegistry(self.store)
+        self.versions = IndexVersions(self.domains, workspace.work_dir / "index-cache")
+        self.adapters = AdapterRegistry(self.store)
+        self.key = f"run-{self.record.id}"
+        self.attached: list[str] = []
+        dev = ctx.runs.get_input(self.record.id, "eval.jsonl")
+        self.dev = parse_qa_jsonl(dev) if dev else []
+
+    @property
+    def domain(self) -> str:
+        return self.record.domain
+
+    def run(self) -> RunRecord:
+        try:
+            if self.ctx.record.adapter_version is None:
+                if self.dev and self.ctx.record.metrics.get("base") is None:
+                    self._evaluate_base()
+                trainer = self._train()
+                index_version = self.ctx.record.index_version or self._index(trainer)
+                if self.dev and self.ctx.record.metrics.get("final") is None:
+                    final = self._evaluate(self.key, self._open_index(index_version), None, "final")
+                    self.ctx.update(metrics={**self.ctx.record.metrics, "final": final})
+                self._publish(index_version)
+            return self._finish()
+        finally:
+            for name in self.attached:
+                if name in self.bb.adapter_sets:
+                    self.bb.remove_adapter_set(name)
+
+    # --- helpers ---------------------------------------------------------------------------------------------
+
+    def _attach_version(self, name: str, version: str) -> None:
+        target = self.run_dir / f"adapter-{version}"
         if not target.exists():
-            adapters.fetch(record.domain, version, target, expected_fingerprint=bb.fingerprint)
-        bb.load_adapter_set(name, target)
-        attached.append(name)
+            self.adapters.fetch(self.domain, version, target, expected_fingerprint=self.bb.fingerprint)
+        self.bb.load_adapter_set(name, target)
+        self.attached.append(name)
 
-    def open_index(version: str) -> IndexHandle:
-        return versions.open(record.domain, version, embedding_dim=bb.embedding_dim, fingerprint=bb.fingerprint)
+    def _open_index(self, version: str):
+        return self.versions.open(self.domain, version, embedding_dim=self.bb.embedding_dim,
+                                  fingerprint=self.bb.fingerprint)
 
-    def evaluation_examples():
-        data = ctx.runs.get_input(record.id, "eval.jsonl")
-        return parse_qa_jsonl(data) if data else []
+    def _parent_index(self) -> str:
+        parent = self.record.parent
+        return (self.adapters.get(self.domain, parent).metadata.get("index_version")
+                or self.versions.live(self.domain).index_version)
 
-    def run_eval(adapter: str | None, handle: IndexHandle, version: str | None, phase: str) -> dict:
-        ctx.stage(f"evaluating {phase}")
-        report = evaluate(bb, adapter, handle, dev, top_k=hp.top_k, max_new_tokens=hp.eval_max_new_tokens,
-                          max_questions=hp.eval_max_questions, adapter_version=version, tick=ctx.tick,
-                          progress=ctx.progress)
-        ctx.event("eval", phase=phase, **{k: v for k, v in report.to_dict().items() if k != "samples"})
+    def _evaluate(self, adapter: str | None, handle, version: str | None, phase: str) -> dict:
+        from adapters.evaluation import evaluate
+
+        self.ctx.stage(f"evaluating {phase}")
+        report = evaluate(self.bb, adapter, handle, self.dev, top_k=self.hp.top_k,
+                          max_new_tokens=self.hp.eval_max_new_tokens, max_questions=self.hp.eval_max_questions,
+                          adapter_version=version, tick=self.ctx.tick, progress=self.ctx.progress)
+        self.ctx.event("eval", phase=phase, **{k: v for k, v in report.to_dict().items() if k != "samples"})
         return report.to_dict()
 
-    try:
-        train = parse_qa_jsonl(ctx.runs.get_input(record.id, "train.jsonl") or b"")
-        dev = evaluation_examples()
-        lora = hp.lora
-        parent = record.parent
-        warm = parent is not None and hp.init == "live"
+    # --- phases ----------------------------------------------------------------------------------------------
 
-        # What serves now, evaluated once (a resumed run has it already).
-        if dev and record.metrics.get("base") is None:
-            if parent is not None:
-                attach_version(f"parent-{record.id}", parent)
-                parent_index = adapters.get(record.domain, parent).metadata.get("index_version")
-                handle = open_index(parent_index or versions.live(record.domain).index_version)
-                base = run_eval(f"parent-{record.id}", handle, parent, "base")
-                bb.remove_adapter_set(f"parent-{record.id}")
-                attached.remove(f"parent-{record.id}")
-            else:
-                handle = open_index(base_index_version(bb, versions, record.domain, work_dir=run_dir))
-                base = run_eval(None, handle, None, "base")
-            ctx.update(metrics={**record.metrics, "base": base})
+    def _evaluate_base(self) -> None:
+        """What serves now: the parent adapter version over its index, or the base backbone."""
+        from adapters.training import base_index_version
 
-        # The adapter set: from the last checkpoint, the parent version, or zero LoRA.
-        checkpoint = ctx.runs.latest_checkpoint(record.id)
+        parent = self.record.parent
+        if parent is not None:
+            name = f"parent-{self.record.id}"
+            self._attach_version(name, parent)
+            base = self._evaluate(name, self._open_index(self._parent_index()), parent, "base")
+            self.bb.remove_adapter_set(name)
+            self.attached.remove(name)
+        else:
+            version = base_index_version(self.bb, self.versions, self.domain, work_dir=self.run_dir)
+            base = self._evaluate(None, self._open_index(version), None, "base")
+        self.ctx.update(metrics={**self.ctx.record.metrics, "base": base})
+
+    def _train(self):
+        """Attach the adapter set (from the last checkpoint, the parent, or zero LoRA) and train it."""
+        from adapters.training import (IndexRefresher, Trainer, TrainerState, adapter_set_config,
+                                       base_index_version, load_resume, reconstruction_sentences)
+        from indexing import IndexHandle
+
+        record, hp, runs = self.record, self.hp, self.ctx.runs
+        warm = record.parent is not None and hp.init == "live"
+        checkpoint = runs.latest_checkpoint(record.id)
         resume = None
         if checkpoint is not None:
-            target = run_dir / f"checkpoint-{checkpoint.version}"
+            target = self.run_dir / f"checkpoint-{checkpoint.version}"
             shutil.rmtree(target, ignore_errors=True)
-            artifacts.download(store, ctx.runs.checkpoints_prefix(record.id), checkpoint.version, target)
-            bb.load_adapter_set(key, target / "adapters")
-            attached.append(key)
+            artifacts.download(self.store, runs.checkpoints_prefix(record.id), checkpoint.version, target)
+            self.bb.load_adapter_set(self.key, target / "adapters")
+            self.attached.append(self.key)
             resume = load_resume(target)
-            ctx.event("state", state="running", resumed_from=resume.state.step, checkpoint=checkpoint.version)
+            self.ctx.event("state", state="running", resumed_from=resume.state.step, checkpoint=checkpoint.version,
+                           index=resume.state.index.get("kind"))
         elif warm:
-            attach_version(key, parent)
+            self._attach_version(self.key, record.parent)
         else:
-            bb.add_adapter_set(key, adapter_set_config(lora))
-            attached.append(key)
+            self.bb.add_adapter_set(self.key, adapter_set_config(hp.lora))
+            self.attached.append(self.key)
 
         # The index training searches first: the checkpoint's, the parent's, or one of the base encoder.
         index_dir = None
-        if resume is not None and resume.state.index.get("kind") == "run":
-            index_dir = run_dir / f"index-{resume.state.index['version']}"
-            if not index_dir.exists():
-                artifacts.download(store, ctx.runs.indexes_prefix(record.id), resume.state.index["version"],
-                                   index_dir)
-            handle = IndexHandle.open(index_dir, domain=record.domain, version=f"run-{resume.state.index['build_id']}",
-                                      embedding_dim=bb.embedding_dim, fingerprint=bb.fingerprint)
+        if resume is not None:
             start_version = resume.state.index["start_version"]
+        elif warm:
+            start_version = self._parent_index()
         else:
-            if resume is not None:
-                start_version = resume.state.index["start_version"]
-            elif warm:
-                start_version = (adapters.get(record.domain, parent).metadata.get("index_version")
-                                 or versions.live(record.domain).index_version)
-            else:
-                start_version = base_index_version(bb, versions, record.domain, work_dir=run_dir)
-            handle = open_index(start_version)
-        start_info = versions.build_info(record.domain, start_version)
+            start_version = base_index_version(self.bb, self.versions, self.domain, work_dir=self.run_dir)
+        if resume is not None and resume.state.index.get("kind") == "run":
+            ref = resume.state.index
+            index_dir = self.run_dir / f"index-{ref['version']}"
+            if not index_dir.exists():
+                artifacts.download(self.store, runs.indexes_prefix(record.id), ref["version"], index_dir)
+            handle = IndexHandle.open(index_dir, domain=self.domain, version=f"run-{ref['build_id']}",
+                                      embedding_dim=self.bb.embedding_dim, fingerprint=self.bb.fingerprint)
+        else:
+            handle = self._open_index(start_version)
+        self.start_version = start_version
 
-        recon = request.reconstruction
         sentences: list[str] = []
         if hp.reconstruction_ratio > 0:
-            given = ctx.runs.get_input(record.id, "reconstruction.txt")
+            given = runs.get_input(record.id, "reconstruction.txt")
             if given is not None:
                 sentences = [s for s in given.decode("utf-8").splitlines() if s.strip()]
             else:
+                recon = self.request.reconstruction
                 settings = recon.model_dump() if recon is not None else {}
                 sentences = reconstruction_sentences(
                     handle.passages, min_words=settings.get("min_words", 6), max_words=settings.get("max_words", 48),
                     limit=settings.get("max_sentences", 5000), seed=hp.seed)
 
-        ctx.update(state=RunState.RUNNING, started_at=record.started_at or now())
-        ctx.stage("training", resume.state.step if resume else 0, record.total_steps)
-        refresher = (IndexRefresher(record.domain, bb, versions, run_dir) if request.refresh_every else None)
-        trainer = Trainer(bb, key, request, record.total_steps, train, sentences, handle, index_dir,
-                          ctx, refresher=refresher, work_dir=run_dir, resume=resume,
+        train = parse_qa_jsonl(runs.get_input(record.id, "train.jsonl") or b"")
+        self.ctx.update(started_at=self.ctx.record.started_at or now())
+        self.ctx.stage("training", resume.state.step if resume else 0, record.total_steps)
+        refresher = (IndexRefresher(self.domain, self.bb, self.versions, self.run_dir)
+                     if self.request.refresh_every else None)
+        trainer = Trainer(self.bb, self.key, self.request, record.total_steps, train, sentences, handle, index_dir,
+                          self.ctx, refresher=refresher, work_dir=self.run_dir, resume=resume,
                           state=TrainerState(index={"kind": "domain", "version": start_version,
                                                     "start_version": start_version}))
-        state = trainer.train()
-        ctx.flush()
+        trainer.train()
+        self.ctx.flush()
+        return trainer
 
-        # The index of the new passage encoder, published as a domain index version (nothing goes live).
-        index_version = ctx.record.index_version
-        if index_version is None:
-            if "passage" in request.components:
-                ctx.stage("indexing")
-                index_version = build_domain_index(
-                    bb, key, list(trainer.index.passages), versions, record.domain,
-                    passages_version=start_info.passages_version, config=start_info.config,
-                    work_dir=run_dir, on_progress=lambda _stage, done, total: ctx.progress(done, total))
-                ctx.event("rebuild", state="published", index_version=index_version, step=state.step)
-            else:
-                index_version = start_version
-            ctx.update(index_version=index_version)
+    def _index(self, trainer) -> str:
+        """The index of the new passage encoder, published as a domain index version (nothing goes live); a run
+        that kept the passage encoder frozen serves from the index it started with."""
+        from adapters.training import build_domain_index
 
-        final = ctx.record.metrics.get("final")
-        if dev and final is None:
-            final = run_eval(key, open_index(index_version), None, "final")
-            ctx.update(metrics={**ctx.record.metrics, "final": final})
+        if "passage" in self.request.components:
+            self.ctx.stage("indexing")
+            start = self.versions.build_info(self.domain, self.start_version)
+            version = build_domain_index(
+                self.bb, self.key, list(trainer.index.passages), self.versions, self.domain,
+                passages_version=start.passages_version, config=start.config, work_dir=self.run_dir,
+                on_progress=lambda _stage, done, total: self.ctx.progress(done, total))
+            self.ctx.event("rebuild", state="published", index_version=version, step=trainer.state.step)
+        else:
+            version = self.start_version
+        self.ctx.update(index_version=version)
+        return version
 
-        adapter_version = ctx.record.adapter_version
-        if adapter_version is None:
-            ctx.stage("publishing")
-            target = run_dir / "final"
-            shutil.rmtree(target, ignore_errors=True)
-            bb.save_adapter_set(key, target)
-            manifest = adapters.publish(
-                record.domain, target, backbone_fingerprint=bb.fingerprint, run_id=record.id,
-                metrics={**ctx.record.metrics, "mode": request.mode}, parent=parent, index_version=index_version,
-                lora=lora_metadata(lora))
-            adapter_version = manifest.version
-            ctx.update(adapter_version=adapter_version)
+    def _publish(self, index_version: str) -> None:
+        self.ctx.stage("publishing")
+        target = self.run_dir / "final"
+        shutil.rmtree(target, ignore_errors=True)
+        self.bb.save_adapter_set(self.key, target)
+        manifest = self.adapters.publish(
+            self.domain, target, backbone_fingerprint=self.bb.fingerprint, run_id=self.record.id,
+            metrics={**self.ctx.record.metrics, "mode": self.request.mode}, parent=self.record.parent,
+            index_version=index_version, lora=lora_metadata(self.hp.lora))
+        self.ctx.update(adapter_version=manifest.version)
 
-        promoted, reason = _promote(domains, ctx.record, adapter_version, index_version, is_better, EvalReport)
-        ctx.update(promoted=promoted, state=RunState.SUCCEEDED, finished_at=now(), step=state.step)
-        ctx.event("state", state="succeeded", adapter_version=adapter_version, index_version=index_version,
-                  promoted=promoted, promotion=reason)
-        return ctx.record
-    finally:
-        for name in attached:
-            if name in bb.adapter_sets:
-                bb.remove_adapter_set(name)
+    def _finish(self) -> RunRecord:
+        """Promote per policy, drop the checkpoints (the adapter version is out), then mark the run succeeded."""
+        record = self.ctx.record
+        promoted, reason = _promote(self.domains, record)
+        self.ctx.update(promoted=promoted, step=record.total_steps)
+        self.ctx.runs.drop_artifacts(record.id)
+        self.ctx.update(state=RunState.SUCCEEDED, finished_at=now())
+        self.ctx.event("state", state="succeeded", adapter_version=record.adapter_version,
+                       index_version=record.index_version, promoted=promoted, promotion=reason)
+        return self.ctx.record
 
 
-def _promote(domains: DomainRegistry, record: RunRecord, adapter_version: str, index_version: str,
-             is_better, report_type) -> tuple[bool, str]:
+def _promote(domains: DomainRegistry, record: RunRecord) -> tuple[bool, str]:
     """Apply the run's promotion policy; returns (promoted, why)."""
+    from adapters.evaluation import is_better
+
     if record.promoted:
         return True, "promoted"
     policy = record.promote
     if policy == "never":
         return False, "policy is never"
     pointer = domains.live(record.domain)
+    if pointer.adapter_version == record.adapter_version:  # promoted before a crash could record it
+        return True, "promoted"
     if policy == "if_better":
         base, final = record.metrics.get("base"), record.metrics.get("final")
         if final is None:
@@ -363,7 +404,7 @@ def _promote(domains: DomainRegistry, record: RunRecord, adapter_version: str, i
         if pointer.adapter_version != record.parent:
             return False, f"the live adapter changed during the run ({record.parent} -> {pointer.adapter_version})"
     try:
-        domains.promote(record.domain, adapter_version, index_version=index_version,
+        domains.promote(record.domain, record.adapter_version, index_version=record.index_version,
                         expected_etag=pointer.etag if policy == "if_better" else None)
     except PreconditionFailed:
         return False, "the live pointer changed while promoting; promote by hand if still wanted"

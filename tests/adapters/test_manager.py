@@ -1,0 +1,159 @@
+"""Runs executed by RunManager's worker processes: end to end, cancelled, killed and resumed, stopped and resumed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from datetime import datetime
+
+import pytest
+
+from adapters.registry import AdapterRegistry
+from adapters.runs import RunInfo, RunRequest, RunState, RunStore
+from adapters.worker import RunManager
+from storage import ArtifactKind, DomainRegistry
+from tests.adapters.conftest import make_domain
+
+TIMEOUT = 300
+# Small and quick on the tiny models: one example a step, two passages, four-token answers.
+FAST = {"batch_size": 1, "top_k": 2, "eval_max_new_tokens": 4}
+
+
+def request(**hyperparameters) -> RunRequest:
+    return RunRequest.model_validate({"domain": "toy", "promote": "never",
+                                      "hyperparameters": {**FAST, **hyperparameters}})
+
+
+def wait(manager: RunManager, run_id: str, until, what: str) -> RunInfo:
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        info = manager.get(run_id)
+        if until(info):
+            return info
+        assert not (info.state.finished and not until(info)), f"run ended {info.state} ({info.error}) before {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}: {info}"
+        time.sleep(0.2)
+
+
+def finished(info: RunInfo) -> bool:
+    return info.state.finished
+
+
+def events_of(manager: RunManager, run_id: str) -> list[dict]:
+    return manager.events(run_id)[0]
+
+
+def wait_for_switch(manager: RunManager, run_id: str) -> int:
+    """The step at which the run first switched to a refreshed index."""
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        for event in events_of(manager, run_id):
+            if event["kind"] == "rebuild" and event["state"] == "switched":
+                return event["step"]
+        time.sleep(0.2)
+    raise AssertionError("the run never switched to a refreshed index")
+
+
+@pytest.fixture(scope="module")
+def shared_domain(tmp_path_factory, tiny_config, tiny_backbone):
+    return make_domain(tmp_path_factory.mktemp("domain"), tiny_config, tiny_backbone)
+
+
+@pytest.fixture(scope="module")
+def manager(shared_domain, tiny_config, tmp_path_factory):
+    manager = RunManager(shared_domain.store, tiny_config, tmp_path_factory.mktemp("work"), lease_s=30)
+    manager.start()
+    yield manager
+    manager.stop()
+
+
+def test_a_run_refreshes_its_index_mid_run_survives_a_restart_and_succeeds(manager, shared_domain,
+                                                                             tiny_backbone):
+    runs = RunStore(shared_domain.store)
+    steps = 200
+    info = manager.submit(request(steps=steps, index_refresh_every=10, checkpoint_every=1000, reconstruction_ratio=0.3)
+                          .model_copy(update={"promote": "always"}))
+    assert info.state == RunState.QUEUED and info.total_steps == steps
+
+    # A service restart mid-run: the worker checkpoints where it is and the run goes back to the queue.
+    switched_at = wait_for_switch(manager, info.id)
+    manager.stop()
+    stopped = runs.get(info.id)
+    assert stopped.state == RunState.QUEUED and switched_at <= stopped.checkpoint_step < steps
+    assert stopped.crashes == 0  # a graceful stop is not a crash
+    manager.start()
+    done = wait(manager, info.id, finished, "the run to finish")
+    assert done.state == RunState.SUCCEEDED, done.error
+    assert done.step == steps and done.promoted
+
+    events = events_of(manager, info.id)
+    states = [e["state"] for e in events if e["kind"] == "state"]
+    assert states[:3] == ["validating", "queued", "running"] and states[-1] == "succeeded"
+    resumed = next(e for e in events if e.get("resumed_from") is not None)
+    # Resumed where it stopped, on the refreshed index it was training against (kept beside the run).
+    assert resumed["resumed_from"] == stopped.checkpoint_step and resumed["index"] == "run"
+    assert [e["step"] for e in events if e["kind"] == "step"] == list(range(1, steps + 1))  # none lost or repeated
+    switched = [e for e in events if e["kind"] == "rebuild" and e["state"] == "switched"]
+    assert all(e["started_step"] < e["step"] <= steps and e["started_step"] % 10 == 0 for e in switched)
+    assert {e["phase"] for e in events if e["kind"] == "eval"} == {"base", "final"}
+    assert [e["step"] for e in events if e["kind"] == "checkpoint"] == [stopped.checkpoint_step, steps]
+
+    # The outputs: an adapter version with its provenance, an index encoded by its passage encoder, both live.
+    manifest = AdapterRegistry(shared_domain.store).get("toy", done.adapter_version)
+    assert manifest.metadata["run_id"] == info.id
+    assert manifest.metadata["backbone_fingerprint"] == tiny_backbone.fingerprint
+    assert manifest.metadata["index_version"] == done.index_version
+    assert manifest.metadata["metrics"]["final"]["recall"]["5"] is not None
+    assert done.metrics["base"]["questions"] == 2 and done.metrics["final"]["questions"] == 2
+    domains = DomainRegistry(shared_domain.store)
+    index = domains.read_manifest("toy", ArtifactKind.INDEXES, done.index_version)
+    assert index.metadata["build"]["passage_adapter"] != "base"
+    live = domains.live("toy")
+    assert (live.adapter_version, live.index_version) == (done.adapter_version, done.index_version)
+    assert runs.latest_checkpoint(info.id) is None and runs.active() == []  # cleaned up with the run
+
+
+def test_cancel_stops_a_running_run_within_a_step_and_leaves_the_live_version(manager, shared_domain):
+    domains = DomainRegistry(shared_domain.store)
+    live_before = domains.live("toy")
+    running = manager.submit(request(steps=100_000, checkpoint_every=100_000)
+                             .model_copy(update={"promote": "always"}))
+    queued = manager.submit(request(steps=5))
+    wait(manager, running.id, lambda i: i.step >= 3, "a few steps")
+
+    assert manager.cancel(queued.id).state == RunState.CANCELLED  # never started: ends at once
+    asked = manager.cancel(running.id)
+    assert asked.cancel_requested and asked.state == RunState.RUNNING
+    done = wait(manager, running.id, finished, "the cancel to take effect")
+    assert done.state == RunState.CANCELLED and done.step < 100_000
+
+    events = events_of(manager, running.id)
+    requested_at = next(datetime.fromisoformat(e["time"]) for e in events if e.get("cancel_requested"))
+    later_steps = [e for e in events if e["kind"] == "step" and datetime.fromisoformat(e["time"]) > requested_at]
+    assert len(later_steps) <= 1, f"{len(later_steps)} steps ran after the cancel"
+    live = domains.live("toy")
+    assert (live.adapter_version, live.index_version) == (live_before.adapter_version, live_before.index_version)
+    assert not [m for m in AdapterRegistry(shared_domain.store).list("toy") if m.metadata["run_id"] == running.id]
+    assert manager.get(queued.id).started_at is None
+
+
+def test_a_killed_worker_is_replaced_and_its_run_resumes_from_the_checkpoint(manager, shared_domain):
+    runs = RunStore(shared_domain.store)
+    info = manager.submit(request(steps=60, checkpoint_every=10).model_copy(update={"mode": "generator_only"}))
+    wait(manager, info.id, lambda i: (runs.get(i.id).checkpoint_step or 0) >= 10, "a checkpoint")
+    victim = int(runs.get(info.id).owner.split("/")[1])
+    os.kill(victim, signal.SIGKILL)
+
+    done = wait(manager, info.id, finished, "the resumed run to finish")
+    assert done.state == RunState.SUCCEEDED, done.error
+    assert done.step == 60 and done.adapter_version is not None
+    assert victim not in manager.worker_pids()
+
+    events = events_of(manager, info.id)
+    requeued = next(e for e in events if e["kind"] == "state" and e["state"] == "queued" and "died" in e.get("reason", ""))
+    resumed = next(e for e in events if e["kind"] == "state" and e.get("resumed_from") is not None)
+    assert resumed["resumed_from"] == requeued["resumes_from"] >= 10
+    after = [e["step"] for e in events if e["kind"] == "step" and e["seq"] > resumed["seq"]]
+    assert after == list(range(resumed["resumed_from"] + 1, 61))
+    assert runs.get(info.id).crashes == 1
