@@ -1,14 +1,23 @@
-"""Process configuration: pydantic-settings with nested groups, read from RAGADAPT_* environment variables."""
+"""Process configuration: pydantic-settings with nested groups, read from RAGADAPT_* environment variables.
+
+Nested fields use `__`: `RAGADAPT_SERVER__PORT=9000`, `RAGADAPT_STORE__BACKEND=s3`,
+`RAGADAPT_CACHE__PINNED='["covid"]'`. Tests and benchmarks build `Settings(...)` directly.
+"""
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, model_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from backbone import BackboneConfig, embedded_default_config
+from storage import StoreConfig
+from storage.registry import DOMAIN_NAME
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 class BackboneSettings(BaseModel):
@@ -22,6 +31,9 @@ class BackboneSettings(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     device: str = "auto"
     allow_hub: bool = False
+    max_question_tokens: int = Field(64, ge=8)
+    max_passage_tokens: int = Field(192, ge=8)
+    max_answer_tokens: int = Field(48, ge=2)
 
     @model_validator(mode="after")
     def _all_or_nothing(self) -> "BackboneSettings":
@@ -31,7 +43,9 @@ class BackboneSettings(BaseModel):
         return self
 
     def config(self) -> BackboneConfig:
-        common = dict(cache_dir=self.cache_dir, dtype=self.dtype, device=self.device, allow_hub=self.allow_hub)
+        common = dict(cache_dir=self.cache_dir, dtype=self.dtype, device=self.device,
+                      allow_hub=self.allow_hub, max_question_tokens=self.max_question_tokens,
+                      max_passage_tokens=self.max_passage_tokens, max_answer_tokens=self.max_answer_tokens)
         if not self.generator:
             return embedded_default_config(**common)
         return BackboneConfig(
@@ -43,7 +57,119 @@ class BackboneSettings(BaseModel):
         )
 
 
+class ServerSettings(BaseModel):
+    """The HTTP server, its access control and the request queue in front of the model worker."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)  # 0: any free port (tests)
+    admin_token: SecretStr | None = None  # admin endpoints answer 401 while it is unset
+    api_keys: list[SecretStr] = Field(default_factory=list)  # empty: /ask is open
+    max_body_bytes: int = Field(1_000_000, ge=1024)  # every request except uploads
+    max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1024)  # POST /admin/domains (passages files)
+    request_timeout_s: float = Field(60.0, gt=0)
+    queue_size: int = Field(256, ge=1)  # requests waiting for the model worker; more are refused (503)
+    max_batch_rows: int = Field(16, ge=1)  # questions per micro-batch, across domains
+    batch_wait_ms: float = Field(5.0, ge=0)  # how long a batch waits for more questions once one is there
+    retry_after_s: int = Field(1, ge=1)  # Retry-After of 503 overloaded
+    poll_interval_s: float = Field(1.5, gt=0)  # how often live pointers are re-read from the store
+    log_json: bool = False
+
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+class StoreSettings(BaseModel):
+    """The artifact store: a local directory (default, under the data dir) or an S3-compatible server."""
+
+    backend: Literal["local", "s3"] = "local"
+    root: Path | None = None  # local backend; default <data_dir>/store
+    endpoint: str | None = None
+    bucket: str = "ragadapt"
+    access_key: str | None = None
+    secret_key: SecretStr | None = None
+    secure: bool | None = None  # None: from the endpoint's scheme, else plain HTTP
+    region: str | None = None
+
+    def config(self, data_dir: Path) -> StoreConfig:
+        if self.backend == "local":
+            return StoreConfig(backend="local", root=self.root or Path(data_dir) / "store")
+        fields = dict(backend="s3", endpoint=self.endpoint, bucket=self.bucket, access_key=self.access_key,
+                      secret_key=self.secret_key, region=self.region)
+        if self.secure is not None:
+            fields["secure"] = self.secure
+        return StoreConfig(**fields)
+
+
+class CacheSettings(BaseModel):
+    """Adapter tiers: `hot_slots` sets attached to the model, `warm_bytes` of sets in host memory.
+
+    Live adapters of `pinned` domains are never evicted from either tier.
+    """
+
+    hot_slots: int = Field(8, ge=1)
+    warm_bytes: int = Field(1 << 30, ge=0)
+    pinned: list[str] = Field(default_factory=list)
+
+
+class DemoSettings(BaseModel):
+    """A demo domain built at start-up from the project's own documentation, when it does not exist yet."""
+
+    enabled: bool = True
+    domain: str = "demo"
+    sources: list[Path] = Field(default_factory=lambda: [PROJECT_ROOT / "README.md", PROJECT_ROOT / "docs"])
+    description: str = "ragadapt's own README and docs"
+
+
+class RunSettings(BaseModel):
+    """Adaptation runs: how many this process trains at once, each in a worker process of its own.
+
+    0: this process only validates and queues runs; processes with workers sharing the store train them. Each
+    worker holds its own copy of the backbone."""
+
+    max_concurrent: int = Field(1, ge=0)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RAGADAPT_", env_nested_delimiter="__", extra="ignore")
 
+    data_dir: Path = Path("var")  # store (local backend), fetched indexes, job and run scratch space
+    server: ServerSettings = ServerSettings()
+    store: StoreSettings = StoreSettings()
     backbone: BackboneSettings = BackboneSettings()
+    cache: CacheSettings = CacheSettings()
+    demo: DemoSettings = DemoSettings()
+    runs: RunSettings = RunSettings()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Settings":
+        """Cross-field checks, so a bad combination fails at start-up rather than on the first request."""
+        if not self.server.is_loopback() and self.server.admin_token is None:
+            raise ValueError(f"serving on {self.server.host} (not loopback) needs server.admin_token")
+        if len(self.cache.pinned) >= self.cache.hot_slots:
+            raise ValueError(f"{len(self.cache.pinned)} pinned domains need more than cache.hot_slots="
+                             f"{self.cache.hot_slots} hot slots (one must stay free for other domains)")
+        for name in [*self.cache.pinned, self.demo.domain]:
+            if not DOMAIN_NAME.match(name):
+                raise ValueError(f"domain name {name!r} must match {DOMAIN_NAME.pattern}")
+        if self.server.max_batch_rows > self.server.queue_size:
+            raise ValueError(f"server.max_batch_rows={self.server.max_batch_rows} exceeds "
+                             f"server.queue_size={self.server.queue_size}: batches could never fill")
+        try:
+            self.store.config(self.data_dir)
+        except ValidationError as exc:
+            raise ValueError(f"store settings: {exc.errors()[0]['msg']}") from None
+        return self
+
+    @property
+    def store_config(self) -> StoreConfig:
+        return self.store.config(self.data_dir)
+
+    @property
+    def cache_dir(self) -> Path:
+        """Local copies of fetched index versions and scratch space of jobs and runs."""
+        return Path(self.data_dir) / "cache"
