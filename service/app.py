@@ -1,0 +1,206 @@
+"""The composition root: `create_app(settings)` builds one Litestar app and, in its lifespan, all it serves.
+
+Start-up order: open the store, its registries and the run manager; load the backbone in a thread (the event
+loop keeps answering `/healthz`, and `/readyz` says 503 until it is done); then build the adapter cache, the
+domain catalog (first read of every live pointer), the model worker and the job runner; start the run workers;
+create the demo domain if asked to and missing; finally poll live pointers every `poll_interval_s`. Shutdown
+reverses it. Nothing here is global: two apps in one process share nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from anyio import to_thread
+from litestar import Litestar
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.openapi import OpenAPIConfig
+from litestar.types import Message, Scope
+
+from adapters import AdapterRegistry
+from adapters.worker import RunManager
+from backbone import Backbone
+from indexing import IndexConfig
+from indexing.versions import IndexVersions
+from storage import DomainExists, DomainNotFound, DomainRegistry, open_store
+
+from .adapter_cache import AdapterCache
+from .domains import DomainCatalog
+from .jobs import Jobs
+from .metrics import Metrics
+from .problems import add_request_id, handle_exception
+from .routes import admin, ask, domains, operations, runs
+from .runtime import Loaded, Runtime
+from .settings import Settings
+from .worker import ModelWorker
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings) -> Litestar:
+    metrics = Metrics()
+
+    async def count_response(message: Message, scope: Scope) -> None:
+        if message["type"] == "http.response.start" and scope["type"] == "http":
+            route = scope.get("path_template") or "unmatched"
+            metrics.http_requests.labels(scope["method"], route, str(message["status"])).inc()
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        runtime = await to_thread.run_sync(_open, settings, metrics)
+        app.state.runtime = runtime
+        runtime.background.append(asyncio.create_task(_load(runtime), name="load-backbone"))
+        try:
+            yield
+        finally:
+            await _close(runtime)
+
+    return Litestar(
+        route_handlers=[
+            ask.ask,
+            domains.list_domains,
+            domains.get_domain,
+            admin.create_domain_handler(settings.server.max_upload_bytes),
+            admin.get_job,
+            admin.promote,
+            admin.rollback,
+            runs.adapt,
+            runs.list_runs,
+            runs.get_run,
+            runs.run_events,
+            runs.cancel_run,
+            operations.healthz,
+            operations.readyz,
+            operations.metrics,
+        ],
+        dependencies={"runtime": Provide(_runtime, sync_to_thread=False)},
+        lifespan=[lifespan],
+        exception_handlers={Exception: handle_exception},
+        before_send=[add_request_id, count_response],
+        request_max_body_size=settings.server.max_body_bytes,
+        logging_config=None,  # the CLI configures logging (plain or JSON)
+        openapi_config=OpenAPIConfig(
+            title="ragadapt", version="0.1.0",
+            description="One frozen RAG End2End backbone serving many knowledge domains."),
+    )
+
+
+def _runtime(state: State) -> Runtime:
+    return state.runtime
+
+
+def _open(settings: Settings, metrics: Metrics) -> Runtime:
+    """The store side, which needs no weights (blocking: runs in a thread)."""
+    store = open_store(settings.store_config)
+    registry = DomainRegistry(store)
+    cache_dir = settings.cache_dir
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    log.info("store: %s", store.describe())
+    run_manager = RunManager(store, settings.backbone.config(), cache_dir / "runs",
+                             max_concurrent=max(settings.runs.max_concurrent, 1),
+                             store_config=settings.store_config)
+    metrics.watch_runs(run_manager.list)
+    return Runtime(settings=settings, metrics=metrics, store=store, registry=registry,
+                   adapters=AdapterRegistry(store), versions=IndexVersions(registry, cache_dir / "indexes"),
+                   loader=ThreadPoolExecutor(max_workers=4, thread_name_prefix="loader"), runs=run_manager)
+
+
+async def _load(runtime: Runtime) -> None:
+    """Load the backbone off the event loop, then build and start what needs it."""
+    settings = runtime.settings
+    loop = asyncio.get_running_loop()
+    try:
+        backbone = await loop.run_in_executor(runtime.loader, Backbone.load, settings.backbone.config())
+        scratch = settings.cache_dir / "adapters"
+        scratch.mkdir(parents=True, exist_ok=True)
+        cache = AdapterCache(backbone, runtime.adapters, scratch, runtime.loader,
+                             hot_slots=settings.cache.hot_slots, warm_bytes=settings.cache.warm_bytes,
+                             metrics=runtime.metrics)
+        catalog = DomainCatalog(runtime.registry, runtime.versions, cache, backbone, runtime.metrics,
+                                pinned=settings.cache.pinned)
+        worker = ModelWorker(backbone, cache, runtime.metrics, queue_size=settings.server.queue_size,
+                             max_batch_rows=settings.server.max_batch_rows,
+                             batch_wait_s=settings.server.batch_wait_ms / 1000,
+                             retry_after_s=settings.server.retry_after_s)
+        jobs = Jobs(runtime.versions, backbone.config, settings.cache_dir / "jobs", runtime.metrics,
+                    on_live=catalog.refresh_domain)
+        await to_thread.run_sync(catalog.refresh)
+        worker.start()
+    except Exception as exc:
+        runtime.load_error = exc
+        log.exception("the backbone failed to load; the server stays up but not ready")
+        return
+    runtime.loaded = Loaded(backbone=backbone, cache=cache, catalog=catalog, worker=worker, jobs=jobs)
+    runtime.metrics.backbone_ready.set(1)
+    runtime.metrics.backbone_load_seconds.set(backbone.load_seconds)
+    log.info("ready: backbone %s, %d domains", backbone.fingerprint, len(catalog.names()))
+    if settings.runs.max_concurrent > 0:
+        # Started once serving is up: each worker process loads a backbone of its own.
+        await to_thread.run_sync(runtime.runs.start)
+    if settings.demo.enabled:
+        try:
+            await to_thread.run_sync(_create_demo, runtime)
+        except Exception:
+            log.exception("the demo domain could not be created")
+    runtime.background.append(asyncio.create_task(_poll(runtime), name="poll-live-pointers"))
+
+
+async def _poll(runtime: Runtime) -> None:
+    loaded = runtime.serving()
+    while True:
+        await asyncio.sleep(runtime.settings.server.poll_interval_s)
+        try:
+            await to_thread.run_sync(loaded.catalog.refresh)
+            await to_thread.run_sync(loaded.jobs.sweep)
+        except Exception:  # the store may be down for a while; keep serving what is loaded and try again
+            log.warning("polling live pointers failed", exc_info=True)
+
+
+def _create_demo(runtime: Runtime) -> None:
+    """Ingest the project's README and docs as the demo domain, unless the store already has it."""
+    demo = runtime.settings.demo
+    try:
+        runtime.registry.get_domain(demo.domain)
+        return
+    except DomainNotFound:
+        pass
+    sources = [Path(source) for source in demo.sources if Path(source).exists()]
+    if not sources:
+        log.warning("demo domain %s not created: none of %s exists", demo.domain, demo.sources)
+        return
+    jobs = runtime.serving().jobs
+    job_id, input_dir = jobs.input_dir()
+    corpus = input_dir / "corpus"
+    corpus.mkdir()
+    for source in sources:
+        if source.is_dir():
+            shutil.copytree(source, corpus / source.name, ignore=shutil.ignore_patterns(".*"))
+        else:
+            shutil.copy2(source, corpus / source.name)
+    try:
+        runtime.registry.create_domain(demo.domain, demo.description, settings={"retrieval": "dense"})
+    except DomainExists:  # another replica is creating it
+        shutil.rmtree(input_dir, ignore_errors=True)
+        return
+    jobs.ingest(job_id, demo.domain, corpus, IndexConfig(retrieval="dense"))
+    log.info("building the demo domain %s from %s (job %s)", demo.domain, ", ".join(map(str, sources)),
+             job_id)
+
+
+async def _close(runtime: Runtime) -> None:
+    for task in runtime.background:
+        task.cancel()
+    await asyncio.gather(*runtime.background, return_exceptions=True)
+    loaded = runtime.loaded
+    if loaded is not None:
+        await to_thread.run_sync(loaded.worker.stop)
+        await to_thread.run_sync(loaded.jobs.stop)
+    await to_thread.run_sync(runtime.runs.stop)
+    runtime.loader.shutdown(wait=False, cancel_futures=True)

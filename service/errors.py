@@ -1,0 +1,66 @@
+"""Typed errors of the HTTP service, each with a stable `code` and `status` (mapped by `service.problems`)."""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    code = "service_error"
+    status = 500
+
+
+class InvalidRequest(ServiceError):
+    """The request is malformed: empty question, bad ranges, malformed JSON, a bad upload."""
+
+    code = "invalid_request"
+    status = 422
+
+
+class InvalidPassages(ServiceError):
+    """An uploaded passages (or QA) file that cannot be read; `line` is the 1-based JSONL line at fault."""
+
+    code = "invalid_passages"
+    status = 422
+
+    def __init__(self, message: str, *, line: int | None = None):
+        super().__init__(message)
+        self.line = line
+
+
+class Unauthorized(ServiceError):
+    code = "unauthorized"
+    status = 401
+
+
+class RequestTooLarge(ServiceError):
+    code = "request_too_large"
+    status = 413
+
+
+class Overloaded(ServiceError):
+    """The request queue is full; the client should retry after `retry_after` seconds."""
+
+    code = "overloaded"
+    status = 503
+
+    def __init__(self, message: str, *, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class NotReady(ServiceError):
+    """The backbone is still loading (or failed to load)."""
+
+    code = "not_ready"
+    status = 503
+    retry_after = 5
+
+
+class RequestTimeout(ServiceError):
+    code = "request_timeout"
+    status = 504
+
+
+class JobNotFound(ServiceError):
+    code = "job_not_found"
+    status = 404
+

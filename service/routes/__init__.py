@@ -1,0 +1,1 @@
+"""The HTTP routes; `service.app.create_app` mounts them."""

@@ -1,0 +1,33 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+from anyio import to_thread
+from litestar import Response, get
+from litestar.di import NamedDependency
+
+from ..problems import ProblemOperation, problem_responses
+from ..runtime import Runtime
+from ..schemas import Health, Ready
+
+
+@get("/healthz", tags=["operations"], operation_id="healthz", summary="Liveness")
+async def healthz() -> Health:
+    return Health(status="alive")
+
+
+@get("/readyz", tags=["operations"], operation_id="readyz",
+     summary="Readiness: backbone loaded and store reachable", operation_class=ProblemOperation,
+     responses=problem_responses(503))
+async def readyz(runtime: NamedDependency[Runtime]) -> Ready:
+    """503 (`not_ready`) while the backbone loads, `store_unavailable` while the store cannot be reached."""
+    loaded = runtime.serving()
+    await to_thread.run_sync(runtime.store.ping)
+    return Ready(status="ready", backbone=loaded.backbone.fingerprint, store=runtime.store.describe())
+
+
+@get("/metrics", tags=["operations"], operation_id="metrics", summary="Prometheus metrics",
+     media_type="text/plain")
+async def metrics(runtime: NamedDependency[Runtime]) -> Response[bytes]:
+    body = await to_thread.run_sync(runtime.metrics.exposition)
+    return Response(body, media_type=runtime.metrics.content_type)

@@ -1,0 +1,66 @@
+"""Adaptation runs (admin): submit, list, follow, cancel. The run manager validates, persists and trains."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from anyio import to_thread
+from litestar import Response, get, post
+from litestar.di import NamedDependency
+from litestar.params import FromPath, JSONBody, QueryParameter
+from pydantic import BaseModel
+
+from adapters.runs import RunInfo, RunRequest
+
+from ..auth import admin_guard
+from ..problems import ProblemOperation, problem_responses
+from ..runtime import Runtime
+
+
+class RunList(BaseModel):
+    runs: list[RunInfo]
+
+
+class RunEvents(BaseModel):
+    events: list[dict[str, Any]]
+    next: int  # pass as `after` to get only newer events
+
+
+_ADMIN = dict(guards=[admin_guard], tags=["runs"], operation_class=ProblemOperation)
+
+
+@post("/admin/adapt", status_code=202, operation_id="adapt", summary="Start an adaptation run",
+      responses=problem_responses(401, 404, 413, 422, 503), **_ADMIN)
+async def adapt(data: JSONBody[RunRequest], runtime: NamedDependency[Runtime]) -> Response[RunInfo]:
+    """Validated before it is queued (`404 domain_not_found`, `422 invalid_run`); a worker trains it."""
+    info = await to_thread.run_sync(runtime.runs.submit, data)
+    return Response(info, status_code=202)
+
+
+@get("/admin/runs", operation_id="listRuns", summary="List adaptation runs, newest first",
+     responses=problem_responses(401, 422, 503), **_ADMIN)
+async def list_runs(runtime: NamedDependency[Runtime],
+                    domain: Annotated[str | None, QueryParameter(max_length=63)] = None) -> RunList:
+    return RunList(runs=await to_thread.run_sync(runtime.runs.list, domain))
+
+
+@get("/admin/runs/{run_id:str}", operation_id="getRun", summary="One adaptation run",
+     responses=problem_responses(401, 404, 503), **_ADMIN)
+async def get_run(run_id: FromPath[str], runtime: NamedDependency[Runtime]) -> RunInfo:
+    return await to_thread.run_sync(runtime.runs.get, run_id)
+
+
+@get("/admin/runs/{run_id:str}/events", operation_id="getRunEvents",
+     summary="A run's events after a sequence number", responses=problem_responses(401, 404, 422, 503),
+     **_ADMIN)
+async def run_events(run_id: FromPath[str], runtime: NamedDependency[Runtime],
+                     after: Annotated[int, QueryParameter(ge=0)] = 0) -> RunEvents:
+    events, next_seq = await to_thread.run_sync(runtime.runs.events, run_id, after)
+    return RunEvents(events=events, next=next_seq)
+
+
+@post("/admin/runs/{run_id:str}/cancel", status_code=200, operation_id="cancelRun", summary="Cancel a run",
+      responses=problem_responses(401, 404, 409, 503), **_ADMIN)
+async def cancel_run(run_id: FromPath[str], runtime: NamedDependency[Runtime]) -> RunInfo:
+    """A queued run ends at once; a running one at its worker's next step (`cancel_requested` until then)."""
+    return await to_thread.run_sync(runtime.runs.cancel, run_id)

@@ -1,0 +1,186 @@
+"""HTTP request and response bodies as docs/http-api.md describes them (the OpenAPI comes from these)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from adapters.runs import QaExampleIn
+
+Retrieval = Literal["dense", "bm25", "hybrid"]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- asking -------------------------------------------------------------------------------------------------
+
+
+class AskRequest(_Request):
+    question: str = Field(min_length=1, max_length=4000)
+    top_k: int = Field(5, ge=1, le=20)
+    max_new_tokens: int = Field(32, ge=1, le=256)
+    retrieval: Retrieval | None = None  # None: the domain's setting
+    return_passages: bool = True
+
+    @field_validator("question")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("the question is empty")
+        return value
+
+
+class PassageOut(BaseModel):
+    id: str
+    title: str
+    text: str
+    score: float
+    supporting: bool  # among the passages the answer was generated from
+
+
+class Timings(BaseModel):
+    """Seconds per stage; embed, search and generate are the micro-batch's, shared by its rows."""
+
+    queue: float
+    embed: float
+    search: float
+    generate: float
+
+
+class AskResponse(BaseModel):
+    answer: str
+    domain: str
+    adapter_version: str | None  # None while the domain is served by the base backbone
+    index_version: str
+    passages: list[PassageOut]
+    timings: Timings
+
+
+# --- domains ------------------------------------------------------------------------------------------------
+
+
+class LiveInfo(BaseModel):
+    adapter_version: str | None
+    index_version: str | None
+    passages_version: str | None
+    updated_at: datetime | None
+
+
+class AdapterVersionInfo(BaseModel):
+    version: str
+    created_at: datetime
+    run_id: str | None
+    parent: str | None
+    index_version: str | None
+    metrics: dict[str, Any]
+
+
+class IndexVersionInfo(BaseModel):
+    version: str
+    created_at: datetime
+    passages_version: str | None
+    adapter_version: str | None
+    passages: int | None
+    factory: str | None
+
+
+class DomainVersions(BaseModel):
+    adapters: list[AdapterVersionInfo]
+    indexes: list[IndexVersionInfo]
+
+
+class DomainInfo(BaseModel):
+    name: str
+    description: str
+    passages: int | None  # in the live index; None before the first index is live
+    retrieval: Retrieval
+    live: LiveInfo
+    metrics: dict[str, Any]  # of the live adapter version
+    last_run: dict[str, Any] | None
+    versions: DomainVersions
+
+
+class DomainList(BaseModel):
+    domains: list[DomainInfo]
+
+
+# --- admin --------------------------------------------------------------------------------------------------
+
+
+class PassageIn(_Request):
+    id: str = Field(min_length=1)
+    title: str = ""
+    text: str
+
+
+class CreateDomainRequest(_Request):
+    """JSON form of POST /admin/domains; give the passages inline or as a store key / s3:// URI."""
+
+    name: str = Field(min_length=1, max_length=63)
+    description: str = ""
+    passages_uri: str | None = None
+    passages: list[PassageIn] | None = None
+    qa: list[QaExampleIn] | None = None  # becomes the domain's QA set (what adaptation runs train on)
+    retrieval: Retrieval | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "CreateDomainRequest":
+        if (self.passages_uri is None) == (self.passages is None):
+            raise ValueError("give exactly one of passages_uri and passages")
+        if self.passages is not None and not self.passages:
+            raise ValueError("passages is empty")
+        return self
+
+
+class JobInfo(BaseModel):
+    id: str
+    kind: Literal["ingest", "rebuild"]
+    domain: str
+    state: Literal["pending", "running", "succeeded", "failed", "cancelled"]
+    progress: float
+    error: str | None
+    result: dict[str, Any] | None
+
+
+class CreateDomainResponse(BaseModel):
+    job: JobInfo
+    domain: str
+
+
+class PromoteRequest(_Request):
+    version: str = Field(min_length=1)
+    expected_etag: str | None = None
+
+
+class RollbackRequest(_Request):
+    expected_etag: str | None = None
+
+
+# --- operations ---------------------------------------------------------------------------------------------
+
+
+class Health(BaseModel):
+    status: Literal["alive"]
+
+
+class Ready(BaseModel):
+    status: Literal["ready"]
+    backbone: str
+    store: str
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details; clients dispatch on `code`."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    code: str
+    request_id: str
+    line: int | None = None  # invalid_passages: the JSONL line at fault
+    errors: list[dict[str, str]] | None = None  # invalid_request: one entry per invalid field

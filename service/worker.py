@@ -1,0 +1,276 @@
+"""The model worker: one thread owns the backbone and answers micro-batches of questions across domains.
+
+Requests wait in a bounded queue (full: `Overloaded`, 503). The worker takes up to `max_batch_rows` questions,
+waiting at most `batch_wait_ms` for more once one is there, from any mix of domains, and runs every stage once
+for the whole batch with a per-row adapter choice (heterogeneous batching as in LoRAX, S-LoRA and Punica,
+instead of swapping one adapter per request):
+
+1. embed: one `encode_questions` call, row i under row i's question-encoder LoRA;
+2. search: one FAISS/BM25 search per (index version, top_k, mode) group of rows; the generator weighs BM25
+   and fused hits by their dense dot products, as RAG's document posterior expects (one more FAISS search);
+3. generate: one `Backbone.answer` call per distinct `max_new_tokens`, row i's passages under row i's
+   generator LoRA (in practice one call: requests rarely differ there).
+
+A batch names at most `hot_slots` distinct adapter sets (rows beyond that wait for the next batch), and the
+worker attaches them before running it, so no adapter is ever swapped while a batch runs. Torch never runs on
+the event loop: the HTTP layer awaits an asyncio future the worker resolves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from backbone import Answer, Backbone
+from indexing import Hit, IndexHandle
+
+from .adapter_cache import AdapterCache, AdapterId, adapter_key
+from .errors import NotReady, Overloaded
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AskJob:
+    """One admitted question, resolved to the adapter and index versions it will be answered with."""
+
+    question: str
+    domain: str
+    adapter: AdapterId | None  # None: the base backbone
+    index: IndexHandle
+    top_k: int
+    max_new_tokens: int
+    retrieval: str  # dense | bm25 | hybrid
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    admitted: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False  # the client gave up (timeout): skipped if still queued
+    timings: dict[str, float] = field(default_factory=dict)
+    hits: list[Hit] = field(default_factory=list)
+    doc_scores: list[float] = field(default_factory=list)  # q.d of each hit, for the generator
+
+    @property
+    def key(self) -> str | None:
+        return adapter_key(*self.adapter) if self.adapter is not None else None
+
+
+@dataclass(frozen=True)
+class AskResult:
+    answer: Answer
+    hits: list[Hit]
+    timings: dict[str, float]
+    answer_tokens: int
+
+
+class ModelWorker:
+    def __init__(self, backbone: Backbone, cache: AdapterCache, metrics: Metrics, *, queue_size: int,
+                 max_batch_rows: int, batch_wait_s: float, retry_after_s: int = 1):
+        self._backbone = backbone
+        self._cache = cache
+        self._metrics = metrics
+        self.queue_size = queue_size
+        self.max_batch_rows = max_batch_rows
+        self.batch_wait_s = batch_wait_s
+        self.retry_after_s = retry_after_s
+        self._queue: deque[AskJob] = deque()
+        self._cond = threading.Condition()
+        self._running = False
+        self._thread: threading.Thread | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        with self._cond:
+            if self._thread is not None:
+                return
+            self._running = True
+            self._thread = threading.Thread(target=self._run, name="model-worker", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish the batch in hand, refuse what is still queued, and end the thread."""
+        with self._cond:
+            self._running = False
+            left = list(self._queue)
+            self._queue.clear()
+            self._cond.notify_all()
+        for job in left:
+            _deliver(job, NotReady("the server is shutting down"))
+            self._release(job)
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    # --- admission (event loop) -----------------------------------------------------------------------------
+
+    def submit(self, job: AskJob) -> None:
+        """Queue a job, or raise `Overloaded` at once when the queue is full (the caller answers 503).
+
+        Once queued, the job's adapter lease belongs to the worker, which releases it when the job is done."""
+        with self._cond:
+            if not self._running:
+                raise NotReady("the model worker is not running")
+            if len(self._queue) >= self.queue_size:
+                raise Overloaded(f"{len(self._queue)} requests are already waiting; retry shortly",
+                                 retry_after=self.retry_after_s)
+            self._queue.append(job)
+            self._metrics.queue_depth.set(len(self._queue))
+            self._cond.notify()
+
+    # --- the worker thread ----------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            batch = self._take_batch()
+            if batch is None:
+                return
+            if not batch:
+                continue
+            try:
+                with torch.inference_mode():
+                    self._process(batch)
+            except Exception as exc:  # a batch must never kill the worker; its requests get a 500
+                log.exception("batch of %d questions failed", len(batch))
+                for job in batch:
+                    _deliver(job, exc)
+            finally:
+                for job in batch:
+                    self._release(job)
+
+    def _release(self, job: AskJob) -> None:
+        """Give back the adapter lease the HTTP layer handed over with the job."""
+        if job.adapter is not None:
+            self._cache.release(*job.adapter)
+
+    def _take_batch(self) -> list[AskJob] | None:
+        """Up to `max_batch_rows` queued jobs naming at most `hot_slots` adapter sets; None when stopping."""
+        with self._cond:
+            while not self._queue and self._running:
+                self._cond.wait()
+            if not self._running:
+                return None
+            deadline = time.monotonic() + self.batch_wait_s
+            while len(self._queue) < self.max_batch_rows and self._running:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            batch, deferred, adapters = [], [], set()
+            while self._queue and len(batch) < self.max_batch_rows:
+                job = self._queue.popleft()
+                if job.cancelled:
+                    self._release(job)
+                    continue
+                if job.adapter is not None and job.adapter not in adapters:
+                    if len(adapters) >= self._cache.hot_slots:
+                        deferred.append(job)  # keeps its place at the head of the queue
+                        continue
+                    adapters.add(job.adapter)
+                batch.append(job)
+            self._queue.extendleft(reversed(deferred))
+            self._metrics.queue_depth.set(len(self._queue))
+            return batch
+
+    def _process(self, batch: list[AskJob]) -> None:
+        started = time.perf_counter()
+        for job in batch:
+            job.timings["queue"] = started - job.admitted
+        self._metrics.batch_rows.observe(len(batch))
+        self._metrics.batch_adapters.observe(len({job.adapter for job in batch}))
+        self._cache.make_hot(job.adapter for job in batch if job.adapter is not None)
+
+        # 1. embed: one call for every row (BM25 rows too: their generator still weighs passages by q.d)
+        t = time.perf_counter()
+        vectors = self._backbone.encode_questions([job.question for job in batch], [job.key for job in batch])
+        embeddings = vectors.float().cpu().numpy()  # [n, dim]
+        embed_seconds = time.perf_counter() - t
+        for job in batch:
+            job.timings["embed"] = embed_seconds
+
+        # 2. search: one call per (index version, k, mode)
+        groups: dict[tuple, list[int]] = {}
+        for i, job in enumerate(batch):
+            groups.setdefault((id(job.index), job.top_k, job.retrieval), []).append(i)
+        answerable = []
+        for (_, k, mode), rows in groups.items():
+            handle = batch[rows[0]].index
+            t = time.perf_counter()
+            try:
+                results = handle.search(embeddings[rows], [batch[i].question for i in rows], k=k, mode=mode)
+                doc_scores = ([[hit.score for hit in hits] for hits in results] if mode == "dense"
+                              else _dense_scores(handle, embeddings[rows], results, k))
+            except Exception as exc:  # e.g. RetrievalModeUnavailable: fails these rows only
+                for i in rows:
+                    _deliver(batch[i], exc)
+                continue
+            seconds = time.perf_counter() - t
+            for i, hits, scores in zip(rows, results, doc_scores):
+                batch[i].hits = hits
+                batch[i].doc_scores = scores
+                batch[i].timings["search"] = seconds
+                answerable.append(i)
+
+        # 3. generate: one call per distinct max_new_tokens
+        by_length: dict[int, list[int]] = {}
+        for i in sorted(answerable):
+            by_length.setdefault(batch[i].max_new_tokens, []).append(i)
+        for max_new_tokens, rows in by_length.items():
+            jobs = [batch[i] for i in rows]
+            t = time.perf_counter()
+            answers = self._backbone.answer(
+                [job.question for job in jobs],
+                [[hit.passage for hit in job.hits] for job in jobs],
+                [job.doc_scores for job in jobs],
+                [job.key for job in jobs],
+                max_new_tokens=max_new_tokens,
+            )
+            seconds = time.perf_counter() - t
+            tokenizer = self._backbone.generator.tokenizer
+            for job, answer in zip(jobs, answers):
+                job.timings["generate"] = seconds
+                tokens = len(tokenizer(answer.text, add_special_tokens=False).input_ids) if answer.text else 0
+                _deliver(job, AskResult(answer, job.hits, dict(job.timings), tokens))
+
+
+def _dense_scores(handle: IndexHandle, queries: np.ndarray, results: list[list[Hit]],
+                  k: int) -> list[list[float]]:
+    """The query-passage dot products of BM25 or fused hits, which is what the generator's document posterior
+    (RAG's p(z|x)) is made for; fused and BM25 scores are on other scales. A hit outside the dense top `depth`
+    gets the depth-th dot product, an upper bound of its own."""
+    depth = min(max(k, handle.config.fusion_depth), handle.size)
+    dense = handle.search(queries, k=depth, mode="dense")  # [n][depth] hits
+    scores = []
+    for hits, candidates in zip(results, dense):
+        by_id = {hit.passage.id: hit.score for hit in candidates}
+        floor = candidates[-1].score if candidates else 0.0
+        scores.append([by_id.get(hit.passage.id, floor) for hit in hits])
+    return scores
+
+
+def _deliver(job: AskJob, outcome: AskResult | BaseException) -> None:
+    """Resolve the job's asyncio future from the worker thread (a no-op if the client already gave up)."""
+
+    def resolve() -> None:
+        if job.future.done():
+            return
+        if isinstance(outcome, BaseException):
+            job.future.set_exception(outcome)
+        else:
+            job.future.set_result(outcome)
+
+    try:
+        job.loop.call_soon_threadsafe(resolve)
+    except RuntimeError:  # the event loop is closed: nobody is waiting any more
+        pass
