@@ -1,0 +1,145 @@
+"""Helpers of the service tests: a real uvicorn server on loopback, domains and adapter versions on a real
+store, and answers computed by calling the backbone directly (what the service must reproduce)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import torch
+import uvicorn
+
+from adapters import AdapterRegistry
+from backbone import Backbone, Passage
+from indexing import EncodeConfig, IndexHandle, ingest, write_passages
+from indexing.versions import IndexVersions
+from service.app import create_app
+from service.runtime import Runtime
+from service.settings import Settings
+from storage import DomainRegistry, ObjectStore
+
+ADMIN_TOKEN = "test-admin-token"
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+TOPICS = [
+    ("Paris", "the capital of france is paris and the river is the seine"),
+    ("Rome", "the capital of italy is rome and the river is the tiber"),
+    ("Covid", "covid spreads through droplets and the incubation period is five days"),
+    ("Revenue", "the company revenue was 42 million dollars in 2019 and 51 million in 2020"),
+    ("Friends", "ross and rachel were on a break said ross to joey in the coffee house"),
+    ("Encoders", "passages questions answers retrieval generator encoder adapter domain"),
+]
+QUESTIONS = [
+    "what is the capital of france",
+    "how long is the incubation period of covid",
+    "what was the company revenue in 2019",
+    "who was on a break",
+    "what is the river of rome",
+    "which encoder retrieval adapter",
+]
+
+
+def corpus(rounds: int = 2) -> list[Passage]:
+    return [Passage(f"{title.lower()}-{r}", title, f"{text} note {r}")
+            for r in range(rounds) for title, text in TOPICS]
+
+
+@dataclass
+class Served:
+    url: str
+    runtime: Runtime
+
+    def client(self, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=kwargs.pop("timeout", 60.0), **kwargs)
+
+
+@contextmanager
+def serve(settings: Settings, *, ready: bool = True, timeout: float = 120.0) -> Iterator[Served]:
+    """`create_app(settings)` served by uvicorn on a free loopback port, in a thread; stopped on exit."""
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    served = Served(f"http://127.0.0.1:{port}", app.state.runtime)
+    try:
+        if ready:
+            with served.client() as client:
+                while client.get("/readyz").status_code != 200:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"not ready after {timeout}s: {client.get('/readyz').text}")
+                    time.sleep(0.05)
+        yield served
+    finally:
+        server.should_exit = True
+        thread.join(60)
+
+
+def ingest_domain(store: ObjectStore, backbone: Backbone, name: str, work_dir: Path,
+                  passages: list[Passage] | None = None) -> str:
+    """A domain with a live base index, built in this process; returns the index version."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    path = work_dir / f"{name}.jsonl"
+    write_passages(passages or corpus(), path)
+    return ingest(name, path, store, backbone.config, backbone=backbone,
+                  encode=EncodeConfig(progress=False)).index_version
+
+
+def publish_adapter(store: ObjectStore, backbone: Backbone, domain: str, seed: int, work_dir: Path,
+                    scale: float = 0.3) -> str:
+    """A randomised adapter set (so it changes the outputs), published as a new version of `domain`."""
+    key = f"publish-{domain}-{seed}"
+    backbone.add_adapter_set(key)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for params in backbone.trainable_parameters(key).values():
+            for param in params:
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
+    directory = work_dir / key
+    backbone.save_adapter_set(key, directory)
+    backbone.remove_adapter_set(key)
+    manifest = AdapterRegistry(store).publish(domain, directory, backbone_fingerprint=backbone.fingerprint)
+    return manifest.version
+
+
+def open_live_index(store: ObjectStore, backbone: Backbone, domain: str, cache_dir: Path) -> IndexHandle:
+    versions = IndexVersions(DomainRegistry(store), cache_dir)
+    return versions.open_live(domain, embedding_dim=backbone.embedding_dim, fingerprint=backbone.fingerprint)
+
+
+class Direct:
+    """The pipeline the service runs, called directly on a backbone of the same configuration."""
+
+    def __init__(self, backbone: Backbone, store: ObjectStore, scratch: Path):
+        self.backbone = backbone
+        self.store = store
+        self.scratch = scratch
+
+    def attach(self, domain: str, version: str) -> str:
+        key = f"direct-{domain}@{version}"
+        if key not in self.backbone.adapter_sets:
+            target = self.scratch / key
+            AdapterRegistry(self.store).fetch(domain, version, target,
+                                              expected_fingerprint=self.backbone.fingerprint)
+            self.backbone.load_adapter_set(key, target)
+        return key
+
+    def answer(self, handle: IndexHandle, question: str, domain: str, version: str | None, *, top_k: int = 3,
+               max_new_tokens: int = 8) -> str:
+        """With dense retrieval (what the tests ask for), as the worker runs it."""
+        key = self.attach(domain, version) if version is not None else None
+        with torch.inference_mode():
+            query = self.backbone.encode_questions([question], [key])  # [1, dim]
+        hits = handle.search(query, [question], k=top_k, mode="dense")[0]
+        return self.backbone.answer([question], [[h.passage for h in hits]], [[h.score for h in hits]], [key],
+                                    max_new_tokens=max_new_tokens)[0].text

@@ -1,0 +1,149 @@
+"""Bad requests get RFC 9457 problem details with the right status and code; every response carries an id."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from adapters import AdapterRegistry
+from service.settings import Settings
+from storage import DomainRegistry, open_store
+from tests.service.support import ADMIN, ADMIN_TOKEN, ingest_domain, publish_adapter, serve
+
+API_KEY = "test-api-key"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_backbone_settings, direct_backbone):
+    root = tmp_path_factory.mktemp("errors")
+    settings = Settings(data_dir=root / "data", backbone=tiny_backbone_settings, demo={"enabled": False},
+                        runs={"max_concurrent": 0}, store={"backend": "local", "root": root / "store"},
+                        server={"port": 0, "admin_token": ADMIN_TOKEN, "api_keys": [API_KEY],
+                                "max_body_bytes": 4096})
+    store = open_store(settings.store_config)
+    ingest_domain(store, direct_backbone, "alpha", root / "corpus")
+    DomainRegistry(store).create_domain("empty")  # created, but no index built yet
+    with serve(settings) as served:
+        yield served, store, root
+
+
+@pytest.fixture
+def client(server):
+    served, _, _ = server
+    with served.client(headers={"X-API-Key": API_KEY}) as client:
+        yield client
+
+
+def _problem(response, status: int, code: str) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    body = response.json()
+    assert body["status"] == status and body["code"] == code
+    assert body["type"].endswith("/" + code)
+    assert body["request_id"] == response.headers["x-request-id"]
+    return body
+
+
+@pytest.mark.parametrize("body", [
+    {"question": ""},
+    {"question": "   "},
+    {"question": "what", "top_k": 0},
+    {"question": "what", "top_k": 21},
+    {"question": "what", "max_new_tokens": 257},
+    {"question": "what", "retrieval": "telepathy"},
+    {"top_k": 3},
+])
+def test_invalid_ask_bodies_are_422_invalid_request(client, body):
+    _problem(client.post("/ask?domain=alpha", json=body), 422, "invalid_request")
+
+
+def test_malformed_json_is_422_invalid_request(client):
+    response = client.post("/ask?domain=alpha", content=b'{"question": ',
+                           headers={"content-type": "application/json"})
+    _problem(response, 422, "invalid_request")
+
+
+def test_unknown_and_not_yet_indexed_domains(client):
+    _problem(client.post("/ask?domain=nosuch", json={"question": "what"}), 404, "domain_not_found")
+    _problem(client.post("/ask?domain=Not%20A%20Name", json={"question": "what"}), 404, "domain_not_found")
+    not_ready = _problem(client.post("/ask?domain=empty", json={"question": "what"}), 503, "index_not_ready")
+    assert "empty" in not_ready["detail"]
+    assert int(client.post("/ask?domain=empty", json={"question": "what"}).headers["retry-after"]) > 0
+    _problem(client.post("/ask", json={"question": "what"}), 422, "invalid_request")
+
+
+def test_oversized_body_is_413(client):
+    body = json.dumps({"question": "x" * 8000}).encode()
+    _problem(client.post("/ask?domain=alpha", content=body, headers={"content-type": "application/json"}),
+             413, "request_too_large")
+
+
+def test_api_key_is_required_for_ask_when_configured(server):
+    served, _, _ = server
+    with served.client() as anonymous:
+        _problem(anonymous.post("/ask?domain=alpha", json={"question": "what"}), 401, "unauthorized")
+        wrong = anonymous.post("/ask?domain=alpha", json={"question": "what"}, headers={"X-API-Key": "nope"})
+        _problem(wrong, 401, "unauthorized")
+        right = anonymous.post("/ask?domain=alpha", json={"question": "what is the capital of france"},
+                               headers={"X-API-Key": API_KEY})
+        assert right.status_code == 200, right.text
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": ADMIN_TOKEN},
+                                     {"Authorization": f"Basic {ADMIN_TOKEN}"}])
+def test_admin_endpoints_need_the_admin_token(client, headers):
+    response = client.post("/admin/domains/alpha/rollback", json={}, headers=headers)
+    _problem(response, 401, "unauthorized")
+    assert response.headers["www-authenticate"] == "Bearer"
+    _problem(client.get("/admin/jobs/whatever", headers=headers), 401, "unauthorized")
+
+
+def test_routes_and_methods(client):
+    _problem(client.get("/nowhere"), 404, "not_found")
+    _problem(client.get("/ask"), 405, "method_not_allowed")
+
+
+def test_request_ids_are_echoed_or_made(client):
+    given = client.get("/healthz", headers={"X-Request-ID": "trace-123"})
+    assert given.headers["x-request-id"] == "trace-123"
+    made = client.get("/healthz", headers={"X-Request-ID": "not {valid} " + "x" * 200})
+    assert len(made.headers["x-request-id"]) == 32  # replaced by a fresh id
+    assert client.get("/nowhere", headers={"X-Request-ID": "trace-404"}).json()["request_id"] == "trace-404"
+
+
+def test_promotion_and_rollback_errors(server, client, direct_backbone):
+    _, store, root = server
+    _problem(client.post("/admin/domains/alpha/promote", json={"version": "20260101T000000Z-abcdef"},
+                         headers=ADMIN), 404, "version_not_found")
+    _problem(client.post("/admin/domains/alpha/rollback", json={}, headers=ADMIN), 409, "nothing_to_rollback")
+    _problem(client.post("/admin/domains/nosuch/rollback", json={}, headers=ADMIN), 404, "domain_not_found")
+
+    good = publish_adapter(store, direct_backbone, "alpha", 5, root / "adapters")
+    stale = client.post("/admin/domains/alpha/promote", json={"version": good, "expected_etag": "stale"},
+                        headers=ADMIN)
+    _problem(stale, 409, "version_conflict")
+
+    foreign_dir = root / "foreign"
+    direct_backbone.add_adapter_set("foreign")
+    direct_backbone.save_adapter_set("foreign", foreign_dir)
+    direct_backbone.remove_adapter_set("foreign")
+    foreign = AdapterRegistry(store).publish("alpha", foreign_dir,
+                                             backbone_fingerprint="0000000000000000").version
+    _problem(client.post("/admin/domains/alpha/promote", json={"version": foreign}, headers=ADMIN), 409,
+             "adapter_incompatible")
+    info = client.get("/domains/alpha").json()
+    assert info["live"]["adapter_version"] is None  # neither failed promotion moved the pointer
+
+
+def test_bad_domain_uploads(client):
+    lines = b'{"id": "a", "text": "fine"}\n{"id": "b", "text": \n'
+    response = client.post("/admin/domains", headers=ADMIN, data={"name": "broken"},
+                           files={"passages": ("p.jsonl", lines, "application/x-ndjson")})
+    assert _problem(response, 422, "invalid_passages")["line"] == 2
+    exists = client.post("/admin/domains", headers=ADMIN,
+                         json={"name": "alpha", "passages": [{"id": "x", "text": "y"}]})
+    _problem(exists, 409, "domain_exists")
+    neither = client.post("/admin/domains", headers=ADMIN, json={"name": "gamma"})
+    _problem(neither, 422, "invalid_request")
+    assert client.get("/domains/broken").status_code == 404  # nothing was created
