@@ -45,7 +45,7 @@ from storage import new_version_id
 log = logging.getLogger(__name__)
 
 # Mid-run indexes only serve training's own dense retrieval: exact search, no BM25 to build.
-TRAINING_INDEX = IndexConfig(factory="Flat", bm25=False)
+TRAINING_INDEX = IndexConfig(factory="Flat", retrieval="dense", bm25=False)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(\[])")
 
 

@@ -274,6 +274,8 @@ class _Execution:
 
     def _train(self):
         """Attach the adapter set (from the last checkpoint, the parent, or zero LoRA) and train it."""
+        import torch
+
         from adapters.training import (IndexRefresher, Trainer, TrainerState, adapter_set_config,
                                        base_index_version, load_resume, reconstruction_sentences)
         from indexing import IndexHandle
@@ -294,6 +296,7 @@ class _Execution:
         elif warm:
             self._attach_version(self.key, record.parent)
         else:
+            torch.manual_seed(hp.seed)  # LoRA A matrices start random: the run's seed decides them
             self.bb.add_adapter_set(self.key, adapter_set_config(hp.lora))
             self.attached.append(self.key)
 
