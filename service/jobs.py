@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
-import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
@@ -111,16 +110,6 @@ class Jobs:
                         if job.rebuild.status.finished and job.input_dir.exists()]
         for job in finished:
             shutil.rmtree(job.input_dir, ignore_errors=True)
-
-    def wait(self, job_id: str, timeout: float) -> JobInfo:
-        """Block until a job finished or `timeout` passed (the CLI and tests)."""
-        with self._lock:
-            job = self._jobs.get(job_id)
-        if job is None:
-            raise JobNotFound(f"no job {job_id!r}")
-        deadline = time.monotonic() + timeout
-        job.rebuild.wait(max(0.0, deadline - time.monotonic()))
-        return job.info()
 
     def stop(self) -> None:
         with self._lock:
