@@ -146,4 +146,8 @@ def test_bad_domain_uploads(client):
     _problem(exists, 409, "domain_exists")
     neither = client.post("/admin/domains", headers=ADMIN, json={"name": "gamma"})
     _problem(neither, 422, "invalid_request")
+    files = {"passages": ("p.jsonl", b'{"id": "a", "text": "fine"}\n'),
+             "qa": ("qa.jsonl", b'{"question": "q", "answers": ["a"]}\n{"question": ""}\n')}
+    bad_qa = client.post("/admin/domains", headers=ADMIN, data={"name": "broken"}, files=files)
+    assert _problem(bad_qa, 422, "invalid_qa")["line"] == 2
     assert client.get("/domains/broken").status_code == 404  # nothing was created
