@@ -71,7 +71,7 @@ def create_app(settings: Settings) -> Litestar:
             admin.get_job,
             admin.promote,
             admin.rollback,
-            runs.adapt,
+            runs.adapt_handler(settings.server.max_upload_bytes),
             runs.list_runs,
             runs.get_run,
             runs.run_events,

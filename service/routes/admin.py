@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field, ValidationError
 from adapters.errors import InvalidQaSet
 from adapters.qa import QaExample, QaSets, parse_qa_jsonl
 from indexing import EmptyCorpus, IndexConfig, MalformedPassages, load_corpus
-from storage import open_store
+from storage import InvalidKey
 from storage.store import check_key
 
 from ..auth import admin_guard
@@ -177,22 +177,20 @@ def _write_jsonl(rows: list[dict], target: Path) -> None:
 
 
 def _fetch_uri(runtime: Runtime, uri: str, target: Path) -> None:
-    """A store key of this server's store, or s3://bucket/key on the same S3 server."""
+    """A key of this server's store, or `s3://<its bucket>/<key>`; other buckets are not read."""
     config = runtime.settings.store_config
-    store = runtime.store
     key = uri
     if uri.startswith("s3://"):
         parts = urlsplit(uri)
-        if config.backend != "s3":
-            raise InvalidRequest("s3:// URIs need the S3 store backend; give a key of the local store")
+        if config.backend != "s3" or parts.netloc != config.bucket:
+            raise InvalidRequest(f"passages_uri {uri} is not in this server's store "
+                                 f"({runtime.store.describe()})")
         key = parts.path.lstrip("/")
-        if parts.netloc != config.bucket:
-            store = open_store(config.model_copy(update={"bucket": parts.netloc}))
     try:
         check_key(key)
-    except Exception as exc:
+    except InvalidKey as exc:
         raise InvalidRequest(f"passages_uri: {exc}") from None
-    store.get_file(key, target)
+    runtime.store.get_file(key, target)
 
 
 def _read_qa(path: Path) -> list[QaExample]:

@@ -29,12 +29,18 @@ class RunEvents(BaseModel):
 _ADMIN = dict(guards=[admin_guard], tags=["runs"], operation_class=ProblemOperation)
 
 
-@post("/admin/adapt", status_code=202, operation_id="adapt", summary="Start an adaptation run",
-      responses=problem_responses(401, 404, 413, 422, 503), **_ADMIN)
-async def adapt(data: JSONBody[RunRequest], runtime: NamedDependency[Runtime]) -> Response[RunInfo]:
-    """Validated before it is queued (`404 domain_not_found`, `422 invalid_run`); a worker trains it."""
-    info = await to_thread.run_sync(runtime.runs.submit, data)
-    return Response(info, status_code=202)
+def adapt_handler(max_upload_bytes: int):
+    """POST /admin/adapt, whose inline training examples may be as large as an upload."""
+
+    @post("/admin/adapt", status_code=202, operation_id="adapt", summary="Start an adaptation run",
+          request_max_body_size=max_upload_bytes, responses=problem_responses(401, 404, 413, 422, 503),
+          **_ADMIN)
+    async def adapt(data: JSONBody[RunRequest], runtime: NamedDependency[Runtime]) -> Response[RunInfo]:
+        """Validated before it is queued (`404 domain_not_found`, `422 invalid_run`); a worker trains it."""
+        info = await to_thread.run_sync(runtime.runs.submit, data)
+        return Response(info, status_code=202)
+
+    return adapt
 
 
 @get("/admin/runs", operation_id="listRuns", summary="List adaptation runs, newest first",

@@ -146,6 +146,12 @@ def test_bad_domain_uploads(client):
     _problem(exists, 409, "domain_exists")
     neither = client.post("/admin/domains", headers=ADMIN, json={"name": "gamma"})
     _problem(neither, 422, "invalid_request")
+    elsewhere = client.post("/admin/domains", headers=ADMIN, json={"name": "gamma", "passages_uri": "s3://x/p"})
+    _problem(elsewhere, 422, "invalid_request")
+    missing = client.post("/admin/domains", headers=ADMIN,
+                          json={"name": "gamma", "passages_uri": "in/no.jsonl"})
+    _problem(missing, 404, "object_not_found")
+    assert client.get("/domains/gamma").status_code == 404
     files = {"passages": ("p.jsonl", b'{"id": "a", "text": "fine"}\n'),
              "qa": ("qa.jsonl", b'{"question": "q", "answers": ["a"]}\n{"question": ""}\n')}
     bad_qa = client.post("/admin/domains", headers=ADMIN, data={"name": "broken"}, files=files)
