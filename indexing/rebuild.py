@@ -205,8 +205,7 @@ class RebuildJob:
         self._thread: threading.Thread | None = None
         self._started_at: float | None = None
 
-    # --- what callers see
-    # ----------------------------------------------------------------------------------------
+    # --- what callers see -----------------------------------------------------------------------------------
 
     @property
     def domain(self) -> str:
@@ -282,8 +281,7 @@ class RebuildJob:
             raise RebuildCancelled(f"rebuild of {self.domain} cancelled: {self._error}")
         raise RebuildFailed(f"rebuild of {self.domain} failed: {self._error}")
 
-    # --- the monitor thread
-    # --------------------------------------------------------------------------------------
+    # --- the monitor thread ---------------------------------------------------------------------------------
 
     def _run(self) -> None:
         status, code, error = RebuildState.SUCCEEDED, None, None
@@ -447,8 +445,7 @@ class RebuildJob:
             if process.is_alive():
                 _stop(process)
 
-    # --- state
-    # ---------------------------------------------------------------------------------------------------
+    # --- state ----------------------------------------------------------------------------------------------
 
     def _check_cancelled(self) -> None:
         if self._cancel_requested.is_set():

@@ -147,8 +147,7 @@ class IndexHandle:
             gpu_lock=gpu_lock,
         )
 
-    # --- what it is
-    # ----------------------------------------------------------------------------------------------
+    # --- what it is -----------------------------------------------------------------------------------------
 
     @property
     def domain(self) -> str:
@@ -196,8 +195,7 @@ class IndexHandle:
             f"factory={self._info.factory!r})"
         )
 
-    # --- searching
-    # -----------------------------------------------------------------------------------------------
+    # --- searching ------------------------------------------------------------------------------------------
 
     def search(
         self,
@@ -221,6 +219,9 @@ class IndexHandle:
                 f"index {self._domain}/{self._version} was built without BM25; "
                 "only dense retrieval is available"
             )
+        fusion = fusion or self._config.fusion
+        if fusion not in ("rrf", "weighted"):
+            raise ValueError(f"fusion must be rrf or weighted, got {fusion!r}")
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         k = min(k, self.size)
@@ -240,7 +241,7 @@ class IndexHandle:
         for text, row_ids, row_scores in zip(query_texts, dense_ids, dense_scores):
             keep = row_ids >= 0
             lexical_ids, lexical_scores = self._bm25.top_k(text, depth)
-            if (fusion or self._config.fusion) == "weighted":
+            if fusion == "weighted":
                 fused = weighted_fusion(
                     (row_ids[keep], row_scores[keep]),
                     (lexical_ids, lexical_scores),

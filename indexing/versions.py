@@ -56,8 +56,7 @@ class IndexVersions:
     def registry(self) -> DomainRegistry:
         return self._registry
 
-    # --- publishing
-    # ----------------------------------------------------------------------------------------------
+    # --- publishing -----------------------------------------------------------------------------------------
 
     def publish_passages(self, domain: str, passages_file: Path, source: str | None = None) -> str:
         """Store a canonical passages JSONL as a new passages version; returns the version id."""
@@ -126,8 +125,7 @@ class IndexVersions:
             return Path(directory)
         return target
 
-    # --- reading
-    # -------------------------------------------------------------------------------------------------
+    # --- reading --------------------------------------------------------------------------------------------
 
     def versions(self, domain: str) -> list[str]:
         """Complete index versions of `domain`, oldest first."""
@@ -194,8 +192,7 @@ class IndexVersions:
             raise IndexNotReady(f"domain {domain!r} has no live index yet")
         return self.open(domain, version, embedding_dim=embedding_dim, fingerprint=fingerprint, config=config)
 
-    # --- the live pointer
-    # ----------------------------------------------------------------------------------------
+    # --- the live pointer -----------------------------------------------------------------------------------
 
     def make_live(
         self,
@@ -244,8 +241,7 @@ class IndexVersions:
             f"live pointer of domain {domain!r} kept changing; index {index_version} not made live"
         )
 
-    # --- internals
-    # -----------------------------------------------------------------------------------------------
+    # --- internals ------------------------------------------------------------------------------------------
 
     def _version_dir(self, domain: str, version: str) -> Path:
         return self._cache_dir / domain / "indexes" / version
