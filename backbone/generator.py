@@ -155,7 +155,8 @@ class Generator:
             output_scores=True,
         )
         model = self.host.model
-        extra = {"adapter_names": list(adapters)} if self.host.peft is not None else {}
+        slots = self.host.slots_of(adapters)
+        extra = {"adapter_names": slots} if self.host.peft is not None else {}
         out = model.generate(
             input_ids=enc.input_ids, attention_mask=enc.attention_mask, generation_config=generation_config, **extra
         )

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
-from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -42,58 +43,107 @@ def peft_config(model_type: str, lora: LoraConfig) -> PeftLoraConfig:
     )
 
 
+def _signature(config: PeftLoraConfig) -> tuple:
+    """What must match for an injected slot to take another adapter's tensors by plain copy."""
+    return (config.r, tuple(sorted(config.target_modules)), bool(config.use_rslora),
+            tuple(sorted((config.rank_pattern or {}).items())), tuple(sorted((config.alpha_pattern or {}).items())))
+
+
 class AdapterHost:
     """Owns a frozen base model and the adapters attached to it.
 
     The PeftModel wrapper is made lazily with the first adapter, so a backbone without adapters runs the plain
     model. Every forward names an adapter per row (BASE for none); the base weights never change.
+
+    Adapters live in slots (physical PEFT adapters). Injecting a slot walks the whole module tree (about a second
+    for the embedded default), so a removed adapter's slot is kept free and the next adapter of the same shape is
+    attached by copying its tensors in (milliseconds), as S-LoRA and vLLM reuse their LoRA slots.
     """
 
     def __init__(self, model: nn.Module):
         self.base = model
         self.peft: PeftModel | None = None
         self.model_type = model.config.model_type
+        self._slots: dict[str, str] = {}  # adapter name -> slot
+        self._free: list[str] = []
+        self._tensors: dict[str, dict[str, nn.Parameter]] = {}  # slot -> {state-dict key: parameter}
+        self._injected = 0
 
     @property
     def names(self) -> set[str]:
-        return set(self.peft.peft_config) if self.peft is not None else set()
+        return set(self._slots)
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
 
     @property
     def model(self) -> nn.Module:
         return self.peft if self.peft is not None else self.base
 
-    def add(self, name: str, config: PeftLoraConfig) -> None:
-        if name in self.names:
-            raise AdapterExists(f"adapter {name!r} is already attached")
+    def _inject(self, config: PeftLoraConfig) -> str:
+        slot = f"s{self._injected}"
+        self._injected += 1
         if self.peft is None:
-            self.peft = PeftModel(self.base, config, adapter_name=name)
+            self.peft = PeftModel(self.base, config, adapter_name=slot)
         else:
-            self.peft.add_adapter(name, config)
+            self.peft.add_adapter(slot, config)
         # New LoRA dropout modules start in training mode; serving must be deterministic.
         self.peft.eval()
-        # PEFT marks new adapters trainable; serving adapters stay frozen until a training scope asks.
-        for param in self.parameters(name):
+        marker = f".{slot}."
+        self._tensors[slot] = {
+            name.replace(marker, "."): param for name, param in self.peft.named_parameters() if marker in name
+        }
+        # PEFT marks new adapters trainable; adapters stay frozen until a training scope asks.
+        for param in self._tensors[slot].values():
             param.requires_grad_(False)
+        return slot
+
+    def reserve(self, count: int, config: PeftLoraConfig) -> None:
+        """Inject `count` free slots of this shape ahead of time, so later attaches are copies."""
+        for _ in range(count):
+            self._free.append(self._inject(config))
+
+    def add(self, name: str, config: PeftLoraConfig) -> None:
+        """Attach a freshly initialised adapter (LoRA B zero: it starts as the base model)."""
+        if name in self._slots:
+            raise AdapterExists(f"adapter {name!r} is already attached")
+        self._slots[name] = self._inject(config)
 
     def load_state(self, name: str, config: PeftLoraConfig, state: dict[str, torch.Tensor]) -> None:
         """Attach an adapter from tensors already in host memory (the warm tier)."""
-        self.add(name, config)
-        result = set_peft_model_state_dict(self.peft, state, adapter_name=name)
-        missing = [k for k in result.missing_keys if "lora_" in k and f".{name}." in k]
-        if result.unexpected_keys or missing:
-            self.delete(name)
+        if name in self._slots:
+            raise AdapterExists(f"adapter {name!r} is already attached")
+        wanted = _signature(config)
+        slot = next((s for s in self._free if _signature(self.peft.peft_config[s]) == wanted), None)
+        if slot is None:
+            slot = self._inject(config)
+        else:
+            self._free.remove(slot)
+        tensors = self._tensors[slot]
+        missing, unexpected = tensors.keys() - state.keys(), state.keys() - tensors.keys()
+        mismatched = [k for k in tensors.keys() & state.keys() if tensors[k].shape != state[k].shape]
+        if missing or unexpected or mismatched:
+            self._free.append(slot)
             raise AdapterLoadError(
-                f"adapter {name!r} does not fit this model: {len(missing)} missing and "
-                f"{len(result.unexpected_keys)} unexpected tensors"
+                f"adapter {name!r} does not fit this model: {len(missing)} missing, {len(unexpected)} unexpected "
+                f"and {len(mismatched)} mis-shaped tensors"
             )
+        with torch.no_grad():
+            for key, param in tensors.items():
+                param.copy_(state[key])
+        self.peft.peft_config[slot] = config
+        scaling = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
+        for module in self.peft.modules():
+            if isinstance(module, LoraLayer) and slot in module.scaling:
+                module.scaling[slot] = scaling
+        self._slots[name] = slot
 
     def state(self, name: str) -> dict[str, torch.Tensor]:
-        self._require(name)
-        return {k: v.detach().to("cpu").clone() for k, v in get_peft_model_state_dict(self.peft, adapter_name=name).items()}
+        return {k: v.detach().to("cpu").clone() for k, v in self._tensors[self._slot(name)].items()}
 
     def config(self, name: str) -> PeftLoraConfig:
-        self._require(name)
-        return self.peft.peft_config[name]
+        return self.peft.peft_config[self._slot(name)]
 
     def save(self, name: str, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
@@ -111,30 +161,32 @@ class AdapterHost:
         return config, state
 
     def delete(self, name: str) -> None:
-        self._require(name)
-        if len(self.names) == 1:
-            # PEFT cannot delete its last adapter; unwrapping restores the untouched base layers.
-            self.base = self.peft.unload()
-            self.peft = None
-        else:
-            self.peft.delete_adapter(name)
+        """Detach an adapter; its slot stays injected, free for the next adapter of the same shape."""
+        slot = self._slot(name)
+        del self._slots[name]
+        self._free.append(slot)
 
     def parameters(self, name: str) -> list[nn.Parameter]:
-        if self.peft is None:
-            return []
-        return [p for n, p in self.peft.named_parameters() if "lora_" in n and f".{name}." in f"{n}."]
+        slot = self._slots.get(name)
+        return list(self._tensors[slot].values()) if slot is not None else []
+
+    def _slot(self, name: str) -> str:
+        self._require(name)
+        return self._slots[name]
 
     def forward(self, adapters: list[str] | None, **inputs):
         """Run the model; `adapters[i]` picks row i's adapter. None: the active adapter (training scope)."""
-        if self.peft is None:
-            unknown = {a for a in adapters or [] if a != BASE}
-            if unknown:
-                raise UnknownAdapter(f"adapters not loaded: {sorted(unknown)}")
-            return self.base(**inputs)
         if adapters is None:
-            return self.peft(**inputs)
+            return self.model(**inputs)
+        slots = self.slots_of(adapters)
+        if self.peft is None:
+            return self.base(**inputs)
+        return self.peft(**inputs, adapter_names=slots)
+
+    def slots_of(self, adapters: list[str]) -> list[str]:
+        """Per-row PEFT adapter names for per-row adapter names; raises for any that is not attached."""
         self._require(*(a for a in set(adapters) if a != BASE))
-        return self.peft(**inputs, adapter_names=list(adapters))
+        return [BASE if a == BASE else self._slots[a] for a in adapters]
 
     @contextmanager
     def mixed_training(self, names: list[str]) -> Iterator[list[nn.Parameter]]:
@@ -142,12 +194,13 @@ class AdapterHost:
         adapters); only the adapters' own dropout runs in training mode and only their weights get gradients."""
         self._require(*names)
         params = [p for name in names for p in self.parameters(name)]
+        slots = self.slots_of(names)
         dropouts = [
-            module.lora_dropout[name]
+            module.lora_dropout[slot]
             for module in self.peft.modules()
             if isinstance(module, LoraLayer)
-            for name in names
-            if name in module.lora_dropout
+            for slot in slots
+            if slot in module.lora_dropout
         ]
         for p in params:
             p.requires_grad_(True)
@@ -165,8 +218,7 @@ class AdapterHost:
     def single_training(self, name: str, checkpointing: bool = False) -> Iterator[list[nn.Parameter]]:
         """Train one adapter as the active one, with the whole model in training mode so activation
         checkpointing can apply. Only for a process that trains (a run worker), never while serving."""
-        self._require(name)
-        self.peft.set_adapter(name)
+        self.peft.set_adapter(self._slot(name))
         params = self.parameters(name)
         for p in params:
             p.requires_grad_(True)

@@ -136,6 +136,14 @@ class Backbone:
             host.add(self._name(component, key), peft_config(host.model_type, config.for_component(component)))
         self._sets[key] = config
 
+    def reserve_adapter_slots(self, count: int, config: AdapterSetConfig | None = None) -> None:
+        """Pre-inject `count` adapter slots of this shape in every component, so attaching a set of that shape
+        later is a tensor copy rather than a module-tree rewrite (call at start-up, not per request)."""
+        config = config or AdapterSetConfig()
+        for component, host in self._hosts().items():
+            # a shared encoder hosts both roles, so it needs slots for both
+            host.reserve(count, peft_config(host.model_type, config.for_component(component)))
+
     def adapter_set_weights(self, key: str) -> AdapterSetWeights:
         self._names("question", [key])
         hosts = self._hosts()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backbone import AdapterSetConfig, Backbone, LoraConfig, ModelLoadError, Passage, UnknownAdapter
+from backbone import AdapterLoadError, AdapterSetConfig, Backbone, LoraConfig, ModelLoadError, Passage, UnknownAdapter
 from backbone.config import BackboneConfig
 from tests.models import tiny_backbone_config
 
@@ -174,3 +174,41 @@ def test_hub_ids_are_refused_offline(tiny_root):
     config = tiny_backbone_config(tiny_root)
     with pytest.raises(ModelLoadError, match="hub access is off"):
         Backbone.load(BackboneConfig(**{**config.__dict__, "generator": "HuggingFaceTB/SmolLM2-135M-Instruct"}))
+
+
+def test_reused_slots_serve_each_adapter_exactly(tiny_root):
+    """Attaching into a slot freed by another adapter (or reserved up front) must equal a fresh attach,
+    including a different LoRA alpha, and a different rank must get a slot of its own."""
+    bb = load(tiny_root, "llama", "bert")
+    bb.add_adapter_set("a", AdapterSetConfig(question=LoraConfig(alpha=4), passage=LoraConfig(alpha=4),
+                                             generator=LoraConfig(alpha=4)))
+    bb.add_adapter_set("b")  # default alpha 16
+    bb.add_adapter_set("c", AdapterSetConfig(question=LoraConfig(r=2), passage=LoraConfig(r=2),
+                                             generator=LoraConfig(r=2)))
+    for seed, key in enumerate("abc"):
+        randomize(bb, key, seed=30 + seed)
+    weights = {key: bb.adapter_set_weights(key) for key in "abc"}
+    with torch.inference_mode():
+        expected = {key: bb.encode_passages(PASSAGES, key) for key in "abc"}
+    bb.reserve_adapter_slots(1)
+    for key in "abc":
+        bb.remove_adapter_set(key)
+    for key in "bca":  # every set lands in a slot another one used before
+        bb.attach_adapter_set(f"{key}2", weights[key])
+    with torch.inference_mode():
+        for key in "abc":
+            torch.testing.assert_close(bb.encode_passages(PASSAGES, f"{key}2"), expected[key])
+
+
+def test_adapter_that_does_not_fit_attaches_nothing(tiny_root):
+    bb = load(tiny_root, "llama", "bert")
+    bb.add_adapter_set("a")
+    weights = bb.adapter_set_weights("a")
+    broken_state = dict(weights.states["generator"])
+    broken_state.pop(next(iter(broken_state)))
+    broken = type(weights)(configs=weights.configs, states={**weights.states, "generator": broken_state})
+    with pytest.raises(AdapterLoadError, match="1 missing"):
+        bb.attach_adapter_set("broken", broken)
+    assert bb.adapter_sets == ["a"]
+    with pytest.raises(UnknownAdapter):
+        bb.encode_questions(["x"], "broken")
