@@ -39,8 +39,8 @@ async def ask(data: JSONBody[AskRequest], runtime: NamedDependency[Runtime],
     try:
         loaded = runtime.serving()
         serving = loaded.catalog.find(domain) or await to_thread.run_sync(loaded.catalog.lookup, domain)
-        if serving.error is not None:
-            raise serving.error
+        if serving.error is not None:  # why this domain cannot be served, kept until a refresh fixes it
+            raise serving.error.with_traceback(None)
         if serving.index is None:
             raise IndexNotReady(f"domain {domain!r} has no index yet; its first build may still be running")
         adapter = (domain, serving.adapter_version) if serving.adapter_version is not None else None

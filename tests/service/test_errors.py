@@ -9,7 +9,8 @@ import pytest
 from adapters import AdapterRegistry
 from service.settings import Settings
 from storage import DomainRegistry, open_store
-from tests.service.support import ADMIN, ADMIN_TOKEN, ingest_domain, publish_adapter, serve
+from indexing import EncodeConfig, ingest, write_passages
+from tests.service.support import ADMIN, ADMIN_TOKEN, corpus, ingest_domain, publish_adapter, serve
 
 API_KEY = "test-api-key"
 
@@ -157,3 +158,22 @@ def test_bad_domain_uploads(client):
     bad_qa = client.post("/admin/domains", headers=ADMIN, data={"name": "broken"}, files=files)
     assert _problem(bad_qa, 422, "invalid_qa")["line"] == 2
     assert client.get("/domains/broken").status_code == 404  # nothing was created
+
+
+def test_an_unexpected_failure_is_a_500_that_reveals_nothing(local_store_settings, make_settings,
+                                                            direct_backbone, tmp_path):
+    """A corrupt index file in the server's local cache makes FAISS raise a plain RuntimeError."""
+    settings = make_settings(local_store_settings)
+    store = open_store(settings.store_config)
+    corpus_file = tmp_path / "alpha.jsonl"
+    write_passages(corpus(), corpus_file)
+    result = ingest("alpha", corpus_file, store, direct_backbone.config, backbone=direct_backbone,
+                    cache_dir=settings.cache_dir / "indexes", encode=EncodeConfig(progress=False))
+    version = result.index_version
+    (settings.cache_dir / "indexes" / "alpha" / "indexes" / version / "index.faiss").write_bytes(b"garbage")
+    with serve(settings) as served, served.client() as client:
+        response = client.post("/ask?domain=alpha", json={"question": "what"})
+        body = _problem(response, 500, "internal_error")
+        assert body["request_id"] in body["detail"]
+        assert "faiss" not in response.text.lower() and "Traceback" not in response.text
+        assert client.get("/healthz").status_code == 200
