@@ -165,15 +165,15 @@ class Workspace:
 
     backbone_config: "BackboneConfig"
     work_dir: Path
-    _backbones: dict[str, "Backbone"] = field(default_factory=dict)
+    backbones: dict[str, "Backbone"] = field(default_factory=dict)  # loaded ones, by quantization
 
     def backbone(self, quantize: str = "none") -> "Backbone":
-        if quantize not in self._backbones:
+        if quantize not in self.backbones:
             from adapters.training import backbone_for
 
-            self._backbones.clear()  # one copy of the weights at a time
-            self._backbones[quantize] = backbone_for(self.backbone_config, quantize)
-        return self._backbones[quantize]
+            self.backbones.clear()  # one copy of the weights at a time
+            self.backbones[quantize] = backbone_for(self.backbone_config, quantize)
+        return self.backbones[quantize]
 
 
 def execute_run(ctx: RunContext, workspace: Workspace) -> RunRecord:
@@ -512,12 +512,12 @@ def run_claimed(ctx: RunContext, workspace: Workspace) -> RunRecord:
     except RunCancelled:
         _finish(ctx, RunState.CANCELLED, None, None)
         raise
-    except BaseException as exc:
+    except KeyboardInterrupt:  # Ctrl-C on `ragadapt adapt`: the person stopped it
+        _finish(ctx, RunState.CANCELLED, None, "interrupted from the keyboard")
+        raise
+    except Exception as exc:
         log.exception("run %s failed", run_id)
-        code = getattr(exc, "code", None) or "run_failed"
-        message = f"{type(exc).__name__}: {exc}" if not isinstance(exc, KeyboardInterrupt) else "interrupted"
-        _finish(ctx, RunState.FAILED if not isinstance(exc, KeyboardInterrupt) else RunState.CANCELLED,
-                code, message)
+        _finish(ctx, RunState.FAILED, getattr(exc, "code", None) or "run_failed", f"{type(exc).__name__}: {exc}")
         raise
     finally:
         shutil.rmtree(workspace.work_dir / "runs" / run_id, ignore_errors=True)
@@ -582,10 +582,8 @@ def worker_main(spec: WorkerSpec, stop: multiprocessing.synchronize.Event,
             ctx = RunContext(runs, record, owner, lease_s=spec.lease_s, should_stop=should_stop)
             try:
                 run_claimed(ctx, workspace)
-            except (RunInterrupted, LeaseLost, RunCancelled):
+            except Exception:  # the run's end (or its return to the queue) is recorded; take the next one
                 continue
-            except Exception:
-                continue  # recorded as failed; the worker goes on with the next run
     finally:
         shutil.rmtree(workspace.work_dir, ignore_errors=True)
 
@@ -687,7 +685,7 @@ class RunManager:
             wait_for([w.process.sentinel for w in workers], timeout=1.0)
             if self._stopping.is_set():
                 return
-            for index, worker in enumerate(workers):
+            for worker in workers:
                 if worker.process.is_alive():
                     continue
                 worker.process.join(1)
