@@ -118,6 +118,8 @@ async def _load(runtime: Runtime) -> None:
     loop = asyncio.get_running_loop()
     try:
         backbone = await loop.run_in_executor(runtime.loader, Backbone.load, settings.backbone.config())
+        # Pre-injected LoRA slots make attaching a cold adapter set of the default shape a tensor copy.
+        await loop.run_in_executor(runtime.loader, backbone.reserve_adapter_slots, settings.cache.hot_slots)
         scratch = settings.cache_dir / "adapters"
         scratch.mkdir(parents=True, exist_ok=True)
         cache = AdapterCache(backbone, runtime.adapters, scratch, runtime.loader,
