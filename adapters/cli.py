@@ -1,12 +1,13 @@
 """`ragadapt adapt` and `ragadapt eval`: adaptation runs and evaluations without the server.
 
-`adapt` records the run in the store like `POST /admin/adapt` does (same validation, same record, events and
-checkpoints), but claims it for this process and executes it here with a progress bar; a run interrupted here can
-be resumed with `--resume RUN_ID` (or by a server worker once its lease has run out). `eval` prints one table
-comparing configurations of a domain on one QA split.
+`adapt` records the run in the store like `POST /admin/adapt` does (same validation, same record, events
+and checkpoints), but claims it for this process and executes it here with a progress bar; a run
+interrupted here can be resumed with `--resume RUN_ID` (or by a server worker once its lease has run out).
+`eval` prints one table comparing configurations of a domain on one QA split.
 
-The service's CLI (`service/cli.py`) builds the store, backbone config and work directory from its settings and
-calls `add_parsers` / the `cmd_*` functions; everything here is also callable from Python (benchmarks, tests).
+The service's CLI (`service/cli.py`) builds the store, backbone config and work directory from its settings
+and calls `add_parsers` / the `cmd_*` functions; everything here is also callable from Python (benchmarks,
+tests).
 """
 
 from __future__ import annotations
@@ -28,38 +29,78 @@ if TYPE_CHECKING:
     from adapters.evaluation import EvalReport
     from backbone import Backbone, BackboneConfig
 
-def adapt(store: ObjectStore, backbone_config: "BackboneConfig", request: RunRequest, work_dir: Path, *,
-          progress: bool = True, lease_s: float = 120.0, workspace: Workspace | None = None) -> RunInfo:
+
+def adapt(
+    store: ObjectStore,
+    backbone_config: "BackboneConfig",
+    request: RunRequest,
+    work_dir: Path,
+    *,
+    progress: bool = True,
+    lease_s: float = 120.0,
+    workspace: Workspace | None = None,
+) -> RunInfo:
     """Validate, record and execute one run in this process; returns its final RunInfo (failed runs too).
 
     `workspace` reuses an already loaded backbone across several runs (benchmarks)."""
     runs = RunStore(store)
     owner = owner_token(f"cli-{secrets.token_hex(4)}")
     record = queue_run(runs, request, owner=owner, lease_s=lease_s)
-    return _execute(runs, record, owner, backbone_config, work_dir, progress=progress, lease_s=lease_s,
-                    workspace=workspace)
+    return _execute(
+        runs,
+        record,
+        owner,
+        backbone_config,
+        work_dir,
+        progress=progress,
+        lease_s=lease_s,
+        workspace=workspace,
+    )
 
 
-def resume(store: ObjectStore, backbone_config: "BackboneConfig", run_id: str, work_dir: Path, *,
-           progress: bool = True, lease_s: float = 120.0) -> RunInfo:
+def resume(
+    store: ObjectStore,
+    backbone_config: "BackboneConfig",
+    run_id: str,
+    work_dir: Path,
+    *,
+    progress: bool = True,
+    lease_s: float = 120.0,
+) -> RunInfo:
     """Take over a queued run, or one whose worker is gone, and finish it here from its last checkpoint."""
     runs = RunStore(store)
     owner = owner_token(f"cli-{secrets.token_hex(4)}")
     record = _claim(runs, run_id, owner, lease_s, max_crashes=1_000_000)
     if record is None:
         current = runs.get(run_id)
-        raise InvalidRun(f"run {run_id} is {current.state.value}"
-                         + (f" and held by {current.owner}" if current.state == RunState.RUNNING else "")
-                         + "; only a queued run or one whose worker is gone can be resumed")
+        raise InvalidRun(
+            f"run {run_id} is {current.state.value}"
+            + (f" and held by {current.owner}" if current.state == RunState.RUNNING else "")
+            + "; only a queued run or one whose worker is gone can be resumed"
+        )
     return _execute(runs, record, owner, backbone_config, work_dir, progress=progress, lease_s=lease_s)
 
 
-def _execute(runs: RunStore, record, owner: str, backbone_config, work_dir: Path, *, progress: bool,
-             lease_s: float, workspace: Workspace | None = None) -> RunInfo:
+def _execute(
+    runs: RunStore,
+    record,
+    owner: str,
+    backbone_config,
+    work_dir: Path,
+    *,
+    progress: bool,
+    lease_s: float,
+    workspace: Workspace | None = None,
+) -> RunInfo:
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=record.total_steps, desc=f"{record.domain} {record.mode}", unit="step", disable=not progress,
-               initial=record.checkpoint_step or 0)
+    bar = tqdm(
+        total=record.total_steps,
+        desc=f"{record.domain} {record.mode}",
+        unit="step",
+        disable=not progress,
+        initial=record.checkpoint_step or 0,
+    )
 
     def on_progress(stage: str, done: int, total: int, latest: dict) -> None:
         if stage == "training" and done:
@@ -68,7 +109,9 @@ def _execute(runs: RunStore, record, owner: str, backbone_config, work_dir: Path
             if latest:
                 bar.set_postfix(loss=f"{latest['loss']:.3f}", ex_s=f"{latest['examples_per_s']:.1f}")
         else:
-            bar.set_description(f"{record.domain} {record.mode} {stage}" + (f" {done}/{total}" if total else ""))
+            bar.set_description(
+                f"{record.domain} {record.mode} {stage}" + (f" {done}/{total}" if total else "")
+            )
 
     owned = workspace is None
     workspace = workspace or Workspace(backbone_config, Path(work_dir) / f"cli-{owner.rsplit('/', 1)[-1]}")
@@ -84,18 +127,28 @@ def _execute(runs: RunStore, record, owner: str, backbone_config, work_dir: Path
     return runs.get(record.id).info()
 
 
-# --- eval --------------------------------------------------------------------------------------------------------
+# --- eval ---------------------------------------------------------------------------------------------------
 
 
-def evaluate_modes(store: ObjectStore, backbone: "Backbone", domain: str, *, split: str = "dev",
-                   modes: Sequence[str] = ("base", "generator_only", "end2end"), top_k: int = 5,
-                   max_questions: int | None = None, max_new_tokens: int = 32, work_dir: Path,
-                   progress: bool = True) -> list[tuple[str, "EvalReport"]]:
+def evaluate_modes(
+    store: ObjectStore,
+    backbone: "Backbone",
+    domain: str,
+    *,
+    split: str = "dev",
+    modes: Sequence[str] = ("base", "generator_only", "end2end"),
+    top_k: int = 5,
+    max_questions: int | None = None,
+    max_new_tokens: int = 32,
+    work_dir: Path,
+    progress: bool = True,
+) -> list[tuple[str, "EvalReport"]]:
     """Evaluate configurations of `domain` on `split` of its QA set, one report per mode.
 
-    A mode is `base` (the base backbone over a base-encoder index), `live` (what the domain serves), a run mode
-    (`end2end`, `generator_only`, `retriever_only`: the adapter version of the domain's newest succeeded run of
-    that mode) or an adapter version id. Each adapter version is evaluated over the index published with it.
+    A mode is `base` (the base backbone over a base-encoder index), `live` (what the domain serves), a run
+    mode (`end2end`, `generator_only`, `retriever_only`: the adapter version of the domain's newest
+    succeeded run of that mode) or an adapter version id. Each adapter version is evaluated over the index
+    published with it.
     """
     from tqdm.auto import tqdm
 
@@ -115,7 +168,11 @@ def evaluate_modes(store: ObjectStore, backbone: "Backbone", domain: str, *, spl
     examples = qa.load(domain, manifest.version).split(split)
     if not examples:
         raise InvalidRun(f"the QA set of {domain!r} has no {split!r} examples")
-    runs = RunStore(store).list() if any(m in ("end2end", "generator_only", "retriever_only") for m in modes) else []
+    runs = (
+        RunStore(store).list()
+        if any(m in ("end2end", "generator_only", "retriever_only") for m in modes)
+        else []
+    )
 
     reports = []
     for mode in modes:
@@ -130,13 +187,22 @@ def evaluate_modes(store: ObjectStore, backbone: "Backbone", domain: str, *, spl
                 adapters.fetch(domain, adapter_version, target, expected_fingerprint=backbone.fingerprint)
             backbone.load_adapter_set(key, target)
         try:
-            handle = versions.open(domain, index_version, embedding_dim=backbone.embedding_dim,
-                                   fingerprint=backbone.fingerprint)
+            handle = versions.open(
+                domain, index_version, embedding_dim=backbone.embedding_dim, fingerprint=backbone.fingerprint
+            )
             total = len(examples) + min(len(examples), max_questions or len(examples))
             with tqdm(total=total, desc=f"eval {domain} {mode}", disable=not progress) as bar:
-                report = evaluate(backbone, key, handle, examples, top_k=top_k, max_new_tokens=max_new_tokens,
-                                  max_questions=max_questions, adapter_version=adapter_version,
-                                  progress=lambda done, _total: bar.update(done - bar.n))
+                report = evaluate(
+                    backbone,
+                    key,
+                    handle,
+                    examples,
+                    top_k=top_k,
+                    max_new_tokens=max_new_tokens,
+                    max_questions=max_questions,
+                    adapter_version=adapter_version,
+                    progress=lambda done, _total: bar.update(done - bar.n),
+                )
         finally:
             if key is not None:
                 backbone.remove_adapter_set(key)
@@ -152,8 +218,11 @@ def _resolve_mode(mode: str, domain: str, domains, adapters, runs) -> tuple[str 
         pointer = domains.live(domain)
         return pointer.adapter_version, pointer.index_version
     if mode in ("end2end", "generator_only", "retriever_only"):
-        done = [r for r in runs if r.domain == domain and r.mode == mode and r.state == RunState.SUCCEEDED
-                and r.adapter_version]
+        done = [
+            r
+            for r in runs
+            if r.domain == domain and r.mode == mode and r.state == RunState.SUCCEEDED and r.adapter_version
+        ]
         if not done:
             raise InvalidRun(f"domain {domain!r} has no succeeded {mode} run to evaluate")
         return done[0].adapter_version, done[0].index_version
@@ -161,27 +230,48 @@ def _resolve_mode(mode: str, domain: str, domains, adapters, runs) -> tuple[str 
     return mode, manifest.metadata.get("index_version") or domains.live(domain).index_version
 
 
-# --- argparse glue -----------------------------------------------------------------------------------------------
+# --- argparse glue ------------------------------------------------------------------------------------------
 
 
 def add_parsers(subparsers) -> None:
-    """Add `adapt` and `eval` to a `ragadapt` subparsers object; the caller dispatches to cmd_adapt/cmd_eval."""
+    """Add `adapt` and `eval` to a `ragadapt` subparsers object; the caller dispatches to
+    cmd_adapt/cmd_eval."""
     adapt_parser = subparsers.add_parser("adapt", help="run a domain adaptation (RAG End2End + LoRA) here")
     adapt_parser.add_argument("--domain", required=True)
-    adapt_parser.add_argument("--mode", choices=["end2end", "generator_only", "retriever_only"], default="end2end")
+    adapt_parser.add_argument(
+        "--mode", choices=["end2end", "generator_only", "retriever_only"], default="end2end"
+    )
     adapt_parser.add_argument("--promote", choices=["never", "if_better", "always"], default="if_better")
     data = adapt_parser.add_mutually_exclusive_group()
     data.add_argument("--train-split", default=None, help="split of the domain's QA set (default: train)")
     data.add_argument("--train-uri", default=None, help="store key of a QA JSONL file")
     data.add_argument("--train-file", type=Path, default=None, help="local QA JSONL file (sent inline)")
-    adapt_parser.add_argument("--eval-split", default="dev", help="split of the domain's QA set ('' for none)")
-    adapt_parser.add_argument("--request", type=Path, default=None,
-                              help="a JSON RunRequest; the flags above then only fill what it leaves out")
-    adapt_parser.add_argument("--resume", default=None, metavar="RUN_ID", help="finish an interrupted run here")
-    for flag, kind in (("steps", int), ("epochs", float), ("lr", float), ("batch-size", int),
-                       ("grad-accumulation", int), ("top-k", int), ("index-refresh-every", int),
-                       ("reconstruction-ratio", float), ("seed", int), ("checkpoint-every", int),
-                       ("warmup-steps", int), ("eval-max-questions", int)):
+    adapt_parser.add_argument(
+        "--eval-split", default="dev", help="split of the domain's QA set ('' for none)"
+    )
+    adapt_parser.add_argument(
+        "--request",
+        type=Path,
+        default=None,
+        help="a JSON RunRequest; the flags above then only fill what it leaves out",
+    )
+    adapt_parser.add_argument(
+        "--resume", default=None, metavar="RUN_ID", help="finish an interrupted run here"
+    )
+    for flag, kind in (
+        ("steps", int),
+        ("epochs", float),
+        ("lr", float),
+        ("batch-size", int),
+        ("grad-accumulation", int),
+        ("top-k", int),
+        ("index-refresh-every", int),
+        ("reconstruction-ratio", float),
+        ("seed", int),
+        ("checkpoint-every", int),
+        ("warmup-steps", int),
+        ("eval-max-questions", int),
+    ):
         adapt_parser.add_argument(f"--{flag}", type=kind, default=None)
     adapt_parser.add_argument("--lora-r", type=int, default=None, help="LoRA rank of all three components")
     adapt_parser.add_argument("--lora-alpha", type=int, default=None)
@@ -193,9 +283,11 @@ def add_parsers(subparsers) -> None:
     eval_parser = subparsers.add_parser("eval", help="compare base, generator-only and End2End on a QA split")
     eval_parser.add_argument("--domain", required=True)
     eval_parser.add_argument("--split", default="dev")
-    eval_parser.add_argument("--modes", default="base,generator_only,end2end",
-                             help="comma-separated: base, live, end2end, generator_only, retriever_only or "
-                                  "adapter versions")
+    eval_parser.add_argument(
+        "--modes",
+        default="base,generator_only,end2end",
+        help="comma-separated: base, live, end2end, generator_only, retriever_only or adapter versions",
+    )
     eval_parser.add_argument("--top-k", type=int, default=5)
     eval_parser.add_argument("--max-questions", type=int, default=None)
     eval_parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -210,7 +302,9 @@ def request_from_args(args: argparse.Namespace) -> RunRequest:
     body.setdefault("mode", args.mode)
     body.setdefault("promote", args.promote)
     if args.train_file is not None:
-        body["train"] = {"examples": [e.to_dict() for e in parse_qa_jsonl(Path(args.train_file).read_bytes())]}
+        body["train"] = {
+            "examples": [e.to_dict() for e in parse_qa_jsonl(Path(args.train_file).read_bytes())]
+        }
     elif args.train_uri is not None:
         body["train"] = {"uri": args.train_uri}
     elif args.train_split is not None:
@@ -218,9 +312,23 @@ def request_from_args(args: argparse.Namespace) -> RunRequest:
     if "evaluation" not in body:
         body["evaluation"] = {"split": args.eval_split} if args.eval_split else None
     hp = body.setdefault("hyperparameters", {})
-    for name in ("steps", "epochs", "lr", "batch_size", "grad_accumulation", "top_k", "index_refresh_every",
-                 "reconstruction_ratio", "seed", "checkpoint_every", "warmup_steps", "eval_max_questions", "init",
-                 "activation_checkpointing", "quantize_generator"):
+    for name in (
+        "steps",
+        "epochs",
+        "lr",
+        "batch_size",
+        "grad_accumulation",
+        "top_k",
+        "index_refresh_every",
+        "reconstruction_ratio",
+        "seed",
+        "checkpoint_every",
+        "warmup_steps",
+        "eval_max_questions",
+        "init",
+        "activation_checkpointing",
+        "quantize_generator",
+    ):
         value = getattr(args, name)
         if value is not None:
             hp[name] = value
@@ -230,8 +338,9 @@ def request_from_args(args: argparse.Namespace) -> RunRequest:
     return RunRequest.model_validate(body)
 
 
-def cmd_adapt(args: argparse.Namespace, store: ObjectStore, backbone_config: "BackboneConfig",
-              work_dir: Path) -> int:
+def cmd_adapt(
+    args: argparse.Namespace, store: ObjectStore, backbone_config: "BackboneConfig", work_dir: Path
+) -> int:
     progress = not args.no_progress
     if args.resume:
         info = resume(store, backbone_config, args.resume, work_dir, progress=progress)
@@ -245,9 +354,18 @@ def cmd_eval(args: argparse.Namespace, store: ObjectStore, backbone: "Backbone",
     from adapters.evaluation import format_table
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    reports = evaluate_modes(store, backbone, args.domain, split=args.split, modes=modes, top_k=args.top_k,
-                             max_questions=args.max_questions, max_new_tokens=args.max_new_tokens,
-                             work_dir=work_dir, progress=not args.no_progress)
+    reports = evaluate_modes(
+        store,
+        backbone,
+        args.domain,
+        split=args.split,
+        modes=modes,
+        top_k=args.top_k,
+        max_questions=args.max_questions,
+        max_new_tokens=args.max_new_tokens,
+        work_dir=work_dir,
+        progress=not args.no_progress,
+    )
     if args.json:
         print(json.dumps({mode: report.to_dict() for mode, report in reports}, indent=2))
     else:

@@ -76,7 +76,8 @@ class RunCancelled(AdapterError):
 
 
 class RunInterrupted(AdapterError):
-    """Raised inside a run when its worker must stop (service shutdown); the run is queued again and resumes."""
+    """Raised inside a run when its worker must stop (service shutdown); the run is queued again and
+    resumes."""
 
     code = "run_interrupted"
     status = 503

@@ -1,9 +1,9 @@
 """Evaluating an adapter set on a domain's QA split: Exact Match, token F1 (SQuAD) and retrieval recall@k.
 
 EM and F1 take the best match over a question's gold answers, after SQuAD normalisation (lower case, no
-punctuation, no articles, single spaces). Recall@k is the share of questions with at least one gold passage among
-the top k retrieved (questions without gold passage ids are left out of it): the ODQA "top-k retrieval accuracy",
-since any gold passage carries the answer.
+punctuation, no articles, single spaces). Recall@k is the share of questions with at least one gold passage
+among the top k retrieved (questions without gold passage ids are left out of it): the ODQA "top-k
+retrieval accuracy", since any gold passage carries the answer.
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ def f1_score(prediction: str, answers: Iterable[str]) -> float:
 
 
 def recall_at_k(retrieved: Sequence[Sequence[str]], gold: Sequence[Sequence[str]], k: int) -> float | None:
-    """Share of questions (with gold ids) whose top-k retrieved ids hold a gold id; None when none has gold."""
+    """Share of questions (with gold ids) whose top-k retrieved ids hold a gold id; None when none has
+    gold."""
     judged = [(row[:k], set(ids)) for row, ids in zip(retrieved, gold) if ids]
     if not judged:
         return None
@@ -102,10 +103,12 @@ def evaluate(
     tick: Callable[[], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> EvalReport:
-    """Retrieve with the question encoder of `adapter` (None: base) from `index`, answer the first `max_questions`
-    examples from their top-k passages with its generator, and score; recall@k is over every example.
+    """Retrieve with the question encoder of `adapter` (None: base) from `index`, answer the first
+    `max_questions` examples from their top-k passages with its generator, and score; recall@k is over
+    every example.
 
-    `tick` runs between batches (a run's cancel check and lease renewal); `progress(done, total)` after each.
+    `tick` runs between batches (a run's cancel check and lease renewal); `progress(done, total)` after
+    each.
     """
     import torch
 
@@ -135,14 +138,20 @@ def evaluate(
         rows = hits_by_row[start : start + len(batch)]
         passages = [[h.passage for h in row[:top_k]] for row in rows]
         scores = [[h.score for h in row[:top_k]] for row in rows]
-        answers = backbone.answer([e.question for e in batch], passages, scores, adapter,
-                                  max_new_tokens=max_new_tokens)
+        answers = backbone.answer(
+            [e.question for e in batch], passages, scores, adapter, max_new_tokens=max_new_tokens
+        )
         for example, answer in zip(batch, answers):
             ems.append(exact_match(answer.text, example.answers))
             f1s.append(f1_score(answer.text, example.answers))
             if len(samples) < 5:
-                samples.append({"question": example.question, "prediction": answer.text,
-                                "answers": list(example.answers)})
+                samples.append(
+                    {
+                        "question": example.question,
+                        "prediction": answer.text,
+                        "answers": list(example.answers),
+                    }
+                )
         if tick:
             tick()
         if progress:
@@ -164,7 +173,9 @@ def evaluate(
 
 def format_table(rows: list[tuple[str, EvalReport]]) -> str:
     """One line per evaluated configuration: EM, F1 and recall@1/5/20."""
-    header = f"{'mode':<16} {'adapter':<24} {'questions':>9} {'EM':>6} {'F1':>6} {'R@1':>6} {'R@5':>6} {'R@20':>6}"
+    header = (
+        f"{'mode':<16} {'adapter':<24} {'questions':>9} {'EM':>6} {'F1':>6} {'R@1':>6} {'R@5':>6} {'R@20':>6}"
+    )
     lines = [header, "-" * len(header)]
 
     def fmt(value: float | None) -> str:
@@ -172,7 +183,8 @@ def format_table(rows: list[tuple[str, EvalReport]]) -> str:
 
     for name, report in rows:
         lines.append(
-            f"{name:<16} {report.adapter_version or 'base':<24} {report.questions:>9} {fmt(report.exact_match)} "
-            f"{fmt(report.f1)} {fmt(report.recall_at(1))} {fmt(report.recall_at(5))} {fmt(report.recall_at(20))}"
+            f"{name:<16} {report.adapter_version or 'base':<24} {report.questions:>9} "
+            f"{fmt(report.exact_match)} {fmt(report.f1)} "
+            f"{fmt(report.recall_at(1))} {fmt(report.recall_at(5))} {fmt(report.recall_at(20))}"
         )
     return "\n".join(lines)

@@ -1,13 +1,16 @@
 """Question-answer sets of a domain: what adaptation runs train on and evaluate against.
 
-Store layout (beside the domain's passages, indexes and adapters; written by `POST /admin/domains` with a `qa`
-file and by `QaSets.publish`):
+Store layout (beside the domain's passages, indexes and adapters; written by `POST /admin/domains` with a
+`qa` file and by `QaSets.publish`):
 
     domains/<domain>/qa/<version>/qa.jsonl        one example a line
-    domains/<domain>/qa/<version>/manifest.json   written last (storage.artifacts); metadata: count, splits, source
+    domains/<domain>/qa/<version>/manifest.json   written last (storage.artifacts): count, splits, source
 
-A line is `{"question": str, "answers": [str, ...], "passage_ids"?: [str, ...], "split"?: str, "id"?: str}`.
-`split` defaults to "train"; `passage_ids` name the gold passages (retrieval recall is measured against them).
+A line is one example, `split` defaulting to "train" and `passage_ids` naming the gold passages (retrieval
+recall is measured against them):
+
+    {"question": str, "answers": [str, ...], "passage_ids"?: [str, ...], "split"?: str, "id"?: str}
+
 The newest complete version is the domain's QA set; older versions stay readable, so a run pins the version it
 was submitted against.
 """
@@ -43,8 +46,12 @@ class QaExample:
     id: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        row: dict[str, Any] = {"question": self.question, "answers": list(self.answers),
-                               "passage_ids": list(self.passage_ids), "split": self.split}
+        row: dict[str, Any] = {
+            "question": self.question,
+            "answers": list(self.answers),
+            "passage_ids": list(self.passage_ids),
+            "split": self.split,
+        }
         if self.id:
             row["id"] = self.id
         return row
@@ -68,8 +75,11 @@ def example_from_record(record: Any, *, line: int | None = None) -> QaExample:
         raise InvalidQaSet('"question" must be a non-empty string', line=line)
     if isinstance(answers, str):
         answers = [answers]
-    if (not isinstance(answers, list) or not answers
-            or not all(isinstance(a, str) and a.strip() for a in answers)):
+    if (
+        not isinstance(answers, list)
+        or not answers
+        or not all(isinstance(a, str) and a.strip() for a in answers)
+    ):
         raise InvalidQaSet('"answers" must be a non-empty list of non-empty strings', line=line)
     passage_ids = record.get("passage_ids") or []
     if not isinstance(passage_ids, list) or not all(isinstance(p, str) and p for p in passage_ids):
@@ -78,8 +88,13 @@ def example_from_record(record: Any, *, line: int | None = None) -> QaExample:
     if not isinstance(split, str):
         raise InvalidQaSet('"split" must be a string', line=line)
     example_id = record.get("id", "")
-    return QaExample(question.strip(), tuple(a.strip() for a in answers), tuple(passage_ids), split,
-                     str(example_id) if example_id is not None else "")
+    return QaExample(
+        question.strip(),
+        tuple(a.strip() for a in answers),
+        tuple(passage_ids),
+        split,
+        str(example_id) if example_id is not None else "",
+    )
 
 
 def parse_qa_jsonl(data: bytes) -> list[QaExample]:

@@ -4,15 +4,15 @@ A run is a persisted state machine, so a restart loses nothing:
 
     validating -> queued -> running -> succeeded | failed | cancelled
                      ^         |
-                     +---------+   interrupted (worker died, service stopping): resumes from its last checkpoint
+                     +---------+   interrupted (worker died, service stopping): resumes from its checkpoint
 
 Store layout, all under `runs/` (S3 has no append, so events are pages rewritten by compare-and-swap):
 
     runs/<run_id>/run.json                    the record: RunInfo fields, the request, the worker's lease
-    runs/<run_id>/events/<page:06d>.json      events; page p holds seq p*EVENTS_PER_PAGE+1 .. (p+1)*EVENTS_PER_PAGE
+    runs/<run_id>/events/<page:06d>.json      events; page p holds seq p*PAGE+1 .. (p+1)*PAGE (PAGE=100)
     runs/<run_id>/inputs/train.jsonl          training examples, validated and frozen at submit (QA lines)
     runs/<run_id>/inputs/eval.jsonl           evaluation examples (the domain's dev split unless given)
-    runs/<run_id>/inputs/reconstruction.txt   reconstruction sentences, one a line (only when given explicitly)
+    runs/<run_id>/inputs/reconstruction.txt   reconstruction sentences, one a line (when given explicitly)
     runs/<run_id>/checkpoints/<version>/      adapter set, optimizer, RNG and trainer state (manifest last)
     runs/<run_id>/indexes/<version>/          a mid-run index a checkpoint trains against (manifest last)
     runs/queue/<run_id>                       exists while the run is queued or running: what workers scan
@@ -71,7 +71,7 @@ class RunState(StrEnum):
         return self in (RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED)
 
 
-# --- the request -------------------------------------------------------------------------------------------------
+# --- the request --------------------------------------------------------------------------------------------
 
 
 class _Strict(BaseModel):
@@ -117,8 +117,8 @@ class QaSource(_Strict):
 
 
 class ReconstructionSource(_Strict):
-    """Sentences the model learns to reconstruct from retrieved passages. Neither `uri` nor `sentences`: sentences
-    cut from the domain's own passages. `uri`: a store key of a text file (one sentence a line)."""
+    """Sentences the model learns to reconstruct from retrieved passages. Neither `uri` nor `sentences`:
+    sentences cut from the domain's own passages. `uri`: a store key of a text file (one sentence a line)."""
 
     uri: str | None = None
     sentences: list[str] | None = None
@@ -146,7 +146,9 @@ class Hyperparameters(_Strict):
     grad_accumulation: int = Field(1, ge=1, le=1024)
     top_k: int = Field(5, ge=1, le=100)  # passages retrieved per example, in training and in evaluation
     loss: Literal["sequence", "token"] = "sequence"
-    index_refresh_every: int | None = Field(None, ge=1)  # steps; default DEFAULT_REFRESH_EVERY when re-indexable
+    index_refresh_every: int | None = Field(
+        None, ge=1
+    )  # steps; default DEFAULT_REFRESH_EVERY when re-indexable
     reconstruction_ratio: float = Field(0.0, ge=0.0, lt=1.0)  # share of examples that are reconstructions
     seed: int = 0
     checkpoint_every: int = Field(50, ge=1)
@@ -171,7 +173,9 @@ class RunRequest(_Strict):
     mode: Mode = "end2end"
     promote: PromotePolicy = "if_better"
     train: QaSource = QaSource(split="train")
-    evaluation: QaSource | None = QaSource(split="dev")  # None: no evaluation (then promote cannot be if_better)
+    evaluation: QaSource | None = QaSource(
+        split="dev"
+    )  # None: no evaluation (then promote cannot be if_better)
     reconstruction: ReconstructionSource | None = None
     hyperparameters: Hyperparameters = Hyperparameters()
 
@@ -187,7 +191,7 @@ class RunRequest(_Strict):
         return self.hyperparameters.index_refresh_every or DEFAULT_REFRESH_EVERY
 
 
-# --- what a run reports ------------------------------------------------------------------------------------------
+# --- what a run reports -------------------------------------------------------------------------------------
 
 
 class RunInfo(BaseModel):
@@ -238,7 +242,8 @@ def owner_token(token: str) -> str:
 
 
 def owner_is_dead_here(owner: str | None) -> bool:
-    """True when `owner` names a process on this host that no longer exists (so its run can be taken at once)."""
+    """True when `owner` names a process on this host that no longer exists (so its run can be taken at
+    once)."""
     if not owner:
         return True
     host, _, rest = owner.partition("/")
@@ -254,13 +259,13 @@ def owner_is_dead_here(owner: str | None) -> bool:
     return False
 
 
-# --- persistence -------------------------------------------------------------------------------------------------
+# --- persistence --------------------------------------------------------------------------------------------
 
 
 class RunStore:
     """Run records, events, inputs and the queue markers on the artifact store. Every record change is a
-    compare-and-swap on run.json, so the HTTP process (cancel) and a worker (progress) never lose each other's
-    writes, and a worker that lost its lease learns it at its next write."""
+    compare-and-swap on run.json, so the HTTP process (cancel) and a worker (progress) never lose each
+    other's writes, and a worker that lost its lease learns it at its next write."""
 
     def __init__(self, store: ObjectStore) -> None:
         self.store = store
@@ -282,10 +287,16 @@ class RunStore:
             raise RunNotFound(f"no run {run_id!r}") from exc
         return RunRecord.model_validate_json(data).model_copy(update={"etag": info.etag})
 
-    def update(self, run_id: str, change: Callable[[RunRecord], RunRecord | None], *, owner: str | None = None,
-               attempts: int = 20) -> RunRecord:
-        """Read-modify-write run.json until the write wins. `change` returns the new record (None: no change).
-        With `owner`, the record must still be held by it, else LeaseLost."""
+    def update(
+        self,
+        run_id: str,
+        change: Callable[[RunRecord], RunRecord | None],
+        *,
+        owner: str | None = None,
+        attempts: int = 20,
+    ) -> RunRecord:
+        """Read-modify-write run.json until the write wins. `change` returns the new record (None: no
+        change). With `owner`, the record must still be held by it, else LeaseLost."""
         for _ in range(attempts):
             current = self.get(run_id)
             if owner is not None and current.owner != owner:
@@ -326,7 +337,7 @@ class RunStore:
 
     def active(self) -> list[str]:
         """Ids of runs queued or running, oldest first (ids sort by creation time)."""
-        return sorted(info.key[len(QUEUE_PREFIX):] for info in self.store.list(QUEUE_PREFIX))
+        return sorted(info.key[len(QUEUE_PREFIX) :] for info in self.store.list(QUEUE_PREFIX))
 
     # inputs
 
@@ -353,7 +364,7 @@ class RunStore:
             pages = sorted(info.key for info in self.store.list(prefix))
             if pages:
                 data, info = self.store.read(pages[-1])
-                page_events, etag, page = json.loads(data), info.etag, int(pages[-1][len(prefix):-5])
+                page_events, etag, page = json.loads(data), info.etag, int(pages[-1][len(prefix) : -5])
             else:
                 page_events, etag, page = [], None, 0
             room = EVENTS_PER_PAGE - len(page_events)
@@ -387,7 +398,7 @@ class RunStore:
         first_page = max(after, 0) // EVENTS_PER_PAGE
         found = []
         for info in self.store.list(prefix):
-            page = int(info.key[len(prefix):-5])
+            page = int(info.key[len(prefix) : -5])
             if page < first_page:
                 continue
             try:
@@ -442,7 +453,7 @@ def _dump(record: RunRecord) -> bytes:
     return record.model_dump_json(indent=1).encode()
 
 
-# --- validation: everything is checked before a run is queued ----------------------------------------------------
+# --- validation: everything is checked before a run is queued -----------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -453,7 +464,9 @@ class Prepared:
     inputs: dict[str, bytes]
 
 
-def prepare(store: ObjectStore, request: RunRequest, run_id: str, *, cuda_available: bool | None = None) -> Prepared:
+def prepare(
+    store: ObjectStore, request: RunRequest, run_id: str, *, cuda_available: bool | None = None
+) -> Prepared:
     """Check a request against the store and resolve its data; raises DomainNotFound or InvalidRun.
 
     `cuda_available` answers whether a 4-bit generator can be had (None: ask torch in this process)."""
@@ -467,8 +480,10 @@ def prepare(store: ObjectStore, request: RunRequest, run_id: str, *, cuda_availa
     if pointer.index_version is None:
         raise InvalidRun(f"domain {request.domain!r} has no index yet; wait for its ingestion to finish")
     if request.mode == "generator_only" and hp.index_refresh_every is not None:
-        raise InvalidRun("generator_only keeps the passage encoder frozen: there is nothing to re-index "
-                         "(drop index_refresh_every)")
+        raise InvalidRun(
+            "generator_only keeps the passage encoder frozen: there is nothing to re-index "
+            "(drop index_refresh_every)"
+        )
     if request.promote == "if_better" and request.evaluation is None:
         raise InvalidRun("promote=if_better compares evaluations: give an evaluation set or another policy")
     if hp.quantize_generator == "4bit":
@@ -482,11 +497,15 @@ def prepare(store: ObjectStore, request: RunRequest, run_id: str, *, cuda_availa
     parent = pointer.adapter_version
     lora = hp.lora
     if parent is not None and hp.init == "live":
-        parent_lora = domains.read_manifest(request.domain, ArtifactKind.ADAPTERS, parent).metadata.get("lora") or {}
+        parent_lora = (
+            domains.read_manifest(request.domain, ArtifactKind.ADAPTERS, parent).metadata.get("lora") or {}
+        )
         inherited = _lora_from_metadata(parent_lora)
         if lora is not None and inherited is not None and lora != inherited:
-            raise InvalidRun(f"the run starts from live adapter {parent}, whose LoRA settings differ from the "
-                             "requested ones; drop hyperparameters.lora or set init='base'")
+            raise InvalidRun(
+                f"the run starts from live adapter {parent}, whose LoRA settings differ from the "
+                "requested ones; drop hyperparameters.lora or set init='base'"
+            )
         lora = inherited or lora
     lora = lora or LoraSettings()
 
@@ -497,8 +516,9 @@ def prepare(store: ObjectStore, request: RunRequest, run_id: str, *, cuda_availa
     inputs["train.jsonl"] = to_jsonl(train)
     eval_count = 0
     if request.evaluation is not None:
-        evaluation, qa_version = _resolve_qa(store, qa_sets, request.domain, request.evaluation, "evaluation",
-                                             qa_version)
+        evaluation, qa_version = _resolve_qa(
+            store, qa_sets, request.domain, request.evaluation, "evaluation", qa_version
+        )
         inputs["eval.jsonl"] = to_jsonl(evaluation)
         eval_count = len(evaluation)
     recon = request.reconstruction
@@ -512,17 +532,33 @@ def prepare(store: ObjectStore, request: RunRequest, run_id: str, *, cuda_availa
         raise InvalidRun("a reconstruction corpus is given but reconstruction_ratio is 0")
 
     total_steps = _total_steps(hp, len(train))
-    stored_request = request.model_copy(update={
-        "train": QaSource(uri=f"runs/{run_id}/inputs/train.jsonl"),
-        "evaluation": QaSource(uri=f"runs/{run_id}/inputs/eval.jsonl") if eval_count else request.evaluation,
-        "reconstruction": (recon.model_copy(update={"uri": f"runs/{run_id}/inputs/reconstruction.txt",
-                                                    "sentences": None})
-                           if "reconstruction.txt" in inputs else recon),
-        "hyperparameters": hp.model_copy(update={"lora": lora}),
-    })
+    stored_request = request.model_copy(
+        update={
+            "train": QaSource(uri=f"runs/{run_id}/inputs/train.jsonl"),
+            "evaluation": QaSource(uri=f"runs/{run_id}/inputs/eval.jsonl")
+            if eval_count
+            else request.evaluation,
+            "reconstruction": (
+                recon.model_copy(
+                    update={"uri": f"runs/{run_id}/inputs/reconstruction.txt", "sentences": None}
+                )
+                if "reconstruction.txt" in inputs
+                else recon
+            ),
+            "hyperparameters": hp.model_copy(update={"lora": lora}),
+        }
+    )
     record = RunRecord(
-        id=run_id, domain=request.domain, mode=request.mode, state=RunState.VALIDATING, total_steps=total_steps,
-        created_at=now(), parent=parent, promote=request.promote, request=stored_request, qa_version=qa_version,
+        id=run_id,
+        domain=request.domain,
+        mode=request.mode,
+        state=RunState.VALIDATING,
+        total_steps=total_steps,
+        created_at=now(),
+        parent=parent,
+        promote=request.promote,
+        request=stored_request,
+        qa_version=qa_version,
     )
     return Prepared(record=record, inputs=inputs)
 
@@ -544,7 +580,9 @@ def _check_qlora(cuda_available: bool | None) -> None:
     if not cuda_available:
         raise InvalidRun("quantize_generator='4bit' (QLoRA) needs a CUDA device; this host has none")
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise InvalidRun("quantize_generator='4bit' needs the bitsandbytes package (pip install 'ragadapt[gpu]')")
+        raise InvalidRun(
+            "quantize_generator='4bit' needs the bitsandbytes package (pip install 'ragadapt[gpu]')"
+        )
 
 
 def _lora_from_metadata(metadata: dict[str, Any]) -> LoraSettings | None:
@@ -559,12 +597,15 @@ def lora_metadata(lora: LoraSettings) -> dict[str, Any]:
     return lora.model_dump()
 
 
-def _resolve_qa(store: ObjectStore, qa_sets: QaSets, domain: str, source: QaSource, what: str,
-                qa_version: str | None) -> tuple[list[QaExample], str | None]:
+def _resolve_qa(
+    store: ObjectStore, qa_sets: QaSets, domain: str, source: QaSource, what: str, qa_version: str | None
+) -> tuple[list[QaExample], str | None]:
     if source.examples is not None:
         try:
-            examples = [example_from_record(e.model_dump(exclude_none=True), line=i + 1)
-                        for i, e in enumerate(source.examples)]
+            examples = [
+                example_from_record(e.model_dump(exclude_none=True), line=i + 1)
+                for i, e in enumerate(source.examples)
+            ]
         except InvalidQaSet as exc:
             raise InvalidRun(f"{what} example {exc}") from exc
     elif source.uri is not None:
@@ -577,8 +618,10 @@ def _resolve_qa(store: ObjectStore, qa_sets: QaSets, domain: str, source: QaSour
         if qa_version is None:
             manifest = qa_sets.latest(domain)
             if manifest is None:
-                raise InvalidRun(f"domain {domain!r} has no QA set to take the {source.split!r} split from; "
-                                 "give examples or a uri")
+                raise InvalidRun(
+                    f"domain {domain!r} has no QA set to take the {source.split!r} split from; "
+                    "give examples or a uri"
+                )
             qa_version = manifest.version
         examples = qa_sets.load(domain, qa_version).split(source.split)
     if not examples:
@@ -591,7 +634,7 @@ def _read_object(store: ObjectStore, uri: str, what: str) -> bytes:
     """A store key, or `s3://<bucket>/<key>` naming the store's own bucket (the one in `store.describe()`)."""
     key = uri
     if uri.startswith("s3://"):
-        bucket, _, key = uri[len("s3://"):].partition("/")
+        bucket, _, key = uri[len("s3://") :].partition("/")
         served = store.describe()
         if not served.startswith(f"s3://{bucket}@"):
             raise InvalidRun(f"{what} uri {uri} names bucket {bucket!r}, which is not this store ({served})")

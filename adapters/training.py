@@ -2,18 +2,19 @@
 
 One optimizer step, per micro-batch of `batch_size` rows (RAG End2End, Siriwardhana et al.):
 
-1. encode each row's query with the LoRA question encoder (the question; for a reconstruction row, the sentence
-   itself), keeping the graph when the question encoder trains;
+1. encode each row's query with the LoRA question encoder (the question; for a reconstruction row, the
+   sentence itself), keeping the graph when the question encoder trains;
 2. retrieve the top-k passages for the detached embeddings from the current, slightly stale, index;
-3. `Backbone.rag_loss` re-encodes those passages with the LoRA passage encoder (gradients flow through the doc
-   scores) and marginalises the generator's likelihood of the target over them. A reconstruction row has no
-   question (the control token stands in) and a domain sentence as its target.
+3. `Backbone.rag_loss` re-encodes those passages with the LoRA passage encoder (gradients flow through the
+   doc scores) and marginalises the generator's likelihood of the target over them. A reconstruction row
+   has no question (the control token stands in) and a domain sentence as its target.
 
 Every `index_refresh_every` steps a snapshot of the adapter set is re-indexed by `indexing.RebuildJob` in a
-background worker process (kept private to the run: nothing is published, no pointer moves); the trainer keeps
-stepping on the old index and switches when the new one is ready. Every `checkpoint_every` steps (and when the
-run is interrupted) it hands a checkpoint directory to the run: adapter set, optimizer and scheduler state,
-RNG state and the trainer's own position, enough to resume the same run exactly where it stopped.
+background worker process (kept private to the run: nothing is published, no pointer moves); the trainer
+keeps stepping on the old index and switches when the new one is ready. Every `checkpoint_every` steps (and
+when the run is interrupted) it hands a checkpoint directory to the run: adapter set, optimizer and
+scheduler state, RNG state and the trainer's own position, enough to resume the same run exactly where it
+stopped.
 """
 
 from __future__ import annotations
@@ -93,8 +94,9 @@ class Row:
     query: str  # what the question encoder embeds for retrieval
 
 
-def reconstruction_sentences(passages: list[Passage] | tuple[Passage, ...], *, min_words: int, max_words: int,
-                             limit: int, seed: int) -> list[str]:
+def reconstruction_sentences(
+    passages: list[Passage] | tuple[Passage, ...], *, min_words: int, max_words: int, limit: int, seed: int
+) -> list[str]:
     """Domain sentences to reconstruct, cut from the passages (a deterministic sample of at most `limit`)."""
     sentences = []
     for passage in passages:
@@ -119,9 +121,9 @@ def autocast(backbone: Backbone):
 def quantize_generator_4bit(backbone: Backbone) -> None:
     """QLoRA: replace the frozen generator's linear layers (not the LM head) by NF4 4-bit ones, in place.
 
-    Only in a process that trains (a run worker's own backbone) and before any adapter is attached; LoRA then
-    wraps the 4-bit layers (PEFT's bitsandbytes dispatch). The fingerprint is unchanged: adapters trained this
-    way serve on the unquantized generator, as QLoRA adapters do.
+    Only in a process that trains (a run worker's own backbone) and before any adapter is attached; LoRA
+    then wraps the 4-bit layers (PEFT's bitsandbytes dispatch). The fingerprint is unchanged: adapters
+    trained this way serve on the unquantized generator, as QLoRA adapters do.
     """
     try:
         import bitsandbytes as bnb
@@ -140,8 +142,13 @@ def quantize_generator_4bit(backbone: Backbone) -> None:
         if isinstance(child, torch.nn.Linear) and name != "lm_head"
     ]
     for parent, name, child in swaps:
-        layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                  compute_dtype=compute, quant_type="nf4")
+        layer = bnb.nn.Linear4bit(
+            child.in_features,
+            child.out_features,
+            bias=child.bias is not None,
+            compute_dtype=compute,
+            quant_type="nf4",
+        )
         layer.weight = bnb.nn.Params4bit(child.weight.data.to("cpu"), requires_grad=False, quant_type="nf4")
         if child.bias is not None:
             layer.bias = torch.nn.Parameter(child.bias.data.clone(), requires_grad=False)
@@ -169,8 +176,15 @@ class IndexRefresher:
         snapshot = self.work_dir / "snapshots" / f"step-{step:08d}"
         shutil.rmtree(snapshot, ignore_errors=True)
         self.backbone.save_adapter_set(key, snapshot)
-        spec = RebuildSpec(domain=self.domain, backbone=self.backbone.config, adapter_dir=snapshot,
-                           index=TRAINING_INDEX, encode=EncodeConfig(progress=False), flip=False, publish=False)
+        spec = RebuildSpec(
+            domain=self.domain,
+            backbone=self.backbone.config,
+            adapter_dir=snapshot,
+            index=TRAINING_INDEX,
+            encode=EncodeConfig(progress=False),
+            flip=False,
+            publish=False,
+        )
         self.job = RebuildJob(spec, self.versions, self.work_dir / "rebuilds").start()
         self.started_step, self._snapshot = step, snapshot
 
@@ -242,7 +256,7 @@ class Trainer:
         self._permutations: dict[int, list[int]] = {}
         self._checkpointed = self.state.step if resume is not None else -1
 
-    # --- the loop ------------------------------------------------------------------------------------------------
+    # --- the loop -------------------------------------------------------------------------------------------
 
     def train(self) -> TrainerState:
         hp, bb = self.hp, self.backbone
@@ -290,14 +304,22 @@ class Trainer:
         self.state.step = step
         elapsed = time.perf_counter() - started
         self._poll_refresh(step)
-        self.hooks.step(step, {
-            "loss": round(sum(losses) / len(losses), 5),
-            "lr": scheduler.get_last_lr()[0],
-            "examples_per_s": round(rows / elapsed, 3) if elapsed > 0 else 0.0,
-        })
+        self.hooks.step(
+            step,
+            {
+                "loss": round(sum(losses) / len(losses), 5),
+                "lr": scheduler.get_last_lr()[0],
+                "examples_per_s": round(rows / elapsed, 3) if elapsed > 0 else 0.0,
+            },
+        )
         every = self.request.refresh_every
-        if (self.refresher is not None and every and step % every == 0 and step < self.total_steps
-                and not self.refresher.pending):
+        if (
+            self.refresher is not None
+            and every
+            and step % every == 0
+            and step < self.total_steps
+            and not self.refresher.pending
+        ):
             self.refresher.start(step, self.key)
             self.hooks.event("rebuild", state="started", step=step)
         if step % hp.checkpoint_every == 0 or step == self.total_steps:
@@ -310,8 +332,15 @@ class Trainer:
             queries = bb.encode_questions([r.query for r in rows], self.key)  # [n, dim]
             hits = self.index.search(queries.detach(), k=hp.top_k, mode="dense")
             passages = [[h.passage for h in row] for row in hits]  # [n][k]
-            return bb.rag_loss([r.question for r in rows], [r.target for r in rows], passages, self.key,
-                               kind=hp.loss, train=self.request.components, question_embeddings=queries)
+            return bb.rag_loss(
+                [r.question for r in rows],
+                [r.target for r in rows],
+                passages,
+                self.key,
+                kind=hp.loss,
+                train=self.request.components,
+                question_embeddings=queries,
+            )
 
     def _schedule(self, step: int) -> float:
         """Linear warm-up over `warmup_steps`, then linear decay to zero at the last step."""
@@ -321,11 +350,11 @@ class Trainer:
         remaining = self.total_steps - step
         return max(remaining, 0) / max(self.total_steps - warmup, 1)
 
-    # --- data ----------------------------------------------------------------------------------------------------
+    # --- data -----------------------------------------------------------------------------------------------
 
     def _rows(self, step: int, micro: int) -> list[Row]:
-        """The micro-batch of a step: a function of (seed, step, micro) and the QA cursor, so a resumed run sees
-        the very rows it would have seen."""
+        """The micro-batch of a step: a function of (seed, step, micro) and the QA cursor, so a resumed run
+        sees the very rows it would have seen."""
         rng = random.Random(f"{self.hp.seed}:{step}:{micro}")
         rows = []
         for _ in range(self.hp.batch_size):
@@ -348,7 +377,7 @@ class Trainer:
         self.state.qa_cursor += 1
         return self.examples[order[position]]
 
-    # --- index refresh -------------------------------------------------------------------------------------------
+    # --- index refresh --------------------------------------------------------------------------------------
 
     def _poll_refresh(self, step: int) -> None:
         if self.refresher is None:
@@ -363,19 +392,35 @@ class Trainer:
             self.hooks.event("rebuild", state="failed", step=step, started_step=started, error=detail)
             return
         bb = self.backbone
-        handle = IndexHandle.open(directory, domain=self.index.domain, version=f"run-{detail}",
-                                  embedding_dim=bb.embedding_dim, fingerprint=bb.fingerprint)
+        handle = IndexHandle.open(
+            directory,
+            domain=self.index.domain,
+            version=f"run-{detail}",
+            embedding_dim=bb.embedding_dim,
+            fingerprint=bb.fingerprint,
+        )
         previous = self.index_dir
         self.index, self.index_dir = handle, directory
-        self.state.index = {"kind": "run", "build_id": detail, "step": started, "version": None,
-                            "start_version": self.state.index.get("start_version")}
+        self.state.index = {
+            "kind": "run",
+            "build_id": detail,
+            "step": started,
+            "version": None,
+            "start_version": self.state.index.get("start_version"),
+        }
         self.state.refreshes += 1
-        self.hooks.event("rebuild", state="switched", step=step, started_step=started, build_id=detail,
-                         passages=handle.size)
+        self.hooks.event(
+            "rebuild",
+            state="switched",
+            step=step,
+            started_step=started,
+            build_id=detail,
+            passages=handle.size,
+        )
         if previous is not None and previous != directory:
             shutil.rmtree(previous, ignore_errors=True)
 
-    # --- checkpoints ---------------------------------------------------------------------------------------------
+    # --- checkpoints ----------------------------------------------------------------------------------------
 
     def _checkpoint(self, optimizer, scheduler) -> None:
         step = self.state.step
@@ -383,15 +428,19 @@ class Trainer:
         shutil.rmtree(directory, ignore_errors=True)
         directory.mkdir(parents=True)
         self.backbone.save_adapter_set(self.key, directory / "adapters")
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                   directory / "optimizer.pt")
+        torch.save(
+            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+            directory / "optimizer.pt",
+        )
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, directory / "rng.pt")
         self.state.python_rng = _jsonable(random.getstate())
         if self.state.index.get("kind") == "run" and self.state.index.get("version") is None:
-            self.state.index["version"] = self.hooks.upload_index(self.index_dir, self.state.index["build_id"])
+            self.state.index["version"] = self.hooks.upload_index(
+                self.index_dir, self.state.index["build_id"]
+            )
         (directory / "state.json").write_text(json.dumps(asdict(self.state)))
         self.hooks.checkpoint(step, directory, self.state)
         self._checkpointed = step
@@ -434,23 +483,38 @@ def build_domain_index(
     work_dir: Path,
     on_progress: Callable[[str, int, int], None] | None = None,
 ) -> str:
-    """Encode `passages` with the passage encoder of adapter set `key` (None: base), build the index with the
-    domain's settings and publish it as a new index version (no pointer moves); returns the version."""
+    """Encode `passages` with the passage encoder of adapter set `key` (None: base), build the index with
+    the domain's settings and publish it as a new index version (no pointer moves); returns the version."""
     directory = Path(work_dir) / f"index-{new_version_id()}"
     try:
-        build_index(backbone, passages, directory, build_id=directory.name.removeprefix("index-"), adapter=key,
-                    passages_version=passages_version, config=config, encode=EncodeConfig(progress=False),
-                    work_dir=Path(work_dir) / "shards", on_progress=on_progress)
+        build_index(
+            backbone,
+            passages,
+            directory,
+            build_id=directory.name.removeprefix("index-"),
+            adapter=key,
+            passages_version=passages_version,
+            config=config,
+            encode=EncodeConfig(progress=False),
+            work_dir=Path(work_dir) / "shards",
+            on_progress=on_progress,
+        )
         return versions.publish_index(domain, directory)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def base_index_version(backbone: Backbone, versions: IndexVersions, domain: str, *, work_dir: Path,
-                       on_progress: Callable[[str, int, int], None] | None = None) -> str:
-    """A published index of the domain's live passages encoded by the base passage encoder (no LoRA), for runs
-    that start from zero LoRA and for evaluating the base backbone: the live one if it is, else an earlier
-    matching version, else one built and published now."""
+def base_index_version(
+    backbone: Backbone,
+    versions: IndexVersions,
+    domain: str,
+    *,
+    work_dir: Path,
+    on_progress: Callable[[str, int, int], None] | None = None,
+) -> str:
+    """A published index of the domain's live passages encoded by the base passage encoder (no LoRA), for
+    runs that start from zero LoRA and for evaluating the base backbone: the live one if it is, else an
+    earlier matching version, else one built and published now."""
     live = versions.live(domain).index_version
     if live is None:
         raise InvalidRun(f"domain {domain!r} has no index yet")
@@ -459,23 +523,43 @@ def base_index_version(backbone: Backbone, versions: IndexVersions, domain: str,
         return live
     for version in reversed(versions.versions(domain)):
         info = versions.build_info(domain, version)
-        if (info.passage_adapter == "base" and info.encoder_fingerprint == backbone.fingerprint
-                and info.passages_checksum == live_info.passages_checksum):
+        if (
+            info.passage_adapter == "base"
+            and info.encoder_fingerprint == backbone.fingerprint
+            and info.passages_checksum == live_info.passages_checksum
+        ):
             return version
     handle = IndexHandle.open(versions.fetch(domain, live), domain=domain, version=live)
-    return build_domain_index(backbone, None, list(handle.passages), versions, domain,
-                              passages_version=live_info.passages_version, config=live_info.config,
-                              work_dir=work_dir, on_progress=on_progress)
+    return build_domain_index(
+        backbone,
+        None,
+        list(handle.passages),
+        versions,
+        domain,
+        passages_version=live_info.passages_version,
+        config=live_info.config,
+        work_dir=work_dir,
+        on_progress=on_progress,
+    )
 
 
 def adapter_set_config(lora) -> AdapterSetConfig:
     """The backbone's AdapterSetConfig for a run's `LoraSettings`."""
-    return AdapterSetConfig(**{
-        component: LoraConfig(r=spec.r, alpha=spec.alpha, dropout=spec.dropout,
-                              targets=tuple(spec.targets) if spec.targets else None)
-        for component, spec in (("question", lora.question), ("passage", lora.passage),
-                                ("generator", lora.generator))
-    })
+    return AdapterSetConfig(
+        **{
+            component: LoraConfig(
+                r=spec.r,
+                alpha=spec.alpha,
+                dropout=spec.dropout,
+                targets=tuple(spec.targets) if spec.targets else None,
+            )
+            for component, spec in (
+                ("question", lora.question),
+                ("passage", lora.passage),
+                ("generator", lora.generator),
+            )
+        }
+    )
 
 
 def backbone_for(config: BackboneConfig, quantize: str) -> Backbone:

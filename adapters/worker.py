@@ -1,18 +1,19 @@
-"""Running adaptation runs outside the HTTP process: the run pipeline, the worker processes and `RunManager`.
+"""Running adaptation runs outside the HTTP process: the run pipeline, the worker processes and
+`RunManager`.
 
-`RunManager` (in the service process) validates and queues runs, answers reads from the store, and supervises
-`max_concurrent` worker processes (multiprocessing "spawn": a fresh interpreter each, never a forked torch).
-A worker loads the backbone once, then claims queued runs from the store one at a time (compare-and-swap on
-run.json, with a lease it renews while it works) and executes them:
+`RunManager` (in the service process) validates and queues runs, answers reads from the store, and
+supervises `max_concurrent` worker processes (multiprocessing "spawn": a fresh interpreter each, never a
+forked torch). A worker loads the backbone once, then claims queued runs from the store one at a time
+(compare-and-swap on run.json, with a lease it renews while it works) and executes them:
 
-    evaluate what serves now -> train (RAG End2End + LoRA, async index refreshes) -> build and publish the index
-    of the new passage encoder -> evaluate it -> publish the adapter version -> promote per policy
+    evaluate what serves now -> train (RAG End2End + LoRA, async index refreshes) -> build and publish the
+    index of the new passage encoder -> evaluate it -> publish the adapter version -> promote per policy
 
-Each phase records its outcome in run.json before the next starts, so a run resumed after a crash (from its last
-checkpoint) skips what is done. A worker that dies is noticed at once by the manager's monitor thread (it waits
-on the process sentinels), which queues the run again and starts a new worker; a whole host that died is noticed
-by the lease running out. Cancelling sets a flag in run.json that the worker reads between micro-batches. Nothing
-live changes unless the run reaches promotion.
+Each phase records its outcome in run.json before the next starts, so a run resumed after a crash (from its
+last checkpoint) skips what is done. A worker that dies is noticed at once by the manager's monitor thread
+(it waits on the process sentinels), which queues the run again and starts a new worker; a whole host that
+died is noticed by the lease running out. Cancelling sets a flag in run.json that the worker reads between
+micro-batches. Nothing live changes unless the run reaches promotion.
 """
 
 from __future__ import annotations
@@ -35,8 +36,20 @@ from typing import TYPE_CHECKING, Any, Callable
 from adapters.errors import LeaseLost, RunCancelled, RunFinished, RunInterrupted, RunNotFound
 from adapters.qa import parse_qa_jsonl
 from adapters.registry import AdapterRegistry
-from adapters.runs import (Prepared, RunInfo, RunRecord, RunRequest, RunState, RunStore, lease_expiry, lora_metadata,
-                           now, owner_is_dead_here, owner_token, prepare)
+from adapters.runs import (
+    Prepared,
+    RunInfo,
+    RunRecord,
+    RunRequest,
+    RunState,
+    RunStore,
+    lease_expiry,
+    lora_metadata,
+    now,
+    owner_is_dead_here,
+    owner_token,
+    prepare,
+)
 from storage import artifacts, new_version_id
 from storage.errors import PreconditionFailed
 from storage.registry import DomainRegistry
@@ -51,19 +64,29 @@ log = logging.getLogger(__name__)
 ProgressFn = Callable[[str, int, int, dict], None]  # (stage, done, total, latest step metrics)
 
 
-# --- one run's link to its record --------------------------------------------------------------------------------
+# --- one run's link to its record ---------------------------------------------------------------------------
 
 
 class RunContext:
-    """The executing side of one claimed run: cancel/stop checks, lease renewal, progress, events, checkpoints.
+    """The executing side of one claimed run: cancel/stop checks, lease renewal, progress, events,
+    checkpoints.
 
-    Store writes are batched: step events and progress go out at most every `flush_s` seconds (and with every
-    other event), the lease is renewed with them; run.json is read at every `tick` for a cancel request.
+    Store writes are batched: step events and progress go out at most every `flush_s` seconds (and with
+    every other event), the lease is renewed with them; run.json is read at every `tick` for a cancel
+    request.
     """
 
-    def __init__(self, runs: RunStore, record: RunRecord, owner: str, *, lease_s: float = 120.0,
-                 should_stop: Callable[[], bool] = lambda: False, on_progress: ProgressFn | None = None,
-                 flush_s: float = 1.0):
+    def __init__(
+        self,
+        runs: RunStore,
+        record: RunRecord,
+        owner: str,
+        *,
+        lease_s: float = 120.0,
+        should_stop: Callable[[], bool] = lambda: False,
+        on_progress: ProgressFn | None = None,
+        flush_s: float = 1.0,
+    ):
         self.runs = runs
         self.record = record
         self.owner = owner
@@ -137,12 +160,14 @@ class RunContext:
 
     def upload_index(self, directory: Path, build_id: str) -> str:
         """Store a mid-run index beside the run (a checkpoint refers to it); returns its version."""
-        manifest = artifacts.publish(self.runs.store, self.runs.indexes_prefix(self.id), directory,
-                                     {"build_id": build_id})
+        manifest = artifacts.publish(
+            self.runs.store, self.runs.indexes_prefix(self.id), directory, {"build_id": build_id}
+        )
         return manifest.version
 
     def checkpoint(self, step: int, directory: Path, state: "TrainerState") -> None:
-        """Publish a checkpoint directory, then drop older checkpoints and mid-run indexes it no longer needs."""
+        """Publish a checkpoint directory, then drop older checkpoints and mid-run indexes it no longer
+        needs."""
         store, prefix = self.runs.store, self.runs.checkpoints_prefix(self.id)
         manifest = artifacts.publish(store, prefix, directory, {"step": step, "index": state.index})
         self.runs.drop_artifacts(self.id, keep_checkpoints=1)
@@ -150,13 +175,14 @@ class RunContext:
         for old in artifacts.list_versions(store, self.runs.indexes_prefix(self.id)):
             if old.version != referenced:
                 artifacts.delete_version(store, self.runs.indexes_prefix(self.id), old.version)
-        self._events.append({"time": now().isoformat(), "kind": "checkpoint", "step": step,
-                             "version": manifest.version})
+        self._events.append(
+            {"time": now().isoformat(), "kind": "checkpoint", "step": step, "version": manifest.version}
+        )
         self._progress = {**self._progress, "checkpoint_step": step}
         self.flush()
 
 
-# --- the run pipeline --------------------------------------------------------------------------------------------
+# --- the run pipeline ---------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -177,14 +203,16 @@ class Workspace:
 
 
 def execute_run(ctx: RunContext, workspace: Workspace) -> RunRecord:
-    """Execute (or resume) a claimed run to its end; raises RunCancelled / RunInterrupted / LeaseLost / errors."""
+    """Execute (or resume) a claimed run to its end; raises RunCancelled / RunInterrupted / LeaseLost /
+    errors."""
     return _Execution(ctx, workspace).run()
 
 
 class _Execution:
-    """The phases of one run. Each records its outcome in run.json before the next starts, so a resumed run skips
-    what is done: base metrics, training (from the last checkpoint), the new index, final metrics, the adapter
-    version, promotion. Imports torch and the indexing stack lazily: the HTTP process imports this module too."""
+    """The phases of one run. Each records its outcome in run.json before the next starts, so a resumed run
+    skips what is done: base metrics, training (from the last checkpoint), the new index, final metrics,
+    the adapter version, promotion. Imports torch and the indexing stack lazily: the HTTP process imports
+    this module too."""
 
     def __init__(self, ctx: RunContext, workspace: Workspace):
         from indexing.versions import IndexVersions
@@ -226,7 +254,7 @@ class _Execution:
                 if name in self.bb.adapter_sets:
                     self.bb.remove_adapter_set(name)
 
-    # --- helpers ---------------------------------------------------------------------------------------------
+    # --- helpers --------------------------------------------------------------------------------------------
 
     def _attach_version(self, name: str, version: str) -> None:
         target = self.run_dir / f"adapter-{version}"
@@ -236,25 +264,37 @@ class _Execution:
         self.attached.append(name)
 
     def _open_index(self, version: str):
-        return self.versions.open(self.domain, version, embedding_dim=self.bb.embedding_dim,
-                                  fingerprint=self.bb.fingerprint)
+        return self.versions.open(
+            self.domain, version, embedding_dim=self.bb.embedding_dim, fingerprint=self.bb.fingerprint
+        )
 
     def _parent_index(self) -> str:
         parent = self.record.parent
-        return (self.adapters.get(self.domain, parent).metadata.get("index_version")
-                or self.versions.live(self.domain).index_version)
+        return (
+            self.adapters.get(self.domain, parent).metadata.get("index_version")
+            or self.versions.live(self.domain).index_version
+        )
 
     def _evaluate(self, adapter: str | None, handle, version: str | None, phase: str) -> dict:
         from adapters.evaluation import evaluate
 
         self.ctx.stage(f"evaluating {phase}")
-        report = evaluate(self.bb, adapter, handle, self.dev, top_k=self.hp.top_k,
-                          max_new_tokens=self.hp.eval_max_new_tokens, max_questions=self.hp.eval_max_questions,
-                          adapter_version=version, tick=self.ctx.tick, progress=self.ctx.progress)
+        report = evaluate(
+            self.bb,
+            adapter,
+            handle,
+            self.dev,
+            top_k=self.hp.top_k,
+            max_new_tokens=self.hp.eval_max_new_tokens,
+            max_questions=self.hp.eval_max_questions,
+            adapter_version=version,
+            tick=self.ctx.tick,
+            progress=self.ctx.progress,
+        )
         self.ctx.event("eval", phase=phase, **{k: v for k, v in report.to_dict().items() if k != "samples"})
         return report.to_dict()
 
-    # --- phases ----------------------------------------------------------------------------------------------
+    # --- phases ---------------------------------------------------------------------------------------------
 
     def _evaluate_base(self) -> None:
         """What serves now: the parent adapter version over its index, or the base backbone."""
@@ -276,8 +316,15 @@ class _Execution:
         """Attach the adapter set (from the last checkpoint, the parent, or zero LoRA) and train it."""
         import torch
 
-        from adapters.training import (IndexRefresher, Trainer, TrainerState, adapter_set_config,
-                                       base_index_version, load_resume, reconstruction_sentences)
+        from adapters.training import (
+            IndexRefresher,
+            Trainer,
+            TrainerState,
+            adapter_set_config,
+            base_index_version,
+            load_resume,
+            reconstruction_sentences,
+        )
         from indexing import IndexHandle
 
         record, hp, runs = self.record, self.hp, self.ctx.runs
@@ -291,8 +338,13 @@ class _Execution:
             self.bb.load_adapter_set(self.key, target / "adapters")
             self.attached.append(self.key)
             resume = load_resume(target)
-            self.ctx.event("state", state="running", resumed_from=resume.state.step, checkpoint=checkpoint.version,
-                           index=resume.state.index.get("kind"))
+            self.ctx.event(
+                "state",
+                state="running",
+                resumed_from=resume.state.step,
+                checkpoint=checkpoint.version,
+                index=resume.state.index.get("kind"),
+            )
         elif warm:
             self._attach_version(self.key, record.parent)
         else:
@@ -313,8 +365,13 @@ class _Execution:
             index_dir = self.run_dir / f"index-{ref['version']}"
             if not index_dir.exists():
                 artifacts.download(self.store, runs.indexes_prefix(record.id), ref["version"], index_dir)
-            handle = IndexHandle.open(index_dir, domain=self.domain, version=f"run-{ref['build_id']}",
-                                      embedding_dim=self.bb.embedding_dim, fingerprint=self.bb.fingerprint)
+            handle = IndexHandle.open(
+                index_dir,
+                domain=self.domain,
+                version=f"run-{ref['build_id']}",
+                embedding_dim=self.bb.embedding_dim,
+                fingerprint=self.bb.fingerprint,
+            )
         else:
             handle = self._open_index(start_version)
         self.start_version = start_version
@@ -328,34 +385,61 @@ class _Execution:
                 recon = self.request.reconstruction
                 settings = recon.model_dump() if recon is not None else {}
                 sentences = reconstruction_sentences(
-                    handle.passages, min_words=settings.get("min_words", 6), max_words=settings.get("max_words", 48),
-                    limit=settings.get("max_sentences", 5000), seed=hp.seed)
+                    handle.passages,
+                    min_words=settings.get("min_words", 6),
+                    max_words=settings.get("max_words", 48),
+                    limit=settings.get("max_sentences", 5000),
+                    seed=hp.seed,
+                )
 
         train = parse_qa_jsonl(runs.get_input(record.id, "train.jsonl") or b"")
         self.ctx.update(started_at=self.ctx.record.started_at or now())
         self.ctx.stage("training", resume.state.step if resume else 0, record.total_steps)
-        refresher = (IndexRefresher(self.domain, self.bb, self.versions, self.run_dir)
-                     if self.request.refresh_every else None)
-        trainer = Trainer(self.bb, self.key, self.request, record.total_steps, train, sentences, handle, index_dir,
-                          self.ctx, refresher=refresher, work_dir=self.run_dir, resume=resume,
-                          state=TrainerState(index={"kind": "domain", "version": start_version,
-                                                    "start_version": start_version}))
+        refresher = (
+            IndexRefresher(self.domain, self.bb, self.versions, self.run_dir)
+            if self.request.refresh_every
+            else None
+        )
+        trainer = Trainer(
+            self.bb,
+            self.key,
+            self.request,
+            record.total_steps,
+            train,
+            sentences,
+            handle,
+            index_dir,
+            self.ctx,
+            refresher=refresher,
+            work_dir=self.run_dir,
+            resume=resume,
+            state=TrainerState(
+                index={"kind": "domain", "version": start_version, "start_version": start_version}
+            ),
+        )
         trainer.train()
         self.ctx.flush()
         return trainer
 
     def _index(self, trainer) -> str:
-        """The index of the new passage encoder, published as a domain index version (nothing goes live); a run
-        that kept the passage encoder frozen serves from the index it started with."""
+        """The index of the new passage encoder, published as a domain index version (nothing goes live); a
+        run that kept the passage encoder frozen serves from the index it started with."""
         from adapters.training import build_domain_index
 
         if "passage" in self.request.components:
             self.ctx.stage("indexing")
             start = self.versions.build_info(self.domain, self.start_version)
             version = build_domain_index(
-                self.bb, self.key, list(trainer.index.passages), self.versions, self.domain,
-                passages_version=start.passages_version, config=start.config, work_dir=self.run_dir,
-                on_progress=lambda _stage, done, total: self.ctx.progress(done, total))
+                self.bb,
+                self.key,
+                list(trainer.index.passages),
+                self.versions,
+                self.domain,
+                passages_version=start.passages_version,
+                config=start.config,
+                work_dir=self.run_dir,
+                on_progress=lambda _stage, done, total: self.ctx.progress(done, total),
+            )
             self.ctx.event("rebuild", state="published", index_version=version, step=trainer.state.step)
         else:
             version = self.start_version
@@ -368,20 +452,33 @@ class _Execution:
         shutil.rmtree(target, ignore_errors=True)
         self.bb.save_adapter_set(self.key, target)
         manifest = self.adapters.publish(
-            self.domain, target, backbone_fingerprint=self.bb.fingerprint, run_id=self.record.id,
-            metrics={**self.ctx.record.metrics, "mode": self.request.mode}, parent=self.record.parent,
-            index_version=index_version, lora=lora_metadata(self.hp.lora))
+            self.domain,
+            target,
+            backbone_fingerprint=self.bb.fingerprint,
+            run_id=self.record.id,
+            metrics={**self.ctx.record.metrics, "mode": self.request.mode},
+            parent=self.record.parent,
+            index_version=index_version,
+            lora=lora_metadata(self.hp.lora),
+        )
         self.ctx.update(adapter_version=manifest.version)
 
     def _finish(self) -> RunRecord:
-        """Promote per policy, drop the checkpoints (the adapter version is out), then mark the run succeeded."""
+        """Promote per policy, drop the checkpoints (the adapter version is out), then mark the run
+        succeeded."""
         record = self.ctx.record
         promoted, reason = _promote(self.domains, record)
         self.ctx.update(promoted=promoted, step=record.total_steps)
         self.ctx.runs.drop_artifacts(record.id)
         self.ctx.update(state=RunState.SUCCEEDED, finished_at=now())
-        self.ctx.event("state", state="succeeded", adapter_version=record.adapter_version,
-                       index_version=record.index_version, promoted=promoted, promotion=reason)
+        self.ctx.event(
+            "state",
+            state="succeeded",
+            adapter_version=record.adapter_version,
+            index_version=record.index_version,
+            promoted=promoted,
+            promotion=reason,
+        )
         return self.ctx.record
 
 
@@ -402,19 +499,28 @@ def _promote(domains: DomainRegistry, record: RunRecord) -> tuple[bool, str]:
         if final is None:
             return False, "no evaluation to compare"
         if not is_better(final, base):
-            return False, (f"not better than what serves (F1 {final['f1']:.3f} vs {base['f1']:.3f}, "
-                           f"recall@5 {final['recall'].get('5')} vs {base['recall'].get('5')})")
+            return False, (
+                f"not better than what serves (F1 {final['f1']:.3f} vs {base['f1']:.3f}, "
+                f"recall@5 {final['recall'].get('5')} vs {base['recall'].get('5')})"
+            )
         if pointer.adapter_version != record.parent:
-            return False, f"the live adapter changed during the run ({record.parent} -> {pointer.adapter_version})"
+            return (
+                False,
+                f"the live adapter changed during the run ({record.parent} -> {pointer.adapter_version})",
+            )
     try:
-        domains.promote(record.domain, record.adapter_version, index_version=record.index_version,
-                        expected_etag=pointer.etag if policy == "if_better" else None)
+        domains.promote(
+            record.domain,
+            record.adapter_version,
+            index_version=record.index_version,
+            expected_etag=pointer.etag if policy == "if_better" else None,
+        )
     except PreconditionFailed:
         return False, "the live pointer changed while promoting; promote by hand if still wanted"
     return True, "promoted" if policy == "always" else "better than what served"
 
 
-# --- claiming and finishing runs ---------------------------------------------------------------------------------
+# --- claiming and finishing runs ----------------------------------------------------------------------------
 
 
 def claim_next(runs: RunStore, owner: str, *, lease_s: float, max_crashes: int) -> RunRecord | None:
@@ -475,13 +581,26 @@ def _claim(runs: RunStore, run_id: str, owner: str, lease_s: float, max_crashes:
         return None
     if record.owner != owner:
         return None
-    runs.append_events(run_id, [{"kind": "state", "state": "running", "owner": owner,
-                                 "after_crash": crashed, "checkpoint_step": record.checkpoint_step}])
+    runs.append_events(
+        run_id,
+        [
+            {
+                "kind": "state",
+                "state": "running",
+                "owner": owner,
+                "after_crash": crashed,
+                "checkpoint_step": record.checkpoint_step,
+            }
+        ],
+    )
     return record
 
 
-def requeue(runs: RunStore, run_id: str, *, reason: str, owner: str | None = None, crashed: bool = False) -> None:
-    """Put a running run back in the queue (its worker stopped or died); it resumes from its last checkpoint."""
+def requeue(
+    runs: RunStore, run_id: str, *, reason: str, owner: str | None = None, crashed: bool = False
+) -> None:
+    """Put a running run back in the queue (its worker stopped or died); it resumes from its last
+    checkpoint."""
 
     def back(record: RunRecord) -> RunRecord | None:
         if record.state != RunState.RUNNING or (owner is not None and record.owner != owner):
@@ -493,8 +612,10 @@ def requeue(runs: RunStore, run_id: str, *, reason: str, owner: str | None = Non
 
     record = runs.update(run_id, back)
     if record.state == RunState.QUEUED:
-        runs.append_events(run_id, [{"kind": "state", "state": "queued", "reason": reason,
-                                     "resumes_from": record.checkpoint_step}])
+        runs.append_events(
+            run_id,
+            [{"kind": "state", "state": "queued", "reason": reason, "resumes_from": record.checkpoint_step}],
+        )
 
 
 def run_claimed(ctx: RunContext, workspace: Workspace) -> RunRecord:
@@ -517,7 +638,9 @@ def run_claimed(ctx: RunContext, workspace: Workspace) -> RunRecord:
         raise
     except Exception as exc:
         log.exception("run %s failed", run_id)
-        _finish(ctx, RunState.FAILED, getattr(exc, "code", None) or "run_failed", f"{type(exc).__name__}: {exc}")
+        _finish(
+            ctx, RunState.FAILED, getattr(exc, "code", None) or "run_failed", f"{type(exc).__name__}: {exc}"
+        )
         raise
     finally:
         shutil.rmtree(workspace.work_dir / "runs" / run_id, ignore_errors=True)
@@ -535,7 +658,7 @@ def _finish(ctx: RunContext, state: RunState, code: str | None, error: str | Non
     ctx.event("state", state=state.value, **({"error": error, "code": code} if error else {}))
 
 
-# --- worker processes --------------------------------------------------------------------------------------------
+# --- worker processes ---------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -559,8 +682,12 @@ def _open(store: Any) -> ObjectStore:
     return open_store(store)
 
 
-def worker_main(spec: WorkerSpec, stop: multiprocessing.synchronize.Event,
-                wake: multiprocessing.synchronize.Event, parent_pid: int) -> None:
+def worker_main(
+    spec: WorkerSpec,
+    stop: multiprocessing.synchronize.Event,
+    wake: multiprocessing.synchronize.Event,
+    parent_pid: int,
+) -> None:
     """A worker process: load the backbone, then claim and execute runs until told to stop."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s [worker] %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the manager decides
@@ -601,12 +728,23 @@ class _Worker:
 class RunManager:
     """Queues adaptation runs and runs them in `max_concurrent` worker processes (one by default)."""
 
-    def __init__(self, store: ObjectStore, backbone_config: "BackboneConfig", work_dir: Path, *,
-                 max_concurrent: int = 1, store_config: Any = None, lease_s: float = 120.0, poll_s: float = 1.0,
-                 stop_timeout_s: float = 60.0, max_crashes: int = 2, cuda_available: bool | None = None):
-        """`store_config` (a storage.StoreConfig) lets workers open stores that do not pickle (S3); a LocalStore
-        travels as it is. `cuda_available` is what validation assumes about the workers' device (None: ask
-        torch here). A run whose worker dies more than `max_crashes` times fails."""
+    def __init__(
+        self,
+        store: ObjectStore,
+        backbone_config: "BackboneConfig",
+        work_dir: Path,
+        *,
+        max_concurrent: int = 1,
+        store_config: Any = None,
+        lease_s: float = 120.0,
+        poll_s: float = 1.0,
+        stop_timeout_s: float = 60.0,
+        max_crashes: int = 2,
+        cuda_available: bool | None = None,
+    ):
+        """`store_config` (a storage.StoreConfig) lets workers open stores that do not pickle (S3); a
+        LocalStore travels as it is. `cuda_available` is what validation assumes about the workers' device
+        (None: ask torch here). A run whose worker dies more than `max_crashes` times fails."""
         if max_concurrent < 1:
             raise ValueError("max_concurrent must be >= 1")
         self.runs = RunStore(store)
@@ -625,7 +763,7 @@ class RunManager:
         self._stopping = threading.Event()
         self._lock = threading.Lock()
 
-    # --- lifecycle -----------------------------------------------------------------------------------------------
+    # --- lifecycle ------------------------------------------------------------------------------------------
 
     def start(self) -> None:
         """Queue again the runs whose worker on this host is gone (a restart), then start the workers."""
@@ -669,11 +807,19 @@ class RunManager:
 
     def _spawn(self) -> _Worker:
         token = secrets.token_hex(4)
-        spec = WorkerSpec(self._store_spec, self.backbone_config, self.work_dir, token, self._lease_s, self._poll_s,
-                          self._max_crashes)
+        spec = WorkerSpec(
+            self._store_spec,
+            self.backbone_config,
+            self.work_dir,
+            token,
+            self._lease_s,
+            self._poll_s,
+            self._max_crashes,
+        )
         # Not a daemon: a worker starts index-rebuild processes of its own, which daemons may not.
-        process = self._context.Process(target=worker_main, args=(spec, self._stop, self._wake, os.getpid()),
-                                        name=f"run-worker-{token}")
+        process = self._context.Process(
+            target=worker_main, args=(spec, self._stop, self._wake, os.getpid()), name=f"run-worker-{token}"
+        )
         process.start()
         log.info("started run worker %s (pid %s)", token, process.pid)
         return _Worker(token, process)
@@ -690,7 +836,9 @@ class RunManager:
                     continue
                 worker.process.join(1)
                 code = worker.process.exitcode
-                log.error("run worker %s (pid %s) died with exit code %s", worker.token, worker.process.pid, code)
+                log.error(
+                    "run worker %s (pid %s) died with exit code %s", worker.token, worker.process.pid, code
+                )
                 self._release_runs_of(worker, f"worker pid {worker.process.pid} died (exit code {code})")
                 with self._lock:
                     if self._stopping.is_set():
@@ -705,7 +853,7 @@ class RunManager:
             except Exception:
                 log.exception("could not queue run %s again after its worker died", run_id)
 
-    # --- the interface the service calls -------------------------------------------------------------------------
+    # --- the interface the service calls --------------------------------------------------------------------
 
     def submit(self, request: RunRequest) -> RunInfo:
         """Validate (DomainNotFound, InvalidRun) and queue a run; returns it queued."""
@@ -723,8 +871,9 @@ class RunManager:
         return self.runs.events(run_id, after)
 
     def cancel(self, run_id: str) -> RunInfo:
-        """Cancel a run: a queued one at once, a running one at its worker's next micro-batch (the returned info
-        says `cancel_requested` until then). RunFinished if it already ended."""
+        """Cancel a run: a queued one at once, a running one at its worker's next micro-batch (the returned
+        info says `cancel_requested` until then). RunFinished if it already ended."""
+
         def change(record: RunRecord) -> RunRecord | None:
             if record.state.finished:
                 raise RunFinished(f"run {run_id} already {record.state.value}")
@@ -741,13 +890,20 @@ class RunManager:
             self.runs.dequeue(run_id)
             self.runs.drop_artifacts(run_id)
         else:
-            self.runs.append_events(run_id, [{"kind": "state", "state": record.state.value,
-                                              "cancel_requested": True}])
+            self.runs.append_events(
+                run_id, [{"kind": "state", "state": record.state.value, "cancel_requested": True}]
+            )
         return record.info()
 
 
-def queue_run(runs: RunStore, request: RunRequest, *, cuda_available: bool | None = None,
-              owner: str | None = None, lease_s: float = 120.0) -> RunRecord:
+def queue_run(
+    runs: RunStore,
+    request: RunRequest,
+    *,
+    cuda_available: bool | None = None,
+    owner: str | None = None,
+    lease_s: float = 120.0,
+) -> RunRecord:
     """Validate `request`, persist it with its frozen inputs and queue it. With `owner` the run is created
     already claimed by that owner (the CLI runs it in its own process)."""
     run_id = new_version_id()
@@ -766,8 +922,13 @@ def queue_run(runs: RunStore, request: RunRequest, *, cuda_available: bool | Non
 
         record = runs.update(run_id, queued)
         runs.enqueue(run_id)
-        runs.append_events(run_id, [{"kind": "state", "state": "validating"},
-                                    {"kind": "state", "state": record.state.value, "total_steps": record.total_steps}])
+        runs.append_events(
+            run_id,
+            [
+                {"kind": "state", "state": "validating"},
+                {"kind": "state", "state": record.state.value, "total_steps": record.total_steps},
+            ],
+        )
     except BaseException:
         runs.delete(run_id)
         raise

@@ -6,13 +6,15 @@ One RAG End2End training step (4 covid questions, k=5 passages each, RAG-sequenc
 components, AdamW) per configuration, each in a fresh subprocess so its memory is its own:
 
 - full_fp32:      every weight trainable (encoder shared by both roles, generator), fp32, no checkpointing
-- lora_fp32:      frozen fp32 weights, LoRA r=8 on Q/K/V of the three components (the same settings otherwise)
+- lora_fp32:      frozen fp32 weights, LoRA r=8 on Q/K/V of the three components (the same settings
+  otherwise)
 - lora_bf16:      frozen bf16 weights, LoRA
 - lora_bf16_ckpt: frozen bf16 weights, LoRA, activation checkpointing in the generator
 
-Peak memory is the process's peak resident set during the two training steps (the high-water mark is reset after
-loading, so loading's transient copies do not count; weights, gradients, optimizer state and activations do).
-Also: backbone load time from the GGUF file (converted on first use) vs from the converted cache.
+Peak memory is the process's peak resident set during the two training steps (the high-water mark is reset
+after loading, so loading's transient copies do not count; weights, gradients, optimizer state and
+activations do). Also: backbone load time from the GGUF file (converted on first use) vs from the converted
+cache.
 
 Writes `benchmarks/results/lora_memory.json` and one line in `benchmarks/RESULTS.md`.
 """
@@ -90,9 +92,11 @@ def child(name: str, cache_dir: Path, steps: int) -> dict:
     backbone.add_adapter_set("bench")
     questions, answers, passages = _batch(4, 5)
 
-    models = {id(backbone.question.host.model): backbone.question.host.model,
-              id(backbone.passage.host.model): backbone.passage.host.model,
-              id(backbone.generator.host.model): backbone.generator.host.model}
+    models = {
+        id(backbone.question.host.model): backbone.question.host.model,
+        id(backbone.passage.host.model): backbone.passage.host.model,
+        id(backbone.generator.host.model): backbone.generator.host.model,
+    }
     named = {id(p): (n, p) for model in models.values() for n, p in model.named_parameters()}
     lora = [p for n, p in named.values() if "lora_" in n]
     frozen = [p for n, p in named.values() if "lora_" not in n]
@@ -148,7 +152,9 @@ def spawn(args: list[str]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--child", choices=sorted(CONFIGS))
     parser.add_argument("--load-child", action="store_true")
     parser.add_argument("--steps", type=int, default=2)
@@ -166,31 +172,46 @@ def main() -> None:
 
     results = {}
     for name in args.configs:
-        results[name] = spawn(["--child", name, "--steps", str(args.steps), "--cache-dir", str(args.cache_dir)])
+        results[name] = spawn(
+            ["--child", name, "--steps", str(args.steps), "--cache-dir", str(args.cache_dir)]
+        )
         print(name, results[name], flush=True)
     with tempfile.TemporaryDirectory(prefix="ragadapt-load-") as fresh:
         from_gguf = spawn(["--load-child", "--cache-dir", fresh])
         from_cache = spawn(["--load-child", "--cache-dir", fresh])
-    loading = {"from_gguf_first_load_s": from_gguf["load_seconds"], "from_converted_cache_s": from_cache["load_seconds"]}
+    loading = {
+        "from_gguf_first_load_s": from_gguf["load_seconds"],
+        "from_converted_cache_s": from_cache["load_seconds"],
+    }
     print(loading, flush=True)
 
     full, lora_same, lora_best = results["full_fp32"], results["lora_fp32"], results["lora_bf16_ckpt"]
     ratios = {
         "lora_bf16_ckpt_vs_full_fp32": round(lora_best["peak_rss_step_mb"] / full["peak_rss_step_mb"], 3),
-        "lora_fp32_vs_full_fp32_same_settings": round(lora_same["peak_rss_step_mb"] / full["peak_rss_step_mb"], 3),
+        "lora_fp32_vs_full_fp32_same_settings": round(
+            lora_same["peak_rss_step_mb"] / full["peak_rss_step_mb"], 3
+        ),
     }
-    settings = {"batch": "4 covid train questions x 5 passages (gold + the 4 following), RAG-sequence loss",
-                "steps_per_config": args.steps, "optimizer": "AdamW", "lora": "r=8 alpha=16 on Q/K/V",
-                "memory": "peak RSS of a fresh process during the steps (VmHWM reset after loading)"}
-    summary = (f"trainable LoRA {lora_best['parameters_trainable']:,} of {lora_best['parameters_total']:,} "
-               f"({100 * lora_best['trainable_share']:.2f}%); peak RSS of one step (4 q x k=5): full fp32 "
-               f"{full['peak_rss_step_mb']:.0f} MB, LoRA fp32 {lora_same['peak_rss_step_mb']:.0f} MB "
-               f"({ratios['lora_fp32_vs_full_fp32_same_settings']:.2f}x), LoRA bf16 "
-               f"{results['lora_bf16']['peak_rss_step_mb']:.0f} MB, LoRA bf16 + checkpointing "
-               f"{lora_best['peak_rss_step_mb']:.0f} MB ({ratios['lora_bf16_ckpt_vs_full_fp32']:.2f}x); "
-               f"load from GGUF {loading['from_gguf_first_load_s']:.1f} s vs converted cache "
-               f"{loading['from_converted_cache_s']:.1f} s")
-    path = record("lora_memory", settings, {"configs": results, "ratios": ratios, "loading": loading}, summary)
+    settings = {
+        "batch": "4 covid train questions x 5 passages (gold + the 4 following), RAG-sequence loss",
+        "steps_per_config": args.steps,
+        "optimizer": "AdamW",
+        "lora": "r=8 alpha=16 on Q/K/V",
+        "memory": "peak RSS of a fresh process during the steps (VmHWM reset after loading)",
+    }
+    summary = (
+        f"trainable LoRA {lora_best['parameters_trainable']:,} of {lora_best['parameters_total']:,} "
+        f"({100 * lora_best['trainable_share']:.2f}%); peak RSS of one step (4 q x k=5): full fp32 "
+        f"{full['peak_rss_step_mb']:.0f} MB, LoRA fp32 {lora_same['peak_rss_step_mb']:.0f} MB "
+        f"({ratios['lora_fp32_vs_full_fp32_same_settings']:.2f}x), LoRA bf16 "
+        f"{results['lora_bf16']['peak_rss_step_mb']:.0f} MB, LoRA bf16 + checkpointing "
+        f"{lora_best['peak_rss_step_mb']:.0f} MB ({ratios['lora_bf16_ckpt_vs_full_fp32']:.2f}x); "
+        f"load from GGUF {loading['from_gguf_first_load_s']:.1f} s vs converted cache "
+        f"{loading['from_converted_cache_s']:.1f} s"
+    )
+    path = record(
+        "lora_memory", settings, {"configs": results, "ratios": ratios, "loading": loading}, summary
+    )
     print(summary)
     print(f"wrote {path}")
 

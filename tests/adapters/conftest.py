@@ -50,8 +50,15 @@ def tiny_backbone(tiny_config) -> Backbone:
 
 def make_domain(root: Path, config: BackboneConfig, backbone: Backbone, name: str = "toy") -> Domain:
     store = LocalStore(root / "store")
-    records = [{"id": f"{title.lower()}-{i}", "title": title, "text": f"{text} This is note {i} of the {title} file."}
-               for i in range(4) for title, text in TOPICS]
+    records = [
+        {
+            "id": f"{title.lower()}-{i}",
+            "title": title,
+            "text": f"{text} This is note {i} of the {title} file.",
+        }
+        for i in range(4)
+        for title, text in TOPICS
+    ]
     passages = root / "passages.jsonl"
     passages.write_text("".join(json.dumps(r) + "\n" for r in records))
     ingest(name, passages, store, config, backbone=backbone, cache_dir=root / "ingest-cache")

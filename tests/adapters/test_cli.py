@@ -18,36 +18,86 @@ def parse(*argv: str) -> argparse.Namespace:
 
 
 def test_adapt_flags_build_the_api_request():
-    args = parse("adapt", "--domain", "toy", "--mode", "generator_only", "--steps", "12", "--lr", "3e-4",
-                 "--top-k", "3", "--lora-r", "4", "--promote", "never", "--eval-split", "")
+    args = parse(
+        "adapt",
+        "--domain",
+        "toy",
+        "--mode",
+        "generator_only",
+        "--steps",
+        "12",
+        "--lr",
+        "3e-4",
+        "--top-k",
+        "3",
+        "--lora-r",
+        "4",
+        "--promote",
+        "never",
+        "--eval-split",
+        "",
+    )
     request = request_from_args(args)
-    assert request == RunRequest.model_validate({
-        "domain": "toy", "mode": "generator_only", "promote": "never", "train": {"split": "train"},
-        "evaluation": None,
-        "hyperparameters": {"steps": 12, "lr": 3e-4, "top_k": 3,
-                            "lora": {c: {"r": 4} for c in ("question", "passage", "generator")}},
-    })
+    assert request == RunRequest.model_validate(
+        {
+            "domain": "toy",
+            "mode": "generator_only",
+            "promote": "never",
+            "train": {"split": "train"},
+            "evaluation": None,
+            "hyperparameters": {
+                "steps": 12,
+                "lr": 3e-4,
+                "top_k": 3,
+                "lora": {c: {"r": 4} for c in ("question", "passage", "generator")},
+            },
+        }
+    )
 
 
-def test_eval_compares_base_and_each_modes_newest_version(domain, tiny_config, tiny_backbone, tmp_path, capsys):
+def test_eval_compares_base_and_each_modes_newest_version(
+    domain, tiny_config, tiny_backbone, tmp_path, capsys
+):
     workspace = Workspace(tiny_config, tmp_path / "work", {"none": tiny_backbone})
-    body = {"domain": "toy", "promote": "never", "evaluation": None,
-            "hyperparameters": {"steps": 3, "batch_size": 2, "top_k": 2}}
+    body = {
+        "domain": "toy",
+        "promote": "never",
+        "evaluation": None,
+        "hyperparameters": {"steps": 3, "batch_size": 2, "top_k": 2},
+    }
     versions = {}
     for mode in ("generator_only", "end2end"):
-        info = adapt(domain.store, tiny_config, RunRequest.model_validate({**body, "mode": mode}), tmp_path / "work",
-                     progress=False, workspace=workspace)
+        info = adapt(
+            domain.store,
+            tiny_config,
+            RunRequest.model_validate({**body, "mode": mode}),
+            tmp_path / "work",
+            progress=False,
+            workspace=workspace,
+        )
         assert info.state == RunState.SUCCEEDED, info.error
         versions[mode] = info.adapter_version
 
-    args = parse("eval", "--domain", "toy", "--modes", "base,generator_only,end2end", "--top-k", "2",
-                 "--max-new-tokens", "3", "--no-progress")
+    args = parse(
+        "eval",
+        "--domain",
+        "toy",
+        "--modes",
+        "base,generator_only,end2end",
+        "--top-k",
+        "2",
+        "--max-new-tokens",
+        "3",
+        "--no-progress",
+    )
     assert cmd_eval(args, domain.store, tiny_backbone, tmp_path / "eval") == 0
     table = capsys.readouterr().out.splitlines()
     rows = {line.split()[0]: line.split() for line in table[2:]}
     assert list(rows) == ["base", "generator_only", "end2end"]
     assert rows["base"][1] == "base"
-    assert rows["generator_only"][1] == versions["generator_only"] and rows["end2end"][1] == versions["end2end"]
+    assert (
+        rows["generator_only"][1] == versions["generator_only"] and rows["end2end"][1] == versions["end2end"]
+    )
     assert all(row[2] == "2" for row in rows.values())  # both dev questions answered in every mode
     assert tiny_backbone.adapter_sets == []  # evaluation leaves no adapter attached
 
@@ -57,4 +107,6 @@ def test_eval_of_a_mode_without_a_run_says_so(domain, tiny_backbone, tmp_path):
     from adapters.errors import InvalidRun
 
     with pytest.raises(InvalidRun, match="no succeeded end2end run"):
-        evaluate_modes(domain.store, tiny_backbone, "toy", modes=["end2end"], work_dir=tmp_path, progress=False)
+        evaluate_modes(
+            domain.store, tiny_backbone, "toy", modes=["end2end"], work_dir=tmp_path, progress=False
+        )

@@ -1,4 +1,5 @@
-"""On CUDA: training steps under bf16 autocast, and QLoRA (a 4-bit NF4 frozen generator). Skipped without CUDA."""
+"""On CUDA: training steps under bf16 autocast, and QLoRA (a 4-bit NF4 frozen generator). Skipped without
+CUDA."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from backbone import Passage
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-PASSAGES = [Passage("p1", "France", "the capital of france is paris"),
-            Passage("p2", "Italy", "the capital of italy is rome")]
+PASSAGES = [
+    Passage("p1", "France", "the capital of france is paris"),
+    Passage("p2", "Italy", "the capital of italy is rome"),
+]
 
 
 @pytest.mark.parametrize("quantize", ["none", "4bit"])
@@ -31,8 +34,13 @@ def test_a_rag_end2end_step_trains_every_component_on_the_gpu(tiny_config, quant
         for _ in range(5):
             with autocast(backbone):
                 queries = backbone.encode_questions(["what is the capital of france"] * 2, "gpu")
-                loss = backbone.rag_loss(["what is the capital of france", None], ["paris", "the capital of italy"],
-                                         [PASSAGES, PASSAGES], "gpu", question_embeddings=queries)
+                loss = backbone.rag_loss(
+                    ["what is the capital of france", None],
+                    ["paris", "the capital of italy"],
+                    [PASSAGES, PASSAGES],
+                    "gpu",
+                    question_embeddings=queries,
+                )
             loss.backward()
             grads = {c: [p.grad for p in ps] for c, ps in backbone.trainable_parameters("gpu").items()}
             optimizer.step()

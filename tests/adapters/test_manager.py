@@ -1,4 +1,5 @@
-"""Runs executed by RunManager's worker processes: end to end, cancelled, killed and resumed, stopped and resumed."""
+"""Runs executed by RunManager's worker processes: end to end, cancelled, killed and resumed, stopped and
+resumed."""
 
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ FAST = {"batch_size": 1, "top_k": 2, "eval_max_new_tokens": 4}
 
 
 def request(**hyperparameters) -> RunRequest:
-    return RunRequest.model_validate({"domain": "toy", "promote": "never",
-                                      "hyperparameters": {**FAST, **hyperparameters}})
+    return RunRequest.model_validate(
+        {"domain": "toy", "promote": "never", "hyperparameters": {**FAST, **hyperparameters}}
+    )
 
 
 def wait(manager: RunManager, run_id: str, until, what: str) -> RunInfo:
@@ -31,7 +33,9 @@ def wait(manager: RunManager, run_id: str, until, what: str) -> RunInfo:
         info = manager.get(run_id)
         if until(info):
             return info
-        assert not (info.state.finished and not until(info)), f"run ended {info.state} ({info.error}) before {what}"
+        assert not (info.state.finished and not until(info)), (
+            f"run ended {info.state} ({info.error}) before {what}"
+        )
         assert time.monotonic() < deadline, f"timed out waiting for {what}: {info}"
         time.sleep(0.2)
 
@@ -68,12 +72,16 @@ def manager(shared_domain, tiny_config, tmp_path_factory):
     manager.stop()
 
 
-def test_a_run_refreshes_its_index_mid_run_survives_a_restart_and_succeeds(manager, shared_domain,
-                                                                             tiny_backbone):
+def test_a_run_refreshes_its_index_mid_run_survives_a_restart_and_succeeds(
+    manager, shared_domain, tiny_backbone
+):
     runs = RunStore(shared_domain.store)
     steps = 200
-    info = manager.submit(request(steps=steps, index_refresh_every=10, checkpoint_every=1000, reconstruction_ratio=0.3)
-                          .model_copy(update={"promote": "always"}))
+    info = manager.submit(
+        request(
+            steps=steps, index_refresh_every=10, checkpoint_every=1000, reconstruction_ratio=0.3
+        ).model_copy(update={"promote": "always"})
+    )
     assert info.state == RunState.QUEUED and info.total_steps == steps
 
     # A service restart mid-run: the worker checkpoints where it is and the run goes back to the queue.
@@ -93,7 +101,9 @@ def test_a_run_refreshes_its_index_mid_run_survives_a_restart_and_succeeds(manag
     resumed = next(e for e in events if e.get("resumed_from") is not None)
     # Resumed where it stopped, on the refreshed index it was training against (kept beside the run).
     assert resumed["resumed_from"] == stopped.checkpoint_step and resumed["index"] == "run"
-    assert [e["step"] for e in events if e["kind"] == "step"] == list(range(1, steps + 1))  # none lost or repeated
+    assert [e["step"] for e in events if e["kind"] == "step"] == list(
+        range(1, steps + 1)
+    )  # none lost or repeated
     switched = [e for e in events if e["kind"] == "rebuild" and e["state"] == "switched"]
     assert all(e["started_step"] < e["step"] <= steps and e["started_step"] % 10 == 0 for e in switched)
     assert {e["phase"] for e in events if e["kind"] == "eval"} == {"base", "final"}
@@ -117,8 +127,9 @@ def test_a_run_refreshes_its_index_mid_run_survives_a_restart_and_succeeds(manag
 def test_cancel_stops_a_running_run_within_a_step_and_leaves_the_live_version(manager, shared_domain):
     domains = DomainRegistry(shared_domain.store)
     live_before = domains.live("toy")
-    running = manager.submit(request(steps=100_000, checkpoint_every=100_000)
-                             .model_copy(update={"promote": "always"}))
+    running = manager.submit(
+        request(steps=100_000, checkpoint_every=100_000).model_copy(update={"promote": "always"})
+    )
     queued = manager.submit(request(steps=5))
     wait(manager, running.id, lambda i: i.step >= 3, "a few steps")
 
@@ -130,17 +141,26 @@ def test_cancel_stops_a_running_run_within_a_step_and_leaves_the_live_version(ma
 
     events = events_of(manager, running.id)
     requested_at = next(datetime.fromisoformat(e["time"]) for e in events if e.get("cancel_requested"))
-    later_steps = [e for e in events if e["kind"] == "step" and datetime.fromisoformat(e["time"]) > requested_at]
+    later_steps = [
+        e for e in events if e["kind"] == "step" and datetime.fromisoformat(e["time"]) > requested_at
+    ]
     assert len(later_steps) <= 1, f"{len(later_steps)} steps ran after the cancel"
     live = domains.live("toy")
-    assert (live.adapter_version, live.index_version) == (live_before.adapter_version, live_before.index_version)
-    assert not [m for m in AdapterRegistry(shared_domain.store).list("toy") if m.metadata["run_id"] == running.id]
+    assert (live.adapter_version, live.index_version) == (
+        live_before.adapter_version,
+        live_before.index_version,
+    )
+    assert not [
+        m for m in AdapterRegistry(shared_domain.store).list("toy") if m.metadata["run_id"] == running.id
+    ]
     assert manager.get(queued.id).started_at is None
 
 
 def test_a_killed_worker_is_replaced_and_its_run_resumes_from_the_checkpoint(manager, shared_domain):
     runs = RunStore(shared_domain.store)
-    info = manager.submit(request(steps=60, checkpoint_every=10).model_copy(update={"mode": "generator_only"}))
+    info = manager.submit(
+        request(steps=60, checkpoint_every=10).model_copy(update={"mode": "generator_only"})
+    )
     wait(manager, info.id, lambda i: (runs.get(i.id).checkpoint_step or 0) >= 10, "a checkpoint")
     victim = int(runs.get(info.id).owner.split("/")[1])
     os.kill(victim, signal.SIGKILL)
@@ -151,7 +171,9 @@ def test_a_killed_worker_is_replaced_and_its_run_resumes_from_the_checkpoint(man
     assert victim not in manager.worker_pids()
 
     events = events_of(manager, info.id)
-    requeued = next(e for e in events if e["kind"] == "state" and e["state"] == "queued" and "died" in e.get("reason", ""))
+    requeued = next(
+        e for e in events if e["kind"] == "state" and e["state"] == "queued" and "died" in e.get("reason", "")
+    )
     resumed = next(e for e in events if e["kind"] == "state" and e.get("resumed_from") is not None)
     assert resumed["resumed_from"] == requeued["resumes_from"] >= 10
     after = [e["step"] for e in events if e["kind"] == "step" and e["seq"] > resumed["seq"]]

@@ -42,8 +42,17 @@ def test_recall_counts_a_question_when_any_gold_passage_is_in_the_top_k():
 
 
 def _report(f1: float, recall5: float) -> dict:
-    return {"questions": 10, "exact_match": 0.0, "f1": f1, "recall": {"1": 0.0, "5": recall5, "20": 1.0},
-            "retrieval_questions": 10, "top_k": 5, "index_version": None, "adapter_version": None, "seconds": 1.0}
+    return {
+        "questions": 10,
+        "exact_match": 0.0,
+        "f1": f1,
+        "recall": {"1": 0.0, "5": recall5, "20": 1.0},
+        "retrieval_questions": 10,
+        "top_k": 5,
+        "index_version": None,
+        "adapter_version": None,
+        "seconds": 1.0,
+    }
 
 
 def test_if_better_compares_f1_then_recall():

@@ -1,5 +1,5 @@
-"""The in-process path (`ragadapt adapt` / `--resume`): an interrupted run resumed from its checkpoint ends with
-exactly the weights of an uninterrupted one, and what it trains is what the mode says."""
+"""The in-process path (`ragadapt adapt` / `--resume`): an interrupted run resumed from its checkpoint ends
+with exactly the weights of an uninterrupted one, and what it trains is what the mode says."""
 
 from __future__ import annotations
 
@@ -18,23 +18,41 @@ STEPS = 8
 
 
 def request(mode: str = "end2end") -> RunRequest:
-    return RunRequest.model_validate({
-        "domain": "toy", "mode": mode, "promote": "never", "evaluation": None,
-        "hyperparameters": {"steps": STEPS, "batch_size": 2, "top_k": 2, "checkpoint_every": 3, "seed": 7,
-                            "reconstruction_ratio": 0.3, "index_refresh_every": 1000},
-    })
+    return RunRequest.model_validate(
+        {
+            "domain": "toy",
+            "mode": mode,
+            "promote": "never",
+            "evaluation": None,
+            "hyperparameters": {
+                "steps": STEPS,
+                "batch_size": 2,
+                "top_k": 2,
+                "checkpoint_every": 3,
+                "seed": 7,
+                "reconstruction_ratio": 0.3,
+                "index_refresh_every": 1000,
+            },
+        }
+    )
 
 
 def weights(store, version: str, tmp_path) -> dict[str, dict[str, torch.Tensor]]:
     target = tmp_path / f"fetched-{version}"
     manifest = AdapterRegistry(store).get("toy", version)
-    AdapterRegistry(store).fetch("toy", version, target, expected_fingerprint=manifest.metadata["backbone_fingerprint"])
-    return {c: load_file(target / c / "adapter_model.safetensors") for c in ("question", "passage", "generator")}
+    AdapterRegistry(store).fetch(
+        "toy", version, target, expected_fingerprint=manifest.metadata["backbone_fingerprint"]
+    )
+    return {
+        c: load_file(target / c / "adapter_model.safetensors") for c in ("question", "passage", "generator")
+    }
 
 
 def test_an_interrupted_run_resumes_to_the_same_weights(domain, tiny_config, tiny_backbone, tmp_path):
     workspace = Workspace(tiny_config, tmp_path / "work", {"none": tiny_backbone})
-    straight = adapt(domain.store, tiny_config, request(), tmp_path / "work", progress=False, workspace=workspace)
+    straight = adapt(
+        domain.store, tiny_config, request(), tmp_path / "work", progress=False, workspace=workspace
+    )
     assert straight.state == RunState.SUCCEEDED, straight.error
 
     runs = RunStore(domain.store)
@@ -53,7 +71,10 @@ def test_an_interrupted_run_resumes_to_the_same_weights(domain, tiny_config, tin
 
     resumed = resume(domain.store, tiny_config, record.id, tmp_path / "work", progress=False)
     assert resumed.state == RunState.SUCCEEDED, resumed.error
-    a, b = weights(domain.store, straight.adapter_version, tmp_path), weights(domain.store, resumed.adapter_version, tmp_path)
+    a, b = (
+        weights(domain.store, straight.adapter_version, tmp_path),
+        weights(domain.store, resumed.adapter_version, tmp_path),
+    )
     for component in a:
         assert a[component].keys() == b[component].keys()
         for name in a[component]:
@@ -62,11 +83,19 @@ def test_an_interrupted_run_resumes_to_the_same_weights(domain, tiny_config, tin
     assert all(t.abs().sum() > 0 for t in trained)  # every component's LoRA moved off zero
 
 
-def test_generator_only_trains_the_generator_and_keeps_the_index(domain, tiny_config, tiny_backbone, tmp_path):
+def test_generator_only_trains_the_generator_and_keeps_the_index(
+    domain, tiny_config, tiny_backbone, tmp_path
+):
     workspace = Workspace(tiny_config, tmp_path / "work", {"none": tiny_backbone})
     hyperparameters = request().hyperparameters.model_copy(update={"index_refresh_every": None})
-    info = adapt(domain.store, tiny_config, request("generator_only").model_copy(
-        update={"hyperparameters": hyperparameters}), tmp_path / "work", progress=False, workspace=workspace)
+    info = adapt(
+        domain.store,
+        tiny_config,
+        request("generator_only").model_copy(update={"hyperparameters": hyperparameters}),
+        tmp_path / "work",
+        progress=False,
+        workspace=workspace,
+    )
     assert info.state == RunState.SUCCEEDED, info.error
     w = weights(domain.store, info.adapter_version, tmp_path)
     assert all(t.abs().sum() == 0 for c in ("question", "passage") for n, t in w[c].items() if "lora_B" in n)
