@@ -22,5 +22,8 @@ serve: install
 test: install
 	$(BIN)/pytest
 
+# Every benchmark, one after another (an hour or more on 2 CPU cores); each writes benchmarks/results/<name>.json
+# and a line in benchmarks/RESULTS.md.
 bench: install
-	$(BIN)/python -m benchmarks
+	$(BIN)/pip install --quiet -e ".[bench]"
+	for script in benchmarks/bench_*.py; do $(BIN)/python $$script || exit 1; done
