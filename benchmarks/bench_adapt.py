@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
 import shutil
 import sys
@@ -43,30 +41,12 @@ from backbone import Backbone, embedded_default_config  # noqa: E402
 from indexing.cli import ingest  # noqa: E402
 from storage import LocalStore  # noqa: E402
 
+from reporting import machine  # noqa: E402
+
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
 DATA_DIR = ROOT.parent / "shared" / "data"
 MODES = ("base", "generator_only", "end2end")
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()],  # the cores are shared
-    }
 
 
 def record(name: str, settings: dict, results: dict, summary: str) -> Path:

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -35,32 +33,11 @@ from indexing.chunking import load_corpus  # noqa: E402
 from indexing.encoder import EncodeConfig, encode_passages  # noqa: E402
 from indexing.searcher import IndexHandle  # noqa: E402
 
+from reporting import machine  # noqa: E402
+
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
 DOMAINS = ("covid", "conversations", "finance")
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "faiss": faiss.__version__,
-        "python": platform.python_version(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "load_average_1_5_15min": [
-            round(x, 2) for x in os.getloadavg()
-        ],  # the cores are shared; this says how busy
-    }
 
 
 def record(name: str, settings: dict, results: dict, summary: str) -> None:

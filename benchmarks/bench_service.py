@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
 import shutil
 import statistics
@@ -59,26 +57,14 @@ from service.metrics import Metrics  # noqa: E402
 from service.settings import BackboneSettings, Settings  # noqa: E402
 from storage import DomainRegistry, LocalStore, ObjectStore, open_store  # noqa: E402
 
+from reporting import machine  # noqa: E402
+
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
 DATA_DIR = ROOT.parent / "shared" / "data"
 # Four domains from the shared data: three corpora, the fourth a second slice of covid.
 SOURCES = {"covid": ("covid", 0), "conversations": ("conversations", 0), "finance": ("finance", 0),
            "covid-b": ("covid", 1)}
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(),
-            "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()]}
 
 
 def record(name: str, settings: dict, results: dict, summary: str) -> None:
