@@ -149,6 +149,9 @@ class Hyperparameters(_Strict):
     index_refresh_every: int | None = Field(
         None, ge=1
     )  # steps; default DEFAULT_REFRESH_EVERY when re-indexable
+    # Bounded staleness: a refresh that has not landed this many steps after it started makes training wait for
+    # it. None: never wait (RAG End2End's behaviour); on a slow host the index may then trail far behind.
+    max_index_staleness: int | None = Field(None, ge=1)
     reconstruction_ratio: float = Field(0.0, ge=0.0, lt=1.0)  # share of examples that are reconstructions
     seed: int = 0
     checkpoint_every: int = Field(50, ge=1)
@@ -484,6 +487,8 @@ def prepare(
             "generator_only keeps the passage encoder frozen: there is nothing to re-index "
             "(drop index_refresh_every)"
         )
+    if request.mode == "generator_only" and hp.max_index_staleness is not None:
+        raise InvalidRun("generator_only never re-indexes: drop max_index_staleness")
     if request.promote == "if_better" and request.evaluation is None:
         raise InvalidRun("promote=if_better compares evaluations: give an evaluation set or another policy")
     if hp.quantize_generator == "4bit":

@@ -304,6 +304,7 @@ class Trainer:
         self.state.step = step
         elapsed = time.perf_counter() - started
         self._poll_refresh(step)
+        self._bound_staleness(step)
         self.hooks.step(
             step,
             {
@@ -378,6 +379,20 @@ class Trainer:
         return self.examples[order[position]]
 
     # --- index refresh --------------------------------------------------------------------------------------
+
+    def _bound_staleness(self, step: int) -> None:
+        """Wait for a pending refresh that is `max_index_staleness` steps old; cancel stays prompt."""
+        bound = self.hp.max_index_staleness
+        refresher = self.refresher
+        if bound is None or refresher is None or not refresher.pending:
+            return
+        if step - refresher.started_step < bound:
+            return
+        log.info("index refresh started at step %s is %s steps old: waiting for it", refresher.started_step, bound)
+        while refresher.pending:
+            self.hooks.tick()
+            refresher.job.wait(0.2)
+            self._poll_refresh(step)
 
     def _poll_refresh(self, step: int) -> None:
         if self.refresher is None:

@@ -470,7 +470,7 @@ class _Execution:
         promoted, reason = _promote(self.domains, record)
         self.ctx.update(promoted=promoted, step=record.total_steps)
         self.ctx.runs.drop_artifacts(record.id)
-        self.ctx.update(state=RunState.SUCCEEDED, finished_at=now())
+        # The event before the state: whoever sees the run finished finds its last event already logged.
         self.ctx.event(
             "state",
             state="succeeded",
@@ -479,6 +479,7 @@ class _Execution:
             promoted=promoted,
             promotion=reason,
         )
+        self.ctx.update(state=RunState.SUCCEEDED, finished_at=now())
         return self.ctx.record
 
 
@@ -654,8 +655,8 @@ def _finish(ctx: RunContext, state: RunState, code: str | None, error: str | Non
         ctx.flush()
     except (LeaseLost, PreconditionFailed):
         pass
-    ctx.update(state=state, finished_at=now(), error=error, error_code=code)
     ctx.event("state", state=state.value, **({"error": error, "code": code} if error else {}))
+    ctx.update(state=state, finished_at=now(), error=error, error_code=code)
 
 
 # --- worker processes ---------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody, QueryParameter
 from pydantic import BaseModel
 
-from adapters.runs import RunInfo, RunRequest
+from adapters.runs import RunInfo, RunRequest, RunState
 
 from ..auth import admin_guard
 from ..problems import ProblemOperation, problem_responses
@@ -53,7 +53,15 @@ async def list_runs(runtime: NamedDependency[Runtime],
 @get("/admin/runs/{run_id:str}", operation_id="getRun", summary="One adaptation run",
      responses=problem_responses(401, 404, 503), **_ADMIN)
 async def get_run(run_id: FromPath[str], runtime: NamedDependency[Runtime]) -> RunInfo:
-    return await to_thread.run_sync(runtime.runs.get, run_id)
+    """A run reported here as promoted is what this server's `/ask` serves: the domain's live pointer is
+    re-read at once rather than at the next poll (read your writes)."""
+    info = await to_thread.run_sync(runtime.runs.get, run_id)
+    loaded = runtime.loaded
+    if info.promoted and info.state == RunState.SUCCEEDED and loaded is not None:
+        serving = loaded.catalog.find(info.domain)
+        if serving is not None and serving.adapter_version != info.adapter_version:
+            await to_thread.run_sync(loaded.catalog.refresh_domain, info.domain)
+    return info
 
 
 @get("/admin/runs/{run_id:str}/events", operation_id="getRunEvents",

@@ -235,6 +235,7 @@ class Hyperparameters(_Model):
     grad_accumulation: int | None = None
     top_k: int | None = None
     index_refresh_every: int | None = None  # steps between asynchronous index rebuilds (End2End)
+    max_index_staleness: int | None = None  # steps training runs ahead of a pending rebuild before it waits
     reconstruction_ratio: float | None = None  # share of examples that are sentence reconstructions
     seed: int | None = None
     lora: LoraSpecs | None = None

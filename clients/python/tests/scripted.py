@@ -42,7 +42,9 @@ class Received:
 class ScriptedServer:
     """Replies pop from ``script`` in order; when it is empty, ``respond(received)`` answers."""
 
-    def __init__(self, port: int = 0) -> None:
+    def __init__(self, *, listening: bool = True) -> None:
+        """``listening=False``: the port is bound (no one else can take it) but refuses connections until
+        ``listen()``."""
         self.script: list[Reply] = []
         self.respond: Callable[[Received], Reply] = lambda received: Reply(200, {"status": "alive"})
         self.received: list[Received] = []
@@ -81,18 +83,29 @@ class ScriptedServer:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler, bind_and_activate=listening)
+        if not listening:
+            self._httpd.server_bind()
         self._httpd.daemon_threads = True
         self.port = self._httpd.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.02,), daemon=True)
 
+        self._listening = listening
+
     def __enter__(self) -> ScriptedServer:
-        self._thread.start()
+        if self._listening:
+            self._thread.start()
         return self
 
+    def listen(self) -> ScriptedServer:
+        self._httpd.server_activate()
+        self._listening = True
+        return self.__enter__()
+
     def __exit__(self, *exc_info: object) -> None:
-        self._httpd.shutdown()
+        if self._thread.is_alive():
+            self._httpd.shutdown()
         self._httpd.server_close()
 
     def paths(self) -> list[str]:

@@ -18,7 +18,7 @@ from ragadapt_client import (
     ServiceUnavailableError,
 )
 from ragadapt_client.errors import parse_retry_after
-from scripted import Reply, ScriptedServer, free_port
+from scripted import Reply, ScriptedServer
 
 RUN = {"id": "r1", "domain": "covid", "mode": "end2end", "state": "queued", "step": 0, "total_steps": 4}
 
@@ -116,31 +116,27 @@ def test_get_is_retried_after_a_read_timeout(scripted, using):
 
 def test_admin_post_is_retried_when_the_connection_was_refused(using):
     """Nothing listens yet: the request never left, so even a run creation may be sent again."""
-    port = free_port()
-    servers: list[ScriptedServer] = []
+    server = ScriptedServer(listening=False)
+    server.respond = lambda received: Reply(202, RUN)
 
     def start_later() -> None:
         time.sleep(0.4)
-        server = ScriptedServer(port).__enter__()
-        server.respond = lambda received: Reply(202, RUN)
-        servers.append(server)
+        server.listen()
 
     threading.Thread(target=start_later, daemon=True).start()
     policy = RetryPolicy(max_retries=8, initial_backoff=0.2, max_backoff=0.4)
     try:
-        run = using(f"http://127.0.0.1:{port}", lambda client: client.runs.create("covid"), admin_token="t",
-                    retry=policy)
+        run = using(server.url, lambda client: client.runs.create("covid"), admin_token="t", retry=policy)
         assert run.id == "r1"
-        assert servers[0].paths() == ["POST /admin/adapt"]
+        assert server.paths() == ["POST /admin/adapt"]
     finally:
-        for server in servers:
-            server.__exit__(None, None, None)
+        server.__exit__(None, None, None)
 
 
 def test_connection_refused_raises_api_connection_error_after_retries(using):
-    port = free_port()
-    with pytest.raises(APIConnectionError) as caught:
-        using(f"http://127.0.0.1:{port}", lambda client: client.health())
+    with ScriptedServer(listening=False) as closed:  # bound, never listening: refuses every connection
+        with pytest.raises(APIConnectionError) as caught:
+            using(closed.url, lambda client: client.health())
     assert not isinstance(caught.value, APITimeoutError)
     assert isinstance(caught.value.__cause__, httpx.ConnectError)
     assert caught.value.request_id
