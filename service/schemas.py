@@ -102,6 +102,7 @@ class DomainInfo(BaseModel):
     metrics: dict[str, Any]  # of the live adapter version
     last_run: dict[str, Any] | None
     versions: DomainVersions
+    etag: str | None  # of the live pointer read; pass as `expected_etag` to promote/rollback only if unchanged
 
 
 class DomainList(BaseModel):

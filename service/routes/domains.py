@@ -56,6 +56,7 @@ def describe(runtime: Runtime, name: str) -> DomainInfo:
         last_run=last_run,
         versions=DomainVersions(adapters=[_adapter(m) for m in adapters],
                                 indexes=[_index(m) for m in indexes]),
+        etag=pointer.etag,
     )
 
 

@@ -186,9 +186,13 @@ def test_promote_and_rollback_move_the_live_adapter(live_server, tiny_domain):
         run = client.runs.create(tiny_domain, mode="generator_only", promote="never",
                                  hyperparameters=TINY_RUN)
         final = run.wait(progress=False, timeout=300, poll_interval=0.1)
-        assert not final.promoted and client.domains.get(tiny_domain).live.adapter_version is None
-        promoted = client.domains.promote(tiny_domain, final.adapter_version)
-        assert promoted.live.adapter_version == final.adapter_version
+        before = client.domains.get(tiny_domain)
+        assert not final.promoted and before.live.adapter_version is None
+        promoted = client.domains.promote(tiny_domain, final.adapter_version, expected_etag=before.etag)
+        assert promoted.live.adapter_version == final.adapter_version and promoted.etag != before.etag
+        with pytest.raises(ConflictError) as caught:  # promoted since `before` was read
+            client.domains.promote(tiny_domain, final.adapter_version, expected_etag=before.etag)
+        assert caught.value.code == "version_conflict"
         assert client.domains.rollback(tiny_domain).live.adapter_version is None
 
 
