@@ -157,7 +157,11 @@ def quantize_generator_4bit(backbone: Backbone) -> None:
 
 
 class IndexRefresher:
-    """Re-indexes the domain's passages with a snapshot of the adapter set in a background worker process."""
+    """Re-indexes the domain's passages with a snapshot of the adapter set in a background worker process.
+
+    On a CPU the trainer and the rebuild share this process's cores: while a rebuild runs, each gets its own
+    part of them. Two processes both using every core make OpenMP threads wait on one another, and both slow
+    down many times over rather than by half."""
 
     def __init__(self, domain: str, backbone: Backbone, versions: IndexVersions, work_dir: Path):
         self.domain = domain
@@ -167,6 +171,8 @@ class IndexRefresher:
         self.job: RebuildJob | None = None
         self.started_step: int | None = None
         self._snapshot: Path | None = None
+        self._threads = torch.get_num_threads()  # the trainer's when no rebuild runs
+        self._rebuild_threads = max(self._threads // 2, 1)
 
     @property
     def pending(self) -> bool:
@@ -181,12 +187,13 @@ class IndexRefresher:
             backbone=self.backbone.config,
             adapter_dir=snapshot,
             index=TRAINING_INDEX,
-            encode=EncodeConfig(progress=False),
+            encode=EncodeConfig(progress=False, threads=self._rebuild_threads),
             flip=False,
             publish=False,
         )
         self.job = RebuildJob(spec, self.versions, self.work_dir / "rebuilds").start()
         self.started_step, self._snapshot = step, snapshot
+        torch.set_num_threads(max(self._threads - self._rebuild_threads, 1))
 
     def poll(self) -> tuple[str, Path | None, str | None] | None:
         """None while running; then ("succeeded", index directory, build id) or ("failed", None, why)."""
@@ -195,6 +202,7 @@ class IndexRefresher:
             return None
         self._forget_snapshot()
         self.job = None
+        torch.set_num_threads(self._threads)
         if job.status is not RebuildState.SUCCEEDED:
             return "failed", None, job.error
         result = job.result(timeout=0)
@@ -209,6 +217,7 @@ class IndexRefresher:
             self.job.cancel()
             self.job.wait(wait_s)
             self.job = None
+            torch.set_num_threads(self._threads)
         self._forget_snapshot()
 
     def _forget_snapshot(self) -> None:

@@ -673,6 +673,7 @@ class WorkerSpec:
     lease_s: float
     poll_s: float
     max_crashes: int
+    threads: int | None = None  # torch threads of the worker (None: torch's default)
 
 
 def _open(store: Any) -> ObjectStore:
@@ -692,6 +693,10 @@ def worker_main(
     """A worker process: load the backbone, then claim and execute runs until told to stop."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s [worker] %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the manager decides
+    if spec.threads is not None:
+        import torch
+
+        torch.set_num_threads(spec.threads)
     runs = RunStore(_open(spec.store))
     owner = owner_token(spec.token)
     workspace = Workspace(spec.backbone_config, Path(spec.work_dir) / f"worker-{spec.token}")
@@ -742,10 +747,12 @@ class RunManager:
         stop_timeout_s: float = 60.0,
         max_crashes: int = 2,
         cuda_available: bool | None = None,
+        threads: int | None = None,
     ):
         """`store_config` (a storage.StoreConfig) lets workers open stores that do not pickle (S3); a
         LocalStore travels as it is. `cuda_available` is what validation assumes about the workers' device
-        (None: ask torch here). A run whose worker dies more than `max_crashes` times fails."""
+        (None: ask torch here). A run whose worker dies more than `max_crashes` times fails. `threads`: torch
+        threads of each worker (None: torch's default, every core)."""
         if max_concurrent < 1:
             raise ValueError("max_concurrent must be >= 1")
         self.runs = RunStore(store)
@@ -756,6 +763,7 @@ class RunManager:
         self._lease_s, self._poll_s, self._stop_timeout_s = lease_s, poll_s, stop_timeout_s
         self._max_crashes = max_crashes
         self._cuda_available = cuda_available
+        self._threads = threads
         self._context = multiprocessing.get_context("spawn")
         self._stop = self._context.Event()
         self._wake = self._context.Event()
@@ -816,6 +824,7 @@ class RunManager:
             self._lease_s,
             self._poll_s,
             self._max_crashes,
+            self._threads,
         )
         # Not a daemon: a worker starts index-rebuild processes of its own, which daemons may not.
         process = self._context.Process(

@@ -40,6 +40,7 @@ class EncodeConfig:
     sort_by_length: bool = True
     progress: bool = True  # a tqdm bar on stderr
     keep_shards: bool = False  # keep the work-dir shards after a finished encode
+    threads: int | None = None  # torch threads of a rebuild process (None: torch's default, all cores)
 
 
 def adapter_digest(backbone: Backbone, adapter: str | None) -> str:

@@ -32,6 +32,8 @@ from multiprocessing.connection import wait as wait_for
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from backbone import Backbone, BackboneConfig
 from storage import new_version_id
 
@@ -126,6 +128,8 @@ class _WorkerTask:
 def _worker_main(task: _WorkerTask, conn: Connection, cancel: multiprocessing.synchronize.Event) -> None:
     """Entry point of the worker process: build the index directory, report over `conn`, never raise."""
     try:
+        if task.encode.threads is not None:
+            torch.set_num_threads(task.encode.threads)  # before any parallel region starts
         conn.send(("progress", "loading", 0, 0))
         backbone = Backbone.load(task.backbone)
         adapter = None

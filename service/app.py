@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import torch
 from anyio import to_thread
 from litestar import Litestar
 from litestar.datastructures import State
@@ -42,6 +43,7 @@ from .settings import Settings
 from .worker import ModelWorker
 
 log = logging.getLogger(__name__)
+_CORES = torch.get_num_threads()  # torch's default, read before this process changes it: the cores it may use
 
 
 def create_app(settings: Settings) -> Litestar:
@@ -103,9 +105,12 @@ def _open(settings: Settings, metrics: Metrics) -> Runtime:
     cache_dir = settings.cache_dir
     cache_dir.mkdir(parents=True, exist_ok=True)
     log.info("store: %s", store.describe())
+    serving_threads, worker_threads = settings.thread_budget(_CORES)
+    torch.set_num_threads(serving_threads)
+    log.info("torch threads: %d for serving, %s per run worker", serving_threads, worker_threads or "-")
     run_manager = RunManager(store, settings.backbone.config(), cache_dir / "runs",
                              max_concurrent=max(settings.runs.max_concurrent, 1),
-                             store_config=settings.store_config)
+                             store_config=settings.store_config, threads=worker_threads)
     metrics.watch_runs(run_manager.list)
     return Runtime(settings=settings, metrics=metrics, store=store, registry=registry,
                    adapters=AdapterRegistry(store), versions=IndexVersions(registry, cache_dir / "indexes"),

@@ -72,6 +72,7 @@ class ServerSettings(BaseModel):
     batch_wait_ms: float = Field(5.0, ge=0)  # how long a batch waits for more questions once one is there
     retry_after_s: int = Field(1, ge=1)  # Retry-After of 503 overloaded
     poll_interval_s: float = Field(1.5, gt=0)  # how often live pointers are re-read from the store
+    threads: int | None = Field(None, ge=1)  # torch threads for serving (None: see Settings.thread_budget)
     log_json: bool = False
 
     def is_loopback(self) -> bool:
@@ -132,6 +133,7 @@ class RunSettings(BaseModel):
     worker holds its own copy of the backbone."""
 
     max_concurrent: int = Field(1, ge=0)
+    threads: int | None = Field(None, ge=1)  # torch threads of each worker (None: see Settings.thread_budget)
 
 
 class Settings(BaseSettings):
@@ -168,6 +170,17 @@ class Settings(BaseSettings):
     @property
     def store_config(self) -> StoreConfig:
         return self.store.config(self.data_dir)
+
+    def thread_budget(self, cores: int) -> tuple[int, int | None]:
+        """(serving threads, threads of each run worker) on a host with `cores` for torch.
+
+        Unset, serving and the run workers that train beside it split the cores, half and half: both using
+        every core makes their OpenMP threads wait on one another, and /ask slows down many times over while
+        a run trains, not by half. Without local run workers serving keeps every core."""
+        workers = self.runs.max_concurrent
+        serving = self.server.threads or (max(cores - cores // 2, 1) if workers else cores)
+        per_worker = self.runs.threads or (max((cores - serving) // workers, 1) if workers else None)
+        return serving, per_worker
 
     @property
     def cache_dir(self) -> Path:

@@ -49,3 +49,14 @@ def test_inconsistent_settings_fail_at_start_up(groups, message):
 def test_an_exposed_server_with_an_admin_token_is_fine():
     settings = Settings(server={"host": "0.0.0.0", "admin_token": "t" * 32})
     assert not settings.server.is_loopback()
+
+
+@pytest.mark.parametrize(("groups", "cores", "budget"), [
+    ({}, 2, (1, 1)),  # serving beside one local run worker: half each
+    ({"runs": {"max_concurrent": 0}}, 2, (2, None)),  # no local training: serving keeps every core
+    ({"runs": {"max_concurrent": 2}}, 16, (8, 4)),
+    ({"runs": {"max_concurrent": 3}}, 2, (1, 1)),  # never below one thread
+    ({"server": {"threads": 12}, "runs": {"threads": 2}}, 16, (12, 2)),  # set: as set
+])
+def test_serving_and_run_workers_split_the_cores(groups, cores, budget):
+    assert Settings(**groups).thread_budget(cores) == budget
