@@ -256,6 +256,7 @@ def main() -> None:
         "--max-passage-tokens", type=int, default=128, help="passage tokens the generator sees (train and eval)"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--name", default="adapt", help="results/<name>.json and .png (a supplementary run)")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/ragadapt-bench-adapt"))
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "ragadapt")
     args = parser.parse_args()
@@ -279,7 +280,7 @@ def main() -> None:
         }
     )
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    plot(results, RESULTS_DIR / "adapt.png")
+    plot(results, RESULTS_DIR / f"{args.name}.png")
     parts = []
     for domain, result in results.items():
         e = result["eval"]
@@ -295,8 +296,8 @@ def main() -> None:
         f"examples (train k={args.top_k}, answer k={args.eval_top_k}), {total_s / 60:.0f} min: "
         + "; ".join(parts)
     )
-    path = record("adapt", settings, results, summary)
-    print(f"wrote {path} and {RESULTS_DIR / 'adapt.png'}")
+    path = record(args.name, settings, results, summary)
+    print(f"wrote {path} and {RESULTS_DIR / f'{args.name}.png'}")
 
 
 if __name__ == "__main__":
