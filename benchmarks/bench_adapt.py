@@ -15,7 +15,8 @@ Writes `benchmarks/results/adapt.json` (settings, machine, date, numbers), `benc
 and one line in `benchmarks/RESULTS.md`. The subsample sizes are part of the result: recall over a
 sub-corpus of 500-600 passages is higher than over a domain's full corpus. The defaults fit about an hour
 on 2 CPU cores (30 steps of 4 examples a run, passages clipped to 128 tokens for the generator, no
-reconstruction examples: at this budget every step goes to the QA signal); a GPU affords real training budgets.
+reconstruction examples: at this budget every step goes to the QA signal); a GPU affords real training
+budgets.
 """
 
 from __future__ import annotations
@@ -26,13 +27,10 @@ import random
 import shutil
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
 
 from adapters.cli import adapt, evaluate_modes  # noqa: E402
 from adapters.qa import QaExample, QaSets  # noqa: E402
@@ -42,33 +40,10 @@ from backbone import Backbone, embedded_default_config  # noqa: E402
 from indexing.cli import ingest  # noqa: E402
 from storage import LocalStore  # noqa: E402
 
-from reporting import machine  # noqa: E402
+from reporting import RESULTS_DIR, record  # noqa: E402
 
-RESULTS_DIR = ROOT / "benchmarks" / "results"
-RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
 DATA_DIR = ROOT.parent / "shared" / "data"
 MODES = ("base", "generator_only", "end2end")
-
-
-def record(name: str, settings: dict, results: dict, summary: str) -> Path:
-    """Write results/<name>.json and append one line to RESULTS.md."""
-    date = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    payload = {
-        "benchmark": name,
-        "date": date,
-        "machine": machine(),
-        "settings": settings,
-        "results": results,
-    }
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{name}.json"
-    path.write_text(json.dumps(payload, indent=2) + "\n")
-    with RESULTS_MD.open("a") as fh:
-        fh.write(
-            f"- {date[:10]} {name} ({payload['machine']['cpu']}, {payload['machine']['cores']} cores): "
-            f"{summary}\n"
-        )
-    return path
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -253,7 +228,10 @@ def main() -> None:
     parser.add_argument("--reconstruction-ratio", type=float, default=0.0)
     parser.add_argument("--max-new-tokens", type=int, default=12)
     parser.add_argument(
-        "--max-passage-tokens", type=int, default=128, help="passage tokens the generator sees (train and eval)"
+        "--max-passage-tokens",
+        type=int,
+        default=128,
+        help="passage tokens the generator sees (train and eval)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default="adapt", help="results/<name>.json and .png (a supplementary run)")

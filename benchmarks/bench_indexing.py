@@ -16,7 +16,6 @@ import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -33,34 +32,9 @@ from indexing.chunking import load_corpus  # noqa: E402
 from indexing.encoder import EncodeConfig, encode_passages  # noqa: E402
 from indexing.searcher import IndexHandle  # noqa: E402
 
-from reporting import machine  # noqa: E402
+from reporting import record  # noqa: E402
 
-RESULTS_DIR = ROOT / "benchmarks" / "results"
-RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
 DOMAINS = ("covid", "conversations", "finance")
-
-
-def record(name: str, settings: dict, results: dict, summary: str) -> None:
-    """Write results/indexing_<name>.json and append one line to RESULTS.md."""
-    date = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    payload = {
-        "benchmark": f"indexing_{name}",
-        "date": date,
-        "machine": machine(),
-        "settings": settings,
-        "results": results,
-    }
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIR / f"indexing_{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
-    if not RESULTS_MD.exists():
-        RESULTS_MD.write_text(
-            "# Benchmark results\n\nOne line per benchmark run, newest last; details in "
-            "`benchmarks/results/*.json`.\n\n"
-        )
-    m = payload["machine"]
-    with RESULTS_MD.open("a") as fh:
-        fh.write(f"- {date[:10]} indexing_{name} ({m['cpu']}, {m['cores']} cores): {summary}\n")
-    print(f"indexing_{name}: {summary}")
 
 
 def load_backbone(cache_dir: Path) -> Backbone:
@@ -187,7 +161,7 @@ def bench_encoding(args) -> None:
         "max_passage_tokens": backbone.config.max_passage_tokens,
     }
     record(
-        "encoding",
+        "indexing_encoding",
         settings,
         results,
         f"{args.encode_domain} {n} passages, batch {batch}, {backbone.dtype}: pipeline "
@@ -311,7 +285,7 @@ def bench_latency(args) -> None:
         return f"{entry['dense'][key]['p50_ms']}/{entry['dense'][key]['p99_ms']}"
 
     record(
-        "search_latency",
+        "indexing_search_latency",
         settings,
         results,
         f"top-5 single-query p50/p99 ms ({threads} | omp_1): covid {c['passages']} real "
@@ -389,7 +363,7 @@ def bench_recall(args) -> None:
         f"{r['hybrid_weighted']['hit@5']}/{r['hybrid_weighted']['hit@20']}"
         for d, r in results.items()
     )
-    record("recall", settings, results, summary)
+    record("indexing_recall", settings, results, summary)
 
 
 def main() -> None:

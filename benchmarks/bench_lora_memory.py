@@ -168,7 +168,7 @@ def main() -> None:
         print(json.dumps(load_child(args.cache_dir)))
         return
 
-    from bench_adapt import record
+    from reporting import record
 
     results = {}
     for name in args.configs:
@@ -212,7 +212,6 @@ def main() -> None:
     path = record(
         "lora_memory", settings, {"configs": results, "ratios": ratios, "loading": loading}, summary
     )
-    print(summary)
     print(f"wrote {path}")
 
 

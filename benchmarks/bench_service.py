@@ -36,7 +36,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,30 +56,12 @@ from service.metrics import Metrics  # noqa: E402
 from service.settings import BackboneSettings, Settings  # noqa: E402
 from storage import DomainRegistry, LocalStore, ObjectStore, open_store  # noqa: E402
 
-from reporting import machine  # noqa: E402
+from reporting import record  # noqa: E402
 
-RESULTS_DIR = ROOT / "benchmarks" / "results"
-RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
 DATA_DIR = ROOT.parent / "shared" / "data"
 # Four domains from the shared data: three corpora, the fourth a second slice of covid.
 SOURCES = {"covid": ("covid", 0), "conversations": ("conversations", 0), "finance": ("finance", 0),
            "covid-b": ("covid", 1)}
-
-
-def record(name: str, settings: dict, results: dict, summary: str) -> None:
-    """Write results/service_<name>.json and append one line to RESULTS.md."""
-    date = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    payload = {"benchmark": f"service_{name}", "date": date, "machine": machine(), "settings": settings,
-               "results": results}
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIR / f"service_{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
-    if not RESULTS_MD.exists():
-        RESULTS_MD.write_text("# Benchmark results\n\nOne line per benchmark run, newest last; details in "
-                              "`benchmarks/results/*.json`.\n\n")
-    m = payload["machine"]
-    with RESULTS_MD.open("a") as fh:
-        fh.write(f"- {date[:10]} service_{name} ({m['cpu']}, {m['cores']} cores): {summary}\n")
-    print(f"service_{name}: {summary}")
 
 
 def percentiles(seconds: list[float]) -> dict:
@@ -283,7 +264,7 @@ def bench_throughput(args, backbone: Backbone, store: ObjectStore, asked: dict, 
                     "batch_wait_ms": args.batch_wait_ms, "max_batch_rows": args.concurrency,
                     "passages_per_domain": args.passages, "retrieval": "dense", "dtype": str(backbone.dtype),
                     "max_passage_tokens": backbone.config.max_passage_tokens}
-    record("throughput" + (f"_{args.tag}" if args.tag else ""), settings_out, results,
+    record("service_throughput" + (f"_{args.tag}" if args.tag else ""), settings_out, results,
            f"{args.requests} requests at concurrency {args.concurrency}, k={args.top_k}, "
            f"{args.max_new_tokens} new tokens: 4 domains mixed {best['mixed']:.2f} req/s, 1 domain "
            f"{best['single']:.2f}, naive per-request swapping {best['naive']:.2f}; mixed/single "
@@ -345,7 +326,7 @@ def bench_cold_load(args, backbone: Backbone, work: Path) -> None:
                              "download_and_read": percentiles(fetches), "attach": percentiles(attaches),
                              "adapter_set_mb": round(weights.nbytes / 1e6, 2)}
     mb = results["local"]["adapter_set_mb"]
-    record("cold_load", settings_out, results,
+    record("service_cold_load", settings_out, results,
            f"{mb} MB adapter set, store to usable p50/p99 over {args.loads} loads: local "
            f"{_p50_p99(results['local'])} ms, S3 (SeaweedFS on loopback) {_p50_p99(results['s3'])} ms "
            f"(target < 150); of which attaching p50 {results['local']['attach']['p50_ms']} ms")
@@ -405,7 +386,7 @@ def bench_latency(args, backbone: Backbone, store: ObjectStore, asked: dict, wor
                     "batch_wait_ms": settings.server.batch_wait_ms, "dtype": str(backbone.dtype),
                     "max_passage_tokens": backbone.config.max_passage_tokens}
     c = {n: results[f"concurrency_{n}"] for n in (1, 8, 32)}
-    record("latency", settings_out, results,
+    record("service_latency", settings_out, results,
            f"/ask p50/p99 (k={args.latency_top_k}, {args.latency_max_new_tokens} new tokens) c=1 "
            f"{c[1]['p50_ms']}/{c[1]['p99_ms']} ms, c=8 {c[8]['p50_ms']}/{c[8]['p99_ms']} ms, c=32 "
            f"{c[32]['p50_ms']}/{c[32]['p99_ms']} ms; overhead over the direct pipeline at c=1 (k=5, "
