@@ -4,11 +4,11 @@ from .config import COMPONENTS, AdapterSetConfig, BackboneConfig, LoraConfig
 from .errors import AdapterExists, AdapterLoadError, BackboneError, ModelLoadError, UnknownAdapter
 from .generator import Passage
 from .loading import embedded_default_config
-from .model import Answer, AdapterSetWeights, Backbone, SupportingPassage
+from .model import Answer, AdapterSetWeights, Answering, Backbone, SupportingPassage
 from .rag import normalize_answer
 
 __all__ = [
-    "COMPONENTS", "AdapterSetConfig", "AdapterSetWeights", "AdapterExists", "AdapterLoadError", "Answer",
+    "COMPONENTS", "AdapterSetConfig", "AdapterSetWeights", "AdapterExists", "AdapterLoadError", "Answer", "Answering",
     "Backbone", "BackboneConfig", "BackboneError", "LoraConfig", "ModelLoadError", "Passage",
     "SupportingPassage", "UnknownAdapter", "embedded_default_config", "normalize_answer",
 ]

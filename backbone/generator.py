@@ -9,6 +9,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, GenerationConfig
 
 from .config import BackboneConfig
+from .decoding import Decoding, WholeBatchDecoding, supports_continuous
 from .loading import converted_gguf_dir, hub_kwargs, resolve_reference
 from .lora import AdapterHost
 
@@ -138,15 +139,35 @@ class Generator:
 
     # --- decoding ------------------------------------------------------------------------------------------------
 
+    def decoding(self) -> Decoding | WholeBatchDecoding:
+        """A greedy decoding that rows can join and leave between steps (continuous batching) where the model's
+        cache allows it; otherwise one that decodes each added group to the end at once."""
+        if self.kind == "causal" and supports_continuous(self.host.base.config):
+            return Decoding(self)
+        return WholeBatchDecoding(self)
+
     @torch.inference_mode()
-    def generate(self, sources: list[str], adapters: list[str], max_new_tokens: int, num_beams: int = 1) -> list[Generation]:
+    def generate(self, sources: list[str], adapters: list[str], max_new_tokens: int) -> list[Generation]:
+        """Greedy answers for these rows, row i under adapter `adapters[i]`."""
+        decoding = self.decoding()
+        tickets = decoding.add(sources, adapters, [max_new_tokens] * len(sources))
+        done: dict[int, Generation] = {}
+        while len(decoding):
+            done.update(decoding.step())
+        return [done[ticket] for ticket in tickets]
+
+    def finish(self, tokens: list[int], logprob: float) -> Generation:
+        """A finished row: its new tokens (without the end token) and log p(tokens, end | source)."""
+        return Generation(text=self.tokenizer.decode(tokens, skip_special_tokens=True).strip(), logprob=logprob)
+
+    def generate_whole(self, sources: list[str], adapters: list[str], max_new_tokens: int) -> list[Generation]:
+        """Greedy answers through transformers' `generate` (seq2seq models, caches rows cannot share)."""
         self.tokenizer.padding_side = "left" if self.kind == "causal" else "right"
         enc = self.tokenizer(
             sources, padding=True, add_special_tokens=self.kind == "seq2seq", return_tensors="pt"
         ).to(self.device)
         generation_config = GenerationConfig(
             max_new_tokens=max_new_tokens,
-            num_beams=num_beams,
             do_sample=False,
             eos_token_id=self.eos_ids,
             pad_token_id=self.tokenizer.pad_token_id,
@@ -154,21 +175,22 @@ class Generator:
             return_dict_in_generate=True,
             output_scores=True,
         )
-        model = self.host.model
         slots = self.host.slots_of(adapters)
         extra = {"adapter_names": slots} if self.host.peft is not None else {}
-        out = model.generate(
+        out = self.host.model.generate(
             input_ids=enc.input_ids, attention_mask=enc.attention_mask, generation_config=generation_config, **extra
         )
-        scores = self.host.base.compute_transition_scores(
-            out.sequences, out.scores, getattr(out, "beam_indices", None), normalize_logits=num_beams == 1
-        )  # [batch, new_tokens]
+        scores = self.host.base.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
         new_tokens = out.sequences[:, enc.input_ids.shape[1] :] if self.kind == "causal" else out.sequences[:, 1:]
-        new_tokens = new_tokens[:, -scores.shape[1] :]
+        new_tokens = new_tokens[:, -scores.shape[1] :]  # [batch, steps]
+        eos = set(self.eos_ids)
         results = []
-        for row_tokens, row_scores in zip(new_tokens, scores):
-            keep = row_tokens != self.tokenizer.pad_token_id
-            keep &= torch.isfinite(row_scores)
-            text = self.tokenizer.decode(row_tokens[keep], skip_special_tokens=True).strip()
-            results.append(Generation(text=text, logprob=float(row_scores[keep].sum())))
+        for row_tokens, row_scores in zip(new_tokens.tolist(), scores.tolist()):
+            tokens, logprob = [], 0.0
+            for token, score in zip(row_tokens, row_scores):
+                logprob += score
+                if token in eos:
+                    break  # what follows is padding
+                tokens.append(token)
+            results.append(self.finish(tokens, logprob))
         return results

@@ -261,6 +261,11 @@ class Backbone:
     # --- answering -----------------------------------------------------------------------------------------------
 
     @torch.inference_mode()
+    def answering(self) -> "Answering":
+        """Questions answered together as they come and go (continuous batching); see `Answering`."""
+        return Answering(self)
+
+    @torch.inference_mode()
     def answer(
         self,
         questions: list[str],
@@ -269,30 +274,104 @@ class Backbone:
         adapters: list[str | None] | str | None = None,
         *,
         max_new_tokens: int = 32,
-        num_beams: int = 1,
     ) -> list[Answer]:
-        """Answer each question from its retrieved passages (RAG-sequence fast decoding), rows possibly under
-        different adapter sets, in one batched generate call."""
-        keys = self._keys(adapters, len(questions))
-        sources, generator_adapters = [], []
-        names = self._names("generator", keys)
-        for question, row, name in zip(questions, passages, names):
-            sources += [self.generator.source(question, p) for p in row]
-            generator_adapters += [name] * len(row)
-        generations = self.generator.generate(sources, generator_adapters, max_new_tokens, num_beams) if sources else []
-        answers, offset = [], 0
-        for row, row_scores in zip(passages, scores):
-            block = generations[offset : offset + len(row)]
-            offset += len(row)
-            if not block:
-                answers.append(Answer("", float("-inf"), []))
-                continue
-            doc_logprobs = torch.log_softmax(torch.tensor(row_scores) * self.score_scale, dim=0).tolist()
-            candidates = fast_rag_sequence([g.text for g in block], [g.logprob for g in block], doc_logprobs)
-            best = candidates[0]
-            supporting = [SupportingPassage(row[i], row_scores[i], doc_logprobs[i]) for i in best.supporting]
-            answers.append(Answer(best.text, best.logprob, supporting, [(c.text, c.logprob) for c in candidates]))
-        return answers
+        """Answer each question from its retrieved passages, rows possibly under different adapter sets, decoded
+        together."""
+        answering = self.answering()
+        tickets = answering.add(questions, passages, scores, self._keys(adapters, len(questions)),
+                                [max_new_tokens] * len(questions))
+        done: dict[int, Answer] = {}
+        while len(answering):
+            done.update(answering.step())
+        return [done[ticket] for ticket in tickets]
+
+
+class Answering:
+    """RAG-sequence fast decoding of questions that join and finish at different times.
+
+    Each question decodes one generator row per passage, under its own adapter set; when the last of its rows
+    finishes, the passages' answers are pooled by p(doc | question) (`fast_rag_sequence`). A model server adds
+    questions between steps as they arrive and hands back answers as they finish, so the batch stays full.
+    """
+
+    def __init__(self, backbone: Backbone):
+        self._backbone = backbone
+        self._decoding = backbone.generator.decoding()
+        self._questions: dict[int, _Question] = {}
+        self._row_owner: dict[int, int] = {}  # decoding ticket -> question ticket
+        self._ready: list[int] = []  # questions whose rows are all done
+        self._next_ticket = 0
+
+    def __len__(self) -> int:
+        """Questions not yet returned by `step`."""
+        return len(self._questions)
+
+    @property
+    def rows(self) -> int:
+        """Generator rows the next step runs."""
+        return len(self._decoding.adapters)
+
+    def add(self, questions: list[str], passages: list[list[Passage]], scores: list[list[float]],
+            adapters: list[str | None], max_new_tokens: list[int]) -> list[int]:
+        """Start answering these questions (one prefill for all their rows); returns their tickets."""
+        generator = self._backbone.generator
+        sources, names, budgets, owners, tickets = [], [], [], [], []
+        for question, row, row_scores, name, budget in zip(
+                questions, passages, scores, self._backbone._names("generator", adapters), max_new_tokens):
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            tickets.append(ticket)
+            self._questions[ticket] = _Question(row, row_scores, [None] * len(row))
+            if not row:
+                self._ready.append(ticket)
+            sources += [generator.source(question, p) for p in row]
+            names += [name] * len(row)
+            budgets += [budget] * len(row)
+            owners += [(ticket, i) for i in range(len(row))]
+        for row_ticket, owner in zip(self._decoding.add(sources, names, budgets), owners):
+            self._row_owner[row_ticket] = owner
+        return tickets
+
+    def step(self) -> list[tuple[int, Answer]]:
+        """One decoding step; returns the questions answered since the last call."""
+        self._collect(self._decoding.step())
+        ready, self._ready = self._ready, []
+        return [(ticket, self._questions.pop(ticket).answer(self._backbone.score_scale)) for ticket in ready]
+
+    def drop(self, tickets: set[int]) -> None:
+        """Stop answering these questions (abandoned by their askers)."""
+        rows = {row for row, (owner, _) in self._row_owner.items() if owner in tickets}
+        self._decoding.drop(rows)
+        for row in rows:
+            del self._row_owner[row]
+        for ticket in tickets:
+            self._questions.pop(ticket, None)
+        self._ready = [t for t in self._ready if t not in tickets]
+
+    def _collect(self, finished) -> None:
+        for row_ticket, generation in finished:
+            ticket, index = self._row_owner.pop(row_ticket)
+            question = self._questions[ticket]
+            question.generations[index] = generation
+            if all(g is not None for g in question.generations):
+                self._ready.append(ticket)
+
+
+@dataclass
+class _Question:
+    passages: list[Passage]
+    scores: list[float]
+    generations: list  # per passage: its Generation once its row is done
+
+    def answer(self, score_scale: float) -> Answer:
+        if not self.passages:
+            return Answer("", float("-inf"), [])
+        doc_logprobs = torch.log_softmax(torch.tensor(self.scores) * score_scale, dim=0).tolist()
+        candidates = fast_rag_sequence([g.text for g in self.generations], [g.logprob for g in self.generations],
+                                       doc_logprobs)
+        best = candidates[0]
+        supporting = [SupportingPassage(self.passages[i], self.scores[i], doc_logprobs[i]) for i in best.supporting]
+        return Answer(best.text, best.logprob, supporting, [(c.text, c.logprob) for c in candidates])
 
 
 class _TrainingScope:

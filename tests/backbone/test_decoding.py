@@ -1,0 +1,110 @@
+"""Continuous batching: rows join and leave a decoding between steps and decode exactly as they would alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from backbone import Backbone
+from backbone.decoding import Decoding, WholeBatchDecoding
+from tests.backbone.test_lora import PASSAGES, load, randomize
+
+QUESTIONS = ["what is the capital", "how does covid spread through droplets", "revenue", "who said we were on a break"]
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_root) -> Backbone:
+    bb = load(tiny_root, "llama", "bert")
+    for seed, key in enumerate(["news", "covid"]):
+        bb.add_adapter_set(key)
+        randomize(bb, key, seed=40 + seed)
+    return bb
+
+
+def _rows(bb: Backbone) -> tuple[list[str], list[str]]:
+    """Sources of different lengths (so joining pads), each under its own adapter or the base."""
+    generator = bb.generator
+    sources = [generator.source(q, p) for q, p in zip(QUESTIONS, PASSAGES + PASSAGES[:1])]
+    names = bb._names("generator", ["news", "covid", None, "news"])
+    return sources, names
+
+
+def _alone(bb: Backbone, source: str, name: str, budget: int):
+    with torch.inference_mode():
+        return bb.generator.generate_whole([source], [name], budget)[0]
+
+
+def test_rows_that_join_late_decode_as_if_alone_and_short_rows_leave_first(llama):
+    sources, names = _rows(llama)
+    budgets = [3, 9, 6, 5]
+    decoding = llama.generator.decoding()
+    assert isinstance(decoding, Decoding)
+    finished_at: dict[int, int] = {}
+    results = {}
+    with torch.inference_mode():
+        first = decoding.add(sources[:2], names[:2], budgets[:2])
+        for step in range(1, 20):
+            if step == 2:  # two rows join a batch two tokens in, with prompts of other lengths
+                later = decoding.add(sources[2:], names[2:], budgets[2:])
+                assert len(decoding.adapters) == 4
+            for ticket, generation in decoding.step():
+                finished_at[ticket] = step
+                results[ticket] = generation
+            if not len(decoding):
+                break
+    tickets = first + later
+    for ticket, source, name, budget in zip(tickets, sources, names, budgets):
+        expected = _alone(llama, source, name, budget)
+        assert results[ticket].text == expected.text
+        assert results[ticket].logprob == pytest.approx(expected.logprob, abs=1e-3)
+    # The 3-token row was handed back after its own steps, not after the 9-token row's.
+    assert finished_at[tickets[0]] < finished_at[tickets[1]]
+    assert len({results[t].text for t in tickets}) > 1
+
+
+def test_a_row_stops_at_its_end_token_and_scores_it(llama):
+    sources, names = _rows(llama)
+    with torch.inference_mode():
+        ids = llama.generator.tokenizer(_alone(llama, sources[1], names[1], 8).text).input_ids
+    stop = next(t for i, t in enumerate(ids) if i >= 2 and t not in ids[:i])  # first new token from the third on
+    generator = llama.generator
+    saved = generator.eos_ids
+    generator.eos_ids = [stop]
+    try:
+        expected = _alone(llama, sources[1], names[1], 8)
+        with torch.inference_mode():
+            got = generator.generate([sources[1]], [names[1]], 8)[0]
+    finally:
+        generator.eos_ids = saved
+    assert got.text == expected.text
+    assert got.logprob == pytest.approx(expected.logprob, abs=1e-3)
+    assert len(generator.tokenizer(got.text).input_ids) < len(ids)
+
+
+def test_dropped_rows_are_never_returned_and_the_rest_decode_unchanged(llama):
+    sources, names = _rows(llama)
+    decoding = llama.generator.decoding()
+    results = {}
+    with torch.inference_mode():
+        tickets = decoding.add(sources, names, [6] * 4)
+        decoding.step()
+        decoding.drop({tickets[1], tickets[2]})
+        assert len(decoding.adapters) == 2
+        while len(decoding):
+            results.update(decoding.step())
+    assert set(results) == {tickets[0], tickets[3]}
+    for i in (0, 3):
+        assert results[tickets[i]].text == _alone(llama, sources[i], names[i], 6).text
+
+
+def test_seq2seq_generators_decode_each_group_whole(tiny_root):
+    bb = load(tiny_root, "bart", "dpr")
+    decoding = bb.generator.decoding()
+    assert isinstance(decoding, WholeBatchDecoding)
+    sources = [bb.generator.source(q, p) for q, p in zip(QUESTIONS[:2], PASSAGES[:2])]
+    names = bb._names("generator", [None, None])
+    with torch.inference_mode():
+        tickets = decoding.add(sources, names, [4, 2])
+        done = dict(decoding.step())
+        assert set(done) == set(tickets) and not len(decoding)
+        assert done[tickets[1]].text == bb.generator.generate_whole(sources[1:], names[1:], 2)[0].text
