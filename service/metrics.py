@@ -9,8 +9,8 @@ HTTP and asking
 - `ragadapt_ask_stage_seconds{domain, stage}`  histogram; stage: queue, embed, search, generate, total
 - `ragadapt_answer_tokens_total{domain}`  counter; generator tokens in returned answers
 - `ragadapt_queue_depth`  gauge; requests waiting for the model worker
-- `ragadapt_batch_rows`  histogram; questions per micro-batch
-- `ragadapt_batch_adapters`  histogram; distinct adapter sets per micro-batch (the base backbone counts too)
+- `ragadapt_batch_rows`  histogram; questions in flight per decoding step (continuous batching)
+- `ragadapt_batch_adapters`  histogram; distinct adapter sets per decoding step (the base backbone counts too)
 
 Adapter tiers (hot: attached to the model; warm: host memory; cold: the store)
 - `ragadapt_adapter_cache_hits_total{tier}`  counter; hot: attached already when its batch ran; warm: in host
@@ -69,9 +69,9 @@ class Metrics:
         self.answer_tokens = Counter("ragadapt_answer_tokens", "Generator tokens in returned answers",
                                      ["domain"], registry=r)
         self.queue_depth = Gauge("ragadapt_queue_depth", "Requests waiting for the model worker", registry=r)
-        self.batch_rows = Histogram("ragadapt_batch_rows", "Questions per micro-batch",
+        self.batch_rows = Histogram("ragadapt_batch_rows", "Questions in flight per decoding step",
                                     buckets=_BATCH_BUCKETS, registry=r)
-        self.batch_adapters = Histogram("ragadapt_batch_adapters", "Distinct adapter sets per micro-batch",
+        self.batch_adapters = Histogram("ragadapt_batch_adapters", "Distinct adapter sets per decoding step",
                                         buckets=_BATCH_BUCKETS, registry=r)
         self.adapter_hits = Counter("ragadapt_adapter_cache_hits", "Adapter cache hits by tier", ["tier"],
                                     registry=r)

@@ -43,7 +43,8 @@ class PassageOut(BaseModel):
 
 
 class Timings(BaseModel):
-    """Seconds per stage; embed, search and generate are the micro-batch's, shared by its rows."""
+    """Seconds per stage; embed and search are shared by the questions that joined together, generate runs
+    from their prefill to this answer."""
 
     queue: float
     embed: float

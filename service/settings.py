@@ -68,7 +68,7 @@ class ServerSettings(BaseModel):
     max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1024)  # POST /admin/domains (passages files)
     request_timeout_s: float = Field(60.0, gt=0)
     queue_size: int = Field(256, ge=1)  # requests waiting for the model worker; more are refused (503)
-    max_batch_rows: int = Field(16, ge=1)  # questions per micro-batch, across domains
+    max_batch_rows: int = Field(16, ge=1)  # questions in flight (continuous batching), across domains
     batch_wait_ms: float = Field(5.0, ge=0)  # how long a batch waits for more questions once one is there
     retry_after_s: int = Field(1, ge=1)  # Retry-After of 503 overloaded
     poll_interval_s: float = Field(1.5, gt=0)  # how often live pointers are re-read from the store

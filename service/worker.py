@@ -1,19 +1,20 @@
-"""The model worker: one thread owns the backbone and answers micro-batches of questions across domains.
+"""The model worker: one thread owns the backbone and answers questions across domains with continuous batching.
 
-Requests wait in a bounded queue (full: `Overloaded`, 503). The worker takes up to `max_batch_rows` questions,
-waiting at most `batch_wait_ms` for more once one is there, from any mix of domains, and runs every stage once
-for the whole batch with a per-row adapter choice (heterogeneous batching as in LoRAX, S-LoRA and Punica,
-instead of swapping one adapter per request):
+Requests wait in a bounded queue (full: `Overloaded`, 503). Questions of any mix of domains are in flight
+together, each under its own adapter set (heterogeneous batching as in LoRAX, S-LoRA and Punica, instead of
+swapping one adapter per request), and the worker schedules per step, as Orca does:
 
-1. embed: one `encode_questions` call, row i under row i's question-encoder LoRA;
-2. search: one FAISS/BM25 search per (index version, top_k, mode) group of rows; the generator weighs BM25
-   and fused hits by their dense dot products, as RAG's document posterior expects (one more FAISS search);
-3. generate: one `Backbone.answer` call per distinct `max_new_tokens`, row i's passages under row i's
-   generator LoRA (in practice one call: requests rarely differ there).
+1. between steps, queued questions join: one embed call (row i under row i's question-encoder LoRA), one
+   FAISS/BM25 search per (index version, top_k, mode) group, and one prefill of all their generator rows under
+   their generator LoRAs. The generator weighs BM25 and fused hits by their dense dot products, as RAG's
+   document posterior expects (one more FAISS search);
+2. one decoding step runs every question in flight in one forward;
+3. a question is answered as soon as its own rows are done, and its place goes to the next in the queue.
 
-A batch names at most `hot_slots` distinct adapter sets (rows beyond that wait for the next batch), and the
-worker attaches them before running it, so no adapter is ever swapped while a batch runs. Torch never runs on
-the event loop: the HTTP layer awaits an asyncio future the worker resolves.
+At most `max_batch_rows` questions are in flight, naming at most `hot_slots` distinct adapter sets; the worker
+attaches a set before its first question joins and never detaches a set while a question uses it. When idle it
+waits up to `batch_wait_ms` after a first question so that a burst starts together. Torch never runs on the
+event loop: the HTTP layer awaits an asyncio future the worker resolves.
 """
 
 from __future__ import annotations
@@ -52,7 +53,9 @@ class AskJob:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
     admitted: float = field(default_factory=time.perf_counter)
-    cancelled: bool = False  # the client gave up (timeout): skipped if still queued
+    cancelled: bool = False  # the client gave up (timeout): skipped if queued, dropped if decoding
+    done: bool = False  # answered (or failed) and its lease given back; worker thread only
+    generating_since: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
     hits: list[Hit] = field(default_factory=list)
     doc_scores: list[float] = field(default_factory=list)  # q.d of each hit, for the generator
@@ -96,7 +99,7 @@ class ModelWorker:
             self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Finish the batch in hand, refuse what is still queued, and end the thread."""
+        """Finish the questions in flight, refuse what is still queued, and end the thread."""
         with self._cond:
             self._running = False
             left = list(self._queue)
@@ -132,64 +135,89 @@ class ModelWorker:
     # --- the worker thread ----------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        answering = self._backbone.answering()
+        in_flight: dict[int, AskJob] = {}  # answering ticket -> job
         while True:
-            batch = self._take_batch()
-            if batch is None:
+            admitted = self._admit(in_flight)
+            if admitted is None:
                 return
-            if not batch:
-                continue
             try:
                 with torch.inference_mode():
-                    self._process(batch)
-            except Exception as exc:  # a batch must never kill the worker; its requests get a 500
-                log.exception("batch of %d questions failed", len(batch))
-                for job in batch:
-                    _deliver(job, exc)
-            finally:
-                for job in batch:
-                    self._release(job)
+                    self._drop_abandoned(answering, in_flight)
+                    if admitted:
+                        self._start(answering, admitted, in_flight)
+                    self._step(answering, in_flight)
+            except Exception as exc:  # a failed step must never kill the worker; its requests get a 500
+                log.exception("model step with %d questions failed", len(in_flight))
+                for job in [*in_flight.values(), *admitted]:
+                    self._finish(job, exc)
+                in_flight.clear()
+                answering = self._backbone.answering()
 
     def _release(self, job: AskJob) -> None:
         """Give back the adapter lease the HTTP layer handed over with the job."""
         if job.adapter is not None:
             self._cache.release(*job.adapter)
 
-    def _take_batch(self) -> list[AskJob] | None:
-        """Up to `max_batch_rows` queued jobs naming at most `hot_slots` adapter sets; None when stopping."""
+    def _finish(self, job: AskJob, outcome: AskResult | BaseException) -> None:
+        """Answer (or fail) a job once and give back its lease."""
+        if not job.done:
+            job.done = True
+            _deliver(job, outcome)
+            self._release(job)
+
+    def _admit(self, in_flight: dict[int, AskJob]) -> list[AskJob] | None:
+        """Queued jobs that join the questions in flight; None once stopping with nothing left in flight.
+
+        With nothing in flight it waits for a first job, then up to `batch_wait_s` for more. Otherwise it takes
+        what is queued without waiting, up to `max_batch_rows` questions in flight naming at most `hot_slots`
+        adapter sets. A job whose adapter set finds no free slot keeps its place at the head of the queue; until
+        it gets in, only jobs on the base backbone pass it, so the sets in flight drain and it cannot starve."""
         with self._cond:
-            while not self._queue and self._running:
-                self._cond.wait()
-            if not self._running:
-                return None
-            deadline = time.monotonic() + self.batch_wait_s
-            while len(self._queue) < self.max_batch_rows and self._running:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._cond.wait(remaining)
-            batch, deferred, adapters = [], [], set()
-            while self._queue and len(batch) < self.max_batch_rows:
+            if not in_flight:
+                while not self._queue and self._running:
+                    self._cond.wait()
+                if not self._running:
+                    return None
+                deadline = time.monotonic() + self.batch_wait_s
+                while len(self._queue) < self.max_batch_rows and self._running:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+            adapters = {job.adapter for job in in_flight.values() if job.adapter is not None}
+            admitted, passed, blocked = [], [], False
+            while self._queue and len(in_flight) + len(admitted) < self.max_batch_rows:
                 job = self._queue.popleft()
                 if job.cancelled:
                     self._release(job)
                     continue
-                if job.adapter is not None and job.adapter not in adapters:
-                    if len(adapters) >= self._cache.hot_slots:
-                        deferred.append(job)  # keeps its place at the head of the queue
+                if job.adapter is not None and (blocked or job.adapter not in adapters):
+                    if blocked or len(adapters) >= self._cache.hot_slots:
+                        blocked = True
+                        passed.append(job)
                         continue
                     adapters.add(job.adapter)
-                batch.append(job)
-            self._queue.extendleft(reversed(deferred))
+                admitted.append(job)
+            self._queue.extendleft(reversed(passed))
             self._metrics.queue_depth.set(len(self._queue))
-            return batch
+            return admitted
 
-    def _process(self, batch: list[AskJob]) -> None:
+    def _drop_abandoned(self, answering, in_flight: dict[int, AskJob]) -> None:
+        """Stop decoding for requests whose clients gave up (timed out)."""
+        abandoned = {ticket for ticket, job in in_flight.items() if job.cancelled}
+        if abandoned:
+            answering.drop(abandoned)
+            for ticket in abandoned:
+                self._finish(in_flight.pop(ticket), TimeoutError("the client stopped waiting"))
+
+    def _start(self, answering, batch: list[AskJob], in_flight: dict[int, AskJob]) -> None:
+        """Embed, search and prefill newly admitted jobs (one pass per stage), which then decode with the rest."""
         started = time.perf_counter()
         for job in batch:
             job.timings["queue"] = started - job.admitted
-        self._metrics.batch_rows.observe(len(batch))
-        self._metrics.batch_adapters.observe(len({job.adapter for job in batch}))
-        self._cache.make_hot(job.adapter for job in batch if job.adapter is not None)
+        # The sets in flight stay attached: make_hot only evicts sets it is not given.
+        self._cache.make_hot(job.adapter for job in [*in_flight.values(), *batch] if job.adapter is not None)
 
         # 1. embed: one call for every row (BM25 rows too: their generator still weighs passages by q.d)
         t = time.perf_counter()
@@ -213,35 +241,36 @@ class ModelWorker:
                               else _dense_scores(handle, embeddings[rows], results, k))
             except Exception as exc:  # e.g. RetrievalModeUnavailable: fails these rows only
                 for i in rows:
-                    _deliver(batch[i], exc)
+                    self._finish(batch[i], exc)
                 continue
             seconds = time.perf_counter() - t
             for i, hits, scores in zip(rows, results, doc_scores):
                 batch[i].hits = hits
                 batch[i].doc_scores = scores
                 batch[i].timings["search"] = seconds
-                answerable.append(i)
+                answerable.append(batch[i])
 
-        # 3. generate: one call per distinct max_new_tokens
-        by_length: dict[int, list[int]] = {}
-        for i in sorted(answerable):
-            by_length.setdefault(batch[i].max_new_tokens, []).append(i)
-        for max_new_tokens, rows in by_length.items():
-            jobs = [batch[i] for i in rows]
-            t = time.perf_counter()
-            answers = self._backbone.answer(
-                [job.question for job in jobs],
-                [[hit.passage for hit in job.hits] for job in jobs],
-                [job.doc_scores for job in jobs],
-                [job.key for job in jobs],
-                max_new_tokens=max_new_tokens,
-            )
-            seconds = time.perf_counter() - t
-            tokenizer = self._backbone.generator.tokenizer
-            for job, answer in zip(jobs, answers):
-                job.timings["generate"] = seconds
-                tokens = len(tokenizer(answer.text, add_special_tokens=False).input_ids) if answer.text else 0
-                _deliver(job, AskResult(answer, job.hits, dict(job.timings), tokens))
+        # 3. generate: prefill every new row in one forward; decoding steps follow with the rows in flight
+        now = time.perf_counter()
+        for job in answerable:
+            job.generating_since = now
+        tickets = answering.add([job.question for job in answerable],
+                                [[hit.passage for hit in job.hits] for job in answerable],
+                                [job.doc_scores for job in answerable], [job.key for job in answerable],
+                                [job.max_new_tokens for job in answerable])
+        in_flight.update(zip(tickets, answerable))
+
+    def _step(self, answering, in_flight: dict[int, AskJob]) -> None:
+        """One decoding step for every question in flight; answers those that finished."""
+        if answering.rows:
+            self._metrics.batch_rows.observe(len(in_flight))
+            self._metrics.batch_adapters.observe(len({job.adapter for job in in_flight.values()}))
+        tokenizer = self._backbone.generator.tokenizer
+        for ticket, answer in answering.step():
+            job = in_flight.pop(ticket)
+            job.timings["generate"] = time.perf_counter() - job.generating_since
+            tokens = len(tokenizer(answer.text, add_special_tokens=False).input_ids) if answer.text else 0
+            self._finish(job, AskResult(answer, job.hits, dict(job.timings), tokens))
 
 
 def _dense_scores(handle: IndexHandle, queries: np.ndarray, results: list[list[Hit]],

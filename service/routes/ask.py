@@ -62,7 +62,7 @@ async def ask(data: JSONBody[AskRequest], runtime: NamedDependency[Runtime],
         try:
             result = await asyncio.wait_for(job.future, _left(deadline))
         finally:
-            job.cancelled = True  # if still queued (timeout, client gone), the worker skips it
+            job.cancelled = True  # timeout or client gone: the worker skips it or stops decoding it
     except (TimeoutError, asyncio.TimeoutError):
         code = RequestTimeout.code
         raise RequestTimeout(f"no answer within {runtime.settings.server.request_timeout_s:g}s") from None

@@ -1,4 +1,4 @@
-"""The model worker batches questions of different domains (and adapters) into one pass per stage."""
+"""The model worker answers questions of different domains (and adapters) together, with continuous batching."""
 
 from __future__ import annotations
 
@@ -57,9 +57,15 @@ def _run(worker: ModelWorker, cache: AdapterCache, rows: list[tuple[str, str | N
     return asyncio.run(main())
 
 
-def _samples(metrics: Metrics, name: str) -> tuple[float, float]:
-    registry = metrics.registry
-    return registry.get_sample_value(f"{name}_count"), registry.get_sample_value(f"{name}_sum")
+def _steps(metrics: Metrics, name: str, above: float, at_most: float) -> float:
+    """How many decoding steps observed a value in (above, at_most] (bounds must be histogram buckets)."""
+    def count(bound: float) -> float:
+        return metrics.registry.get_sample_value(f"{name}_bucket", {"le": str(float(bound))}) or 0.0
+    return count(at_most) - (count(above) if above > 0 else 0.0)
+
+
+def _total_steps(metrics: Metrics, name: str) -> float:
+    return metrics.registry.get_sample_value(f"{name}_count") or 0.0
 
 
 @pytest.mark.parametrize("hot_slots", [4, 1])
@@ -70,7 +76,7 @@ def test_mixed_domains_share_batches_and_match_direct_answers(setup, direct, hot
                          warm_bytes=1 << 30, metrics=metrics)
     alpha, beta = ("alpha", versions["alpha"]), ("beta", versions["beta"])
     rows = [alpha, beta, ("alpha", None), beta, alpha, ("beta", None)]
-    # A batch waits (up to 2 s) until all rows are in, so how the rows are batched does not depend on timing.
+    # The worker waits (up to 2 s) until all rows are in, so which rows start together does not depend on timing.
     worker = ModelWorker(backbone, cache, metrics, queue_size=16, max_batch_rows=len(rows), batch_wait_s=2.0)
     worker.start()
     try:
@@ -78,15 +84,17 @@ def test_mixed_domains_share_batches_and_match_direct_answers(setup, direct, hot
     finally:
         worker.stop()
 
-    batches, rows_total = _samples(metrics, "ragadapt_batch_rows")
-    _, adapters_total = _samples(metrics, "ragadapt_batch_adapters")
+    steps = _total_steps(metrics, "ragadapt_batch_rows")
+    assert steps > 0
     if hot_slots >= 2:
-        # One batch for all six rows: alpha's adapter, beta's adapter and the base backbone side by side.
-        assert (batches, rows_total, adapters_total) == (1, len(rows), 3)
+        # All six questions start together: alpha's adapter, beta's adapter and the base backbone side by side.
+        assert _steps(metrics, "ragadapt_batch_rows", 4, 8) >= 1
+        assert _steps(metrics, "ragadapt_batch_adapters", 2, 4) >= 1
     else:
-        # One hot slot: the first batch takes alpha's rows (and base rows); beta's wait for the next one.
-        assert batches == 2 and rows_total == len(rows)
-        assert metrics.registry.get_sample_value("ragadapt_adapter_evictions_total", {"tier": "hot"}) == 1
+        # One hot slot: no step runs two adapter sets (the base backbone rides along); the sets take turns in
+        # queue order, alpha, beta, then alpha again, so the later alpha question waited for the betas.
+        assert _steps(metrics, "ragadapt_batch_adapters", 0, 2) == steps
+        assert metrics.registry.get_sample_value("ragadapt_adapter_evictions_total", {"tier": "hot"}) == 2
     pipeline = direct(store)
     for job, result in zip(jobs, results):
         version = job.adapter[1] if job.adapter else None
@@ -96,7 +104,50 @@ def test_mixed_domains_share_batches_and_match_direct_answers(setup, direct, hot
     if hot_slots >= 2:
         assert set(backbone.adapter_sets) == {f"{d}@{v}" for d, v in versions.items()}
     else:
-        assert backbone.adapter_sets == [f"beta@{versions['beta']}"]
+        assert backbone.adapter_sets == [f"alpha@{versions['alpha']}"]
+
+
+def test_a_question_joins_the_one_in_flight_and_is_answered_first(setup, direct):
+    """Continuous batching: a short question asked while a long answer decodes does not wait for it."""
+    store, backbone, versions, handles, loader, tmp_path = setup
+    metrics = Metrics()
+    cache = AdapterCache(backbone, AdapterRegistry(store), tmp_path, loader, hot_slots=2, warm_bytes=1 << 30,
+                         metrics=metrics)
+    worker = ModelWorker(backbone, cache, metrics, queue_size=4, max_batch_rows=4, batch_wait_s=0.0)
+    saved, backbone.generator.eos_ids = backbone.generator.eos_ids, []  # rows end at their token budget only
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        beta = ("beta", versions["beta"])
+        await asyncio.wrap_future(cache.acquire(*beta))
+
+        def job(question, domain, adapter, budget):
+            return AskJob(question=question, domain=domain, adapter=adapter, index=handles[domain], top_k=2,
+                          max_new_tokens=budget, retrieval="dense", loop=loop, future=loop.create_future())
+
+        long, short = job(QUESTIONS[0], "alpha", None, 600), job(QUESTIONS[1], "beta", beta, 3)
+        answered = []
+        for item in (long, short):
+            item.future.add_done_callback(lambda _, item=item: answered.append(item))
+        worker.submit(long)
+        while not long.generating_since:
+            await asyncio.sleep(0.001)
+        worker.submit(short)
+        await asyncio.gather(long.future, short.future)
+        return answered, short
+
+    worker.start()
+    try:
+        answered, short = asyncio.run(main())
+    finally:
+        worker.stop()
+        backbone.generator.eos_ids = saved
+    assert [job.max_new_tokens for job in answered] == [3, 600]
+    assert _steps(metrics, "ragadapt_batch_adapters", 1, 2) >= 1  # base and beta decoded side by side
+    result = short.future.result()
+    expected = direct(store).answer(handles["beta"], short.question, "beta", versions["beta"], top_k=2,
+                                    max_new_tokens=3)
+    assert result.answer.text == expected
 
 
 @pytest.mark.parametrize("retrieval", ["hybrid", "bm25"])

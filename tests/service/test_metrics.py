@@ -46,7 +46,8 @@ def test_metrics_parse_and_move_with_traffic(local_store_settings, make_settings
         assert _value(after, "ragadapt_ask_requests_total", domain="other", code="domain_not_found") == 1
         for stage in ("queue", "embed", "search", "generate", "total"):
             assert _value(after, "ragadapt_ask_stage_seconds_count", domain="alpha", stage=stage) == 3
-        assert _value(after, "ragadapt_batch_rows_sum") == 3
+        # One question at a time: every decoding step ran exactly one.
+        assert _value(after, "ragadapt_batch_rows_sum") == _value(after, "ragadapt_batch_rows_count") > 0
         assert _value(after, "ragadapt_answer_tokens_total", domain="alpha") > 0
         assert _value(after, "ragadapt_adapter_loads_total", result="ok") == 1  # loaded once, at promotion
         assert _value(after, "ragadapt_adapter_cache_hits_total", tier="warm") == 3
