@@ -256,8 +256,8 @@ def bench_throughput(args, backbone: Backbone, store: ObjectStore, asked: dict, 
         "mixed_over_naive": round(best["mixed"] / best["naive"], 3),
         "mixed_over_single_median": round(median["mixed"] / median["single"], 3),
         "mixed_over_naive_median": round(median["mixed"] / median["naive"], 3),
-        "batch_adapters_mean": _histogram_mean(metrics, "ragadapt_batch_adapters"),
-        "batch_rows_mean": _histogram_mean(metrics, "ragadapt_batch_rows"),
+        "batch_adapters_mean_per_step": _histogram_mean(metrics, "ragadapt_batch_adapters"),
+        "batch_rows_mean_per_step": _histogram_mean(metrics, "ragadapt_batch_rows"),
     }
     settings_out = {"domains": domains, "requests_per_round": args.requests, "concurrency": args.concurrency,
                     "rounds": args.rounds, "top_k": args.top_k, "max_new_tokens": args.max_new_tokens,
@@ -269,7 +269,8 @@ def bench_throughput(args, backbone: Backbone, store: ObjectStore, asked: dict, 
            f"{args.max_new_tokens} new tokens: 4 domains mixed {best['mixed']:.2f} req/s, 1 domain "
            f"{best['single']:.2f}, naive per-request swapping {best['naive']:.2f}; mixed/single "
            f"{results['mixed_over_single']}x (target >= 0.8), mixed/naive {results['mixed_over_naive']}x "
-           f"(target >= 3); {results['batch_adapters_mean']} adapter sets per batch on average")
+           f"(target >= 3); {results['batch_adapters_mean_per_step']} adapter sets and "
+           f"{results['batch_rows_mean_per_step']} questions per decoding step on average")
 
 
 def _histogram_mean(text: str, name: str) -> float | None:
