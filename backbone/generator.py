@@ -31,7 +31,7 @@ class Passage:
 @dataclass(frozen=True)
 class Generation:
     text: str
-    logprob: float  # log p(text | source), summed over generated tokens
+    logprob: float  # log p(text, end | source): over the new tokens, the end token included if it stopped there
 
 
 class Generator:
@@ -145,16 +145,6 @@ class Generator:
         if self.kind == "causal" and supports_continuous(self.host.base.config):
             return Decoding(self)
         return WholeBatchDecoding(self)
-
-    @torch.inference_mode()
-    def generate(self, sources: list[str], adapters: list[str], max_new_tokens: int) -> list[Generation]:
-        """Greedy answers for these rows, row i under adapter `adapters[i]`."""
-        decoding = self.decoding()
-        tickets = decoding.add(sources, adapters, [max_new_tokens] * len(sources))
-        done: dict[int, Generation] = {}
-        while len(decoding):
-            done.update(decoding.step())
-        return [done[ticket] for ticket in tickets]
 
     def finish(self, tokens: list[int], logprob: float) -> Generation:
         """A finished row: its new tokens (without the end token) and log p(tokens, end | source)."""
