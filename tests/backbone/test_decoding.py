@@ -74,20 +74,26 @@ def test_rows_that_join_late_decode_as_if_alone_and_short_rows_leave_first(llama
 
 def test_a_row_stops_at_its_end_token_and_scores_it(llama):
     sources, names = _rows(llama)
-    with torch.inference_mode():
-        ids = llama.generator.tokenizer(_alone(llama, sources[1], names[1], 8).text).input_ids
-    stop = next(t for i, t in enumerate(ids) if i >= 2 and t not in ids[:i])  # first new token from the third on
     generator = llama.generator
-    saved = generator.eos_ids
-    generator.eos_ids = [stop]
+    ids = generator.tokenizer(sources[1], add_special_tokens=False, return_tensors="pt").input_ids  # [1, length]
+    logprob = 0.0
+    with torch.inference_mode():
+        for _ in range(3):  # the row's first three greedy tokens and their log-probabilities
+            logprobs = torch.log_softmax(generator.host.forward([names[1]], input_ids=ids).logits[0, -1], dim=-1)
+            logprob += float(logprobs.max())
+            ids = torch.cat([ids, logprobs.argmax().view(1, 1)], dim=1)
+    first, second, third = ids[0, -3:].tolist()
+    assert third not in (first, second)  # so that making it the end token stops the row exactly there
+    saved, generator.eos_ids = generator.eos_ids, [third]
     try:
         expected = _alone(llama, sources[1], names[1], 8)
         got = _decode(llama, sources[1:2], names[1:2], 8)[0]
     finally:
         generator.eos_ids = saved
+    assert got.text == generator.tokenizer.decode([first, second], skip_special_tokens=True).strip()
     assert got.text == expected.text
     assert got.logprob == pytest.approx(expected.logprob, abs=1e-3)
-    assert len(generator.tokenizer(got.text).input_ids) < len(ids)
+    assert got.logprob == pytest.approx(logprob, abs=1e-3)  # two answer tokens and the end token
 
 
 def test_dropped_rows_are_never_returned_and_the_rest_decode_unchanged(llama):
