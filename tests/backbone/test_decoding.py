@@ -47,53 +47,70 @@ def _decode(bb: Backbone, sources: list[str], names: list[str], budget: int) -> 
 def test_rows_that_join_late_decode_as_if_alone_and_short_rows_leave_first(llama):
     sources, names = _rows(llama)
     budgets = [3, 9, 6, 5]
-    decoding = llama.generator.decoding()
+    generator = llama.generator
+    saved, generator.eos_ids = generator.eos_ids, []  # rows end at their budgets, whatever the random model says
+    decoding = generator.decoding()
     assert isinstance(decoding, Decoding)
     finished_at: dict[int, int] = {}
     results = {}
-    with torch.inference_mode():
-        first = decoding.add(sources[:2], names[:2], budgets[:2])
-        for step in range(1, 20):
-            if step == 2:  # two rows join a batch two tokens in, with prompts of other lengths
-                later = decoding.add(sources[2:], names[2:], budgets[2:])
-                assert len(decoding.adapters) == 4
-            for ticket, generation in decoding.step():
-                finished_at[ticket] = step
-                results[ticket] = generation
-            if not len(decoding):
-                break
-    tickets = first + later
-    for ticket, source, name, budget in zip(tickets, sources, names, budgets):
-        expected = _alone(llama, source, name, budget)
-        assert results[ticket].text == expected.text
-        assert results[ticket].logprob == pytest.approx(expected.logprob, abs=1e-3)
+    try:
+        with torch.inference_mode():
+            first = decoding.add(sources[:2], names[:2], budgets[:2])
+            for step in range(1, 20):
+                if step == 2:  # two rows join a batch two tokens in, with prompts of other lengths
+                    later = decoding.add(sources[2:], names[2:], budgets[2:])
+                    assert len(decoding.adapters) == 4
+                for ticket, generation in decoding.step():
+                    finished_at[ticket] = step
+                    results[ticket] = generation
+                if not len(decoding):
+                    break
+        tickets = first + later
+        expected = [_alone(llama, s, n, b) for s, n, b in zip(sources, names, budgets)]
+    finally:
+        generator.eos_ids = saved
+    for ticket, alone in zip(tickets, expected):
+        assert results[ticket].text == alone.text
+        assert results[ticket].logprob == pytest.approx(alone.logprob, abs=1e-3)
     # The 3-token row was handed back after its own steps, not after the 9-token row's.
     assert finished_at[tickets[0]] < finished_at[tickets[1]]
     assert len({results[t].text for t in tickets}) > 1
 
 
+def _greedy(bb: Backbone, source: str, name: str, steps: int) -> tuple[list[int], list[float]]:
+    """A plain greedy loop without a cache: the row's tokens and their log-probabilities."""
+    generator = bb.generator
+    ids = generator.tokenizer(source, add_special_tokens=False, return_tensors="pt").input_ids  # [1, length]
+    tokens, logprobs = [], []
+    with torch.inference_mode():
+        for _ in range(steps):
+            scores = torch.log_softmax(generator.host.forward([name], input_ids=ids).logits[0, -1], dim=-1)
+            tokens.append(int(scores.argmax()))
+            logprobs.append(float(scores.max()))
+            ids = torch.cat([ids, scores.argmax().view(1, 1)], dim=1)
+    return tokens, logprobs
+
+
 def test_a_row_stops_at_its_end_token_and_scores_it(llama):
     sources, names = _rows(llama)
+    # Make the end token one the row produces for the first time at some step after the first, so it stops there.
+    for source, name in zip(sources, names):
+        tokens, logprobs = _greedy(llama, source, name, 8)
+        stop_at = next((i for i in range(1, 8) if tokens[i] not in tokens[:i]), None)
+        if stop_at is not None:
+            break
+    assert stop_at is not None
     generator = llama.generator
-    ids = generator.tokenizer(sources[1], add_special_tokens=False, return_tensors="pt").input_ids  # [1, length]
-    logprob = 0.0
-    with torch.inference_mode():
-        for _ in range(3):  # the row's first three greedy tokens and their log-probabilities
-            logprobs = torch.log_softmax(generator.host.forward([names[1]], input_ids=ids).logits[0, -1], dim=-1)
-            logprob += float(logprobs.max())
-            ids = torch.cat([ids, logprobs.argmax().view(1, 1)], dim=1)
-    first, second, third = ids[0, -3:].tolist()
-    assert third not in (first, second)  # so that making it the end token stops the row exactly there
-    saved, generator.eos_ids = generator.eos_ids, [third]
+    saved, generator.eos_ids = generator.eos_ids, [tokens[stop_at]]
     try:
-        expected = _alone(llama, sources[1], names[1], 8)
-        got = _decode(llama, sources[1:2], names[1:2], 8)[0]
+        expected = _alone(llama, source, name, 8)
+        got = _decode(llama, [source], [name], 8)[0]
     finally:
         generator.eos_ids = saved
-    assert got.text == generator.tokenizer.decode([first, second], skip_special_tokens=True).strip()
+    assert got.text == generator.tokenizer.decode(tokens[:stop_at], skip_special_tokens=True).strip()
     assert got.text == expected.text
     assert got.logprob == pytest.approx(expected.logprob, abs=1e-3)
-    assert got.logprob == pytest.approx(logprob, abs=1e-3)  # two answer tokens and the end token
+    assert got.logprob == pytest.approx(sum(logprobs[:stop_at + 1]), abs=1e-3)  # the end token counts
 
 
 def test_dropped_rows_are_never_returned_and_the_rest_decode_unchanged(llama):
