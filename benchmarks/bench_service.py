@@ -17,8 +17,9 @@ Each writes `benchmarks/results/service_<name>.json` (machine, date, settings, n
 `benchmarks/RESULTS.md`. The 2 cores are shared with other work, so every comparison alternates its contenders
 over several short rounds and reports the best round of each (the least disturbed) beside the median.
 
-The backbone runs in float32 by default here (`--dtype`): on this CPU the automatic choice, bfloat16, measured
-2-4x slower for generation. Passages are clipped to `--max-passage-tokens` (128, the backbone default is 192)
+The backbone runs in float32 by default here (`--dtype`), so that results stay comparable with the first ones.
+That choice rested on bfloat16 measuring 2-4x slower for generation, a measurement later found to be taken
+under thread contention; on quiet cores bfloat16 answered faster (5.4 s vs 7.6 s, 32 tokens over 5 passages). Passages are clipped to `--max-passage-tokens` (128, the backbone default is 192)
 to keep prefill, which dominates CPU time, within the time the shared cores allow; both sides of every
 comparison use the same setting.
 """
