@@ -1,13 +1,15 @@
-"""Greedy decoding of a changing set of rows: continuous batching (Orca's iteration-level scheduling) with a LoRA
-adapter per row, the way LoRAX and S-LoRA serve many adapters on one model.
+"""Greedy decoding of a changing set of rows: continuous batching (Orca's iteration-level scheduling) with a
+LoRA adapter per row, the way LoRAX and S-LoRA serve many adapters on one model.
 
-Rows join between steps with their own prefill and leave as soon as they finish, so a long answer never holds a
-batch of short ones, and a new request does not wait for the batch in flight to end. On a CPU that matters more
-than anywhere: a decoding step over 16 rows costs about twice a step over one, so the batch should stay full.
+Rows join between steps with their own prefill and leave as soon as they finish, so a long answer never holds
+a batch of short ones, and a new request does not wait for the batch in flight to end. A decoding step over 16
+rows costs about twice a step over one (2 CPU cores, the embedded default), so a batch kept full is what makes
+per-row adapters pay.
 
-All rows share one left-padded KV cache. Joining left-pads the shorter side to the longer one; leaving drops the
-rows, then the columns on the left that only padded them. Each layer appends into spare capacity rather than
-concatenating the whole cache every token (what `DynamicCache` does: a quarter of a 16-row step on a CPU).
+All rows share one left-padded KV cache. Joining left-pads the shorter side to the longer one; leaving drops
+the rows, then the columns on the left that only padded them. Each layer appends into spare capacity rather
+than concatenating the whole cache every token (what `DynamicCache` does: a quarter of a 16-row step on a
+CPU).
 """
 
 from __future__ import annotations
@@ -77,8 +79,8 @@ def _left_pad(states: torch.Tensor, length: int) -> torch.Tensor:
 
 
 def supports_continuous(config) -> bool:
-    """Rows can share one growing cache only when every layer attends to the whole sequence (no sliding window,
-    no linear attention state)."""
+    """Rows can share one growing cache only when every layer attends to the whole sequence (no sliding
+    window, no linear attention state)."""
     layer_types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
     return all(kind == "full_attention" for kind in layer_types)
 
@@ -124,10 +126,11 @@ def _left_pad_mask(mask: torch.Tensor, length: int) -> torch.Tensor:
 
 
 class Decoding:
-    """Greedy decoding of rows that join (`add`) and finish (`step`) at different times, under per-row adapters.
+    """Greedy decoding of rows that join (`add`) and finish (`step`) at different times, under per-row
+    adapters.
 
-    Not thread-safe: the thread that owns the model drives it. Adapter names are resolved on every forward, so a
-    row fails loudly (UnknownAdapter) rather than run under another adapter if its own was detached mid-way.
+    Not thread-safe: the thread that owns the model drives it. Adapter names are resolved on every forward, so
+    a row fails loudly (UnknownAdapter) rather than run under another adapter if its own was detached mid-way.
     """
 
     def __init__(self, generator: "Generator"):
@@ -146,20 +149,22 @@ class Decoding:
         return [row.adapter for row in self._batch.rows] if self._batch else []
 
     def add(self, sources: list[str], adapters: list[str], max_new_tokens: list[int]) -> list[int]:
-        """Prefill new rows (one forward for all of them) and pick their first tokens; returns their tickets."""
+        """Prefill new rows (one forward for all) and pick their first tokens; returns their tickets."""
         if not sources:
             return []
         generator = self._generator
         tokenizer = generator.tokenizer
         tokenizer.padding_side = "left"
-        enc = tokenizer(sources, padding=True, add_special_tokens=False, return_tensors="pt").to(generator.device)
+        enc = tokenizer(sources, padding=True, add_special_tokens=False, return_tensors="pt")
+        enc = enc.to(generator.device)
         positions = (enc.attention_mask.cumsum(-1) - 1).clamp(min=0)  # [n, length]
         cache = Cache(layers=[_GrowingLayer() for _ in range(generator.host.base.config.num_hidden_layers)])
         out = generator.host.forward(adapters, input_ids=enc.input_ids, attention_mask=enc.attention_mask,
                                      position_ids=positions, past_key_values=cache, use_cache=True,
                                      logits_to_keep=1)
+        lengths = enc.attention_mask.sum(-1).tolist()
         rows = [_Row(next(self._tickets), adapter, budget, int(length))
-                for adapter, budget, length in zip(adapters, max_new_tokens, enc.attention_mask.sum(-1).tolist())]
+                for adapter, budget, length in zip(adapters, max_new_tokens, lengths)]
         batch = _Batch(rows, cache, enc.attention_mask)
         self._advance(batch, out.logits[:, -1])
         if batch.rows:
@@ -177,7 +182,8 @@ class Decoding:
             positions = torch.tensor([[row.position] for row in batch.rows], device=batch.mask.device)
             out = self._generator.host.forward(
                 [row.adapter for row in batch.rows], input_ids=batch.next_tokens.unsqueeze(1),
-                attention_mask=batch.mask, position_ids=positions, past_key_values=batch.cache, use_cache=True,
+                attention_mask=batch.mask, position_ids=positions, past_key_values=batch.cache,
+                use_cache=True,
             )
             for row in batch.rows:
                 row.position += 1
@@ -240,8 +246,8 @@ class WholeBatchDecoding:
         for i, budget in enumerate(max_new_tokens):
             groups.setdefault(budget, []).append(i)
         for budget, rows in groups.items():
-            generations = self._generator.generate_whole([sources[i] for i in rows], [adapters[i] for i in rows],
-                                                         budget)
+            generations = self._generator.generate_whole(
+                [sources[i] for i in rows], [adapters[i] for i in rows], budget)
             self._finished += [(tickets[i], g) for i, g in zip(rows, generations)]
         return tickets
 

@@ -1,4 +1,5 @@
-"""The model worker: one thread owns the backbone and answers questions across domains with continuous batching.
+"""The model worker: one thread owns the backbone and answers questions across domains, continuously
+batched.
 
 Requests wait in a bounded queue (full: `Overloaded`, 503). Questions of any mix of domains are in flight
 together, each under its own adapter set (heterogeneous batching as in LoRAX, S-LoRA and Punica, instead of
@@ -169,10 +170,11 @@ class ModelWorker:
     def _admit(self, in_flight: dict[int, AskJob]) -> list[AskJob] | None:
         """Queued jobs that join the questions in flight; None once stopping with nothing left in flight.
 
-        With nothing in flight it waits for a first job, then up to `batch_wait_s` for more. Otherwise it takes
-        what is queued without waiting, up to `max_batch_rows` questions in flight naming at most `hot_slots`
-        adapter sets. A job whose adapter set finds no free slot keeps its place at the head of the queue; until
-        it gets in, only jobs on the base backbone pass it, so the sets in flight drain and it cannot starve."""
+        With nothing in flight it waits for a first job, then up to `batch_wait_s` for more. Otherwise it
+        takes what is queued without waiting, up to `max_batch_rows` questions in flight naming at most
+        `hot_slots` adapter sets. A job whose adapter set finds no free slot keeps its place at the head of
+        the queue; until it gets in, only jobs on the base backbone pass it, so the sets in flight drain and
+        it cannot starve."""
         with self._cond:
             if not in_flight:
                 while not self._queue and self._running:
@@ -212,7 +214,7 @@ class ModelWorker:
                 self._finish(in_flight.pop(ticket), TimeoutError("the client stopped waiting"))
 
     def _start(self, answering, batch: list[AskJob], in_flight: dict[int, AskJob]) -> None:
-        """Embed, search and prefill newly admitted jobs (one pass per stage), which then decode with the rest."""
+        """Embed, search and prefill newly admitted jobs (one pass per stage); they decode with the rest."""
         started = time.perf_counter()
         for job in batch:
             job.timings["queue"] = started - job.admitted

@@ -1,4 +1,4 @@
-"""Continuous batching: rows join and leave a decoding between steps and decode exactly as they would alone."""
+"""Continuous batching: rows join and leave a decoding between steps and decode as they would alone."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from backbone import Backbone
 from backbone.decoding import Decoding, WholeBatchDecoding
 from tests.backbone.test_lora import PASSAGES, load, randomize
 
-QUESTIONS = ["what is the capital", "how does covid spread through droplets", "revenue", "who said we were on a break"]
+QUESTIONS = [
+    "what is the capital", "how does covid spread through droplets", "revenue", "who said we were on a break",
+]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +50,7 @@ def test_rows_that_join_late_decode_as_if_alone_and_short_rows_leave_first(llama
     sources, names = _rows(llama)
     budgets = [3, 9, 6, 5]
     generator = llama.generator
-    saved, generator.eos_ids = generator.eos_ids, []  # rows end at their budgets, whatever the random model says
+    saved, generator.eos_ids = generator.eos_ids, []  # rows end at their budgets, whatever the model says
     decoding = generator.decoding()
     assert isinstance(decoding, Decoding)
     finished_at: dict[int, int] = {}
@@ -93,7 +95,7 @@ def _greedy(bb: Backbone, source: str, name: str, steps: int) -> tuple[list[int]
 
 def test_a_row_stops_at_its_end_token_and_scores_it(llama):
     sources, names = _rows(llama)
-    # Make the end token one the row produces for the first time at some step after the first, so it stops there.
+    # The end token: one the row first produces at some step after the first, so it stops right there.
     for source, name in zip(sources, names):
         tokens, logprobs = _greedy(llama, source, name, 8)
         stop_at = next((i for i in range(1, 8) if tokens[i] not in tokens[:i]), None)

@@ -1,4 +1,4 @@
-"""The model worker answers questions of different domains (and adapters) together, with continuous batching."""
+"""The model worker answers questions of different domains (and adapters) together, continuously batched."""
 
 from __future__ import annotations
 
@@ -57,6 +57,17 @@ def _run(worker: ModelWorker, cache: AdapterCache, rows: list[tuple[str, str | N
     return asyncio.run(main())
 
 
+def _worker(setup, *, hot_slots: int, max_batch_rows: int, batch_wait_s: float):
+    """A model worker over the setup's backbone with a fresh adapter cache and metrics (not started)."""
+    store, backbone, _, _, loader, tmp_path = setup
+    metrics = Metrics()
+    cache = AdapterCache(backbone, AdapterRegistry(store), tmp_path, loader, hot_slots=hot_slots,
+                         warm_bytes=1 << 30, metrics=metrics)
+    worker = ModelWorker(backbone, cache, metrics, queue_size=16, max_batch_rows=max_batch_rows,
+                         batch_wait_s=batch_wait_s)
+    return worker, cache, metrics
+
+
 def _steps(metrics: Metrics, name: str, above: float, at_most: float) -> float:
     """How many decoding steps observed a value in (above, at_most] (bounds must be histogram buckets)."""
     def count(bound: float) -> float:
@@ -70,14 +81,11 @@ def _total_steps(metrics: Metrics, name: str) -> float:
 
 @pytest.mark.parametrize("hot_slots", [4, 1])
 def test_mixed_domains_share_batches_and_match_direct_answers(setup, direct, hot_slots):
-    store, backbone, versions, handles, loader, tmp_path = setup
-    metrics = Metrics()
-    cache = AdapterCache(backbone, AdapterRegistry(store), tmp_path, loader, hot_slots=hot_slots,
-                         warm_bytes=1 << 30, metrics=metrics)
+    store, backbone, versions, handles, _, _ = setup
     alpha, beta = ("alpha", versions["alpha"]), ("beta", versions["beta"])
     rows = [alpha, beta, ("alpha", None), beta, alpha, ("beta", None)]
-    # The worker waits (up to 2 s) until all rows are in, so which rows start together does not depend on timing.
-    worker = ModelWorker(backbone, cache, metrics, queue_size=16, max_batch_rows=len(rows), batch_wait_s=2.0)
+    # The worker waits (up to 2 s) until all rows are in, so which rows start together is not up to timing.
+    worker, cache, metrics = _worker(setup, hot_slots=hot_slots, max_batch_rows=len(rows), batch_wait_s=2.0)
     worker.start()
     try:
         results, jobs = _run(worker, cache, rows, handles)
@@ -87,7 +95,7 @@ def test_mixed_domains_share_batches_and_match_direct_answers(setup, direct, hot
     steps = _total_steps(metrics, "ragadapt_batch_rows")
     assert steps > 0
     if hot_slots >= 2:
-        # All six questions start together: alpha's adapter, beta's adapter and the base backbone side by side.
+        # All six questions start together: alpha's adapter, beta's adapter and the base backbone at once.
         assert _steps(metrics, "ragadapt_batch_rows", 4, 8) >= 1
         assert _steps(metrics, "ragadapt_batch_adapters", 2, 4) >= 1
     else:
@@ -109,11 +117,8 @@ def test_mixed_domains_share_batches_and_match_direct_answers(setup, direct, hot
 
 def test_a_question_joins_the_one_in_flight_and_is_answered_first(setup, direct):
     """Continuous batching: a short question asked while a long answer decodes does not wait for it."""
-    store, backbone, versions, handles, loader, tmp_path = setup
-    metrics = Metrics()
-    cache = AdapterCache(backbone, AdapterRegistry(store), tmp_path, loader, hot_slots=2, warm_bytes=1 << 30,
-                         metrics=metrics)
-    worker = ModelWorker(backbone, cache, metrics, queue_size=4, max_batch_rows=4, batch_wait_s=0.0)
+    store, backbone, versions, handles, _, _ = setup
+    worker, cache, metrics = _worker(setup, hot_slots=2, max_batch_rows=4, batch_wait_s=0.0)
     saved, backbone.generator.eos_ids = backbone.generator.eos_ids, []  # rows end at their token budget only
 
     async def main():
@@ -153,11 +158,8 @@ def test_a_question_joins_the_one_in_flight_and_is_answered_first(setup, direct)
 @pytest.mark.parametrize("retrieval", ["hybrid", "bm25"])
 def test_lexical_hits_are_weighed_by_their_dense_scores(setup, retrieval):
     """The generator's document posterior takes query-passage dot products, whatever chose the passages."""
-    store, backbone, _, handles, loader, tmp_path = setup
-    metrics = Metrics()
-    cache = AdapterCache(backbone, AdapterRegistry(store), tmp_path, loader, hot_slots=2, warm_bytes=1 << 30,
-                         metrics=metrics)
-    worker = ModelWorker(backbone, cache, metrics, queue_size=4, max_batch_rows=1, batch_wait_s=0.0)
+    _, backbone, _, handles, _, _ = setup
+    worker, cache, _ = _worker(setup, hot_slots=2, max_batch_rows=1, batch_wait_s=0.0)
     worker.start()
     try:
         results, jobs = _run(worker, cache, [("alpha", None)], handles, retrieval=retrieval, top_k=4)
