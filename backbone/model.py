@@ -177,7 +177,7 @@ class Backbone:
 
     def save_adapter_set(self, key: str, directory: Path) -> None:
         """Write question/, passage/ and generator/ PEFT adapters under `directory`."""
-        weights = self.adapter_set_weights(key)
+        self._names("question", [key])  # an unknown set fails here, before anything is written
         for component in COMPONENTS:
             target = Path(directory) / component
             target.mkdir(parents=True, exist_ok=True)
