@@ -313,23 +313,24 @@ class Answering:
 
     def add(self, questions: list[str], passages: list[list[Passage]], scores: list[list[float]],
             adapters: list[str | None], max_new_tokens: list[int]) -> list[int]:
-        """Start answering these questions (one prefill for all their rows); returns their tickets."""
+        """Start answering these questions (one prefill for all their rows); returns their tickets. If the
+        prefill fails, nothing was added and the questions in flight go on."""
         generator = self._backbone.generator
-        sources, names, budgets, owners, tickets = [], [], [], [], []
-        for question, row, row_scores, name, budget in zip(
-                questions, passages, scores, self._backbone._names("generator", adapters), max_new_tokens):
-            ticket = self._next_ticket
-            self._next_ticket += 1
-            tickets.append(ticket)
-            self._questions[ticket] = _Question(row, row_scores, [None] * len(row))
-            if not row:
-                self._ready.append(ticket)
+        tickets = list(range(self._next_ticket, self._next_ticket + len(questions)))
+        sources, names, budgets, owners = [], [], [], []
+        for ticket, question, row, name, budget in zip(
+                tickets, questions, passages, self._backbone._names("generator", adapters), max_new_tokens):
             sources += [generator.source(question, p) for p in row]
             names += [name] * len(row)
             budgets += [budget] * len(row)
             owners += [(ticket, i) for i in range(len(row))]
-        for row_ticket, owner in zip(self._decoding.add(sources, names, budgets), owners):
-            self._row_owner[row_ticket] = owner
+        row_tickets = self._decoding.add(sources, names, budgets)
+        self._next_ticket += len(questions)
+        for ticket, row, row_scores in zip(tickets, passages, scores):
+            self._questions[ticket] = _Question(row, row_scores, [None] * len(row))
+            if not row:
+                self._ready.append(ticket)
+        self._row_owner.update(zip(row_tickets, owners))
         return tickets
 
     def step(self) -> list[tuple[int, Answer]]:

@@ -142,18 +142,23 @@ class ModelWorker:
             admitted = self._admit(in_flight)
             if admitted is None:
                 return
-            try:
-                with torch.inference_mode():
-                    self._drop_abandoned(answering, in_flight)
+            with torch.inference_mode():
+                self._drop_abandoned(answering, in_flight)
+                try:
                     if admitted:
                         self._start(answering, admitted, in_flight)
+                except Exception as exc:  # the newcomers get a 500; the questions in flight go on
+                    log.exception("starting %d questions failed", len(admitted))
+                    for job in admitted:
+                        self._finish(job, exc)
+                try:
                     self._step(answering, in_flight)
-            except Exception as exc:  # a failed step must never kill the worker; its requests get a 500
-                log.exception("model step with %d questions failed", len(in_flight))
-                for job in [*in_flight.values(), *admitted]:
-                    self._finish(job, exc)
-                in_flight.clear()
-                answering = self._backbone.answering()
+                except Exception as exc:  # a failed step must never kill the worker; its requests get a 500
+                    log.exception("model step with %d questions failed", len(in_flight))
+                    for job in in_flight.values():
+                        self._finish(job, exc)
+                    in_flight.clear()
+                    answering = self._backbone.answering()
 
     def _release(self, job: AskJob) -> None:
         """Give back the adapter lease the HTTP layer handed over with the job."""

@@ -68,6 +68,11 @@ def _worker(setup, *, hot_slots: int, max_batch_rows: int, batch_wait_s: float):
     return worker, cache, metrics
 
 
+def _job(loop, handles, question: str, domain: str, adapter, budget: int) -> AskJob:
+    return AskJob(question=question, domain=domain, adapter=adapter, index=handles[domain], top_k=2,
+                  max_new_tokens=budget, retrieval="dense", loop=loop, future=loop.create_future())
+
+
 def _steps(metrics: Metrics, name: str, above: float, at_most: float) -> float:
     """How many decoding steps observed a value in (above, at_most] (bounds must be histogram buckets)."""
     def count(bound: float) -> float:
@@ -126,11 +131,8 @@ def test_a_question_joins_the_one_in_flight_and_is_answered_first(setup, direct)
         beta = ("beta", versions["beta"])
         await asyncio.wrap_future(cache.acquire(*beta))
 
-        def job(question, domain, adapter, budget):
-            return AskJob(question=question, domain=domain, adapter=adapter, index=handles[domain], top_k=2,
-                          max_new_tokens=budget, retrieval="dense", loop=loop, future=loop.create_future())
-
-        long, short = job(QUESTIONS[0], "alpha", None, 600), job(QUESTIONS[1], "beta", beta, 3)
+        long = _job(loop, handles, QUESTIONS[0], "alpha", None, 600)
+        short = _job(loop, handles, QUESTIONS[1], "beta", beta, 3)
         answered = []
         for item in (long, short):
             item.future.add_done_callback(lambda _, item=item: answered.append(item))
@@ -153,6 +155,45 @@ def test_a_question_joins_the_one_in_flight_and_is_answered_first(setup, direct)
     expected = direct(store).answer(handles["beta"], short.question, "beta", versions["beta"], top_k=2,
                                     max_new_tokens=3)
     assert result.answer.text == expected
+
+
+def test_a_question_that_fails_to_start_leaves_those_in_flight_unharmed(setup, monkeypatch):
+    _, backbone, _, handles, _, _ = setup
+    worker, _, _ = _worker(setup, hot_slots=2, max_batch_rows=4, batch_wait_s=0.0)
+    encode = backbone.encode_questions
+
+    def encode_or_fail(questions, adapters=None):  # a fault no real input provokes reliably
+        if "boom" in questions:
+            raise RuntimeError("the question encoder failed")
+        return encode(questions, adapters)
+
+    monkeypatch.setattr(backbone, "encode_questions", encode_or_fail)
+    monkeypatch.setattr(backbone.generator, "eos_ids", [])  # rows end at their token budget only
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        long = _job(loop, handles, QUESTIONS[0], "alpha", None, 200)
+        worker.submit(long)
+        while not long.generating_since:
+            await asyncio.sleep(0.001)
+        failing = _job(loop, handles, "boom", "alpha", None, 3)
+        worker.submit(failing)
+        outcomes = await asyncio.gather(long.future, failing.future, return_exceptions=True)
+        later = _job(loop, handles, QUESTIONS[1], "alpha", None, 3)
+        worker.submit(later)
+        return outcomes, await later.future, long
+
+    worker.start()
+    try:
+        (answered, failed), later, long = asyncio.run(main())
+    finally:
+        worker.stop()
+    assert isinstance(failed, RuntimeError)
+    with torch.inference_mode():
+        alone = backbone.answer([long.question], [[hit.passage for hit in answered.hits]], [long.doc_scores],
+                                max_new_tokens=200)[0]
+    assert answered.answer.text == alone.text  # the failure beside it changed nothing
+    assert later.answer.text  # and the worker still answers
 
 
 @pytest.mark.parametrize("retrieval", ["hybrid", "bm25"])
