@@ -31,10 +31,6 @@ _SPARE_TOKENS = 64
 class _GrowingLayer(DynamicLayer):
     """A full-attention cache layer ([rows, heads, length, head_dim]) with spare capacity after `length`."""
 
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        super().lazy_initialization(key_states, value_states)
-        self.length = 0
-
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
@@ -141,12 +137,12 @@ class Decoding:
 
     def __len__(self) -> int:
         """Rows not yet returned by `step`."""
-        return (len(self._batch.rows) if self._batch else 0) + len(self._finished)
+        return self.rows + len(self._finished)
 
     @property
-    def adapters(self) -> list[str]:
-        """The adapter of each row in the batch (what the next step will run)."""
-        return [row.adapter for row in self._batch.rows] if self._batch else []
+    def rows(self) -> int:
+        """Rows the next step runs."""
+        return len(self._batch.rows) if self._batch else 0
 
     def add(self, sources: list[str], adapters: list[str], max_new_tokens: list[int]) -> list[int]:
         """Prefill new rows (one forward for all) and pick their first tokens; returns their tickets."""
@@ -235,7 +231,7 @@ class WholeBatchDecoding:
         self._generator = generator
         self._finished: list[tuple[int, Generation]] = []
         self._tickets = itertools.count()
-        self.adapters: list[str] = []  # rows are never in flight between calls
+        self.rows = 0  # rows are never in flight between calls
 
     def __len__(self) -> int:
         return len(self._finished)

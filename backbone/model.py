@@ -260,7 +260,6 @@ class Backbone:
 
     # --- answering -----------------------------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def answering(self) -> "Answering":
         """Questions answered together as they come and go (continuous batching); see `Answering`."""
         return Answering(self)
@@ -298,7 +297,7 @@ class Answering:
         self._backbone = backbone
         self._decoding = backbone.generator.decoding()
         self._questions: dict[int, _Question] = {}
-        self._row_owner: dict[int, int] = {}  # decoding ticket -> question ticket
+        self._row_owner: dict[int, tuple[int, int]] = {}  # decoding ticket -> (question ticket, passage)
         self._ready: list[int] = []  # questions whose rows are all done
         self._next_ticket = 0
 
@@ -309,7 +308,7 @@ class Answering:
     @property
     def rows(self) -> int:
         """Generator rows the next step runs."""
-        return len(self._decoding.adapters)
+        return self._decoding.rows
 
     def add(self, questions: list[str], passages: list[list[Passage]], scores: list[list[float]],
             adapters: list[str | None], max_new_tokens: list[int]) -> list[int]:

@@ -61,7 +61,7 @@ def test_rows_that_join_late_decode_as_if_alone_and_short_rows_leave_first(llama
             for step in range(1, 20):
                 if step == 2:  # two rows join a batch two tokens in, with prompts of other lengths
                     later = decoding.add(sources[2:], names[2:], budgets[2:])
-                    assert len(decoding.adapters) == 4
+                    assert decoding.rows == 4
                 for ticket, generation in decoding.step():
                     finished_at[ticket] = step
                     results[ticket] = generation
@@ -123,7 +123,7 @@ def test_dropped_rows_are_never_returned_and_the_rest_decode_unchanged(llama):
         tickets = decoding.add(sources, names, [6] * 4)
         decoding.step()
         decoding.drop({tickets[1], tickets[2]})
-        assert len(decoding.adapters) == 2
+        assert decoding.rows == 2
         while len(decoding):
             results.update(decoding.step())
     assert set(results) == {tickets[0], tickets[3]}
