@@ -69,7 +69,7 @@ class ServerSettings(BaseModel):
     request_timeout_s: float = Field(60.0, gt=0)
     queue_size: int = Field(256, ge=1)  # requests waiting for the model worker; more are refused (503)
     max_batch_rows: int = Field(16, ge=1)  # questions in flight (continuous batching), across domains
-    batch_wait_ms: float = Field(5.0, ge=0)  # how long a batch waits for more questions once one is there
+    batch_wait_ms: float = Field(5.0, ge=0)  # when idle, how long a first question waits for a burst to join
     retry_after_s: int = Field(1, ge=1)  # Retry-After of 503 overloaded
     poll_interval_s: float = Field(1.5, gt=0)  # how often live pointers are re-read from the store
     threads: int | None = Field(None, ge=1)  # torch threads for serving (None: see Settings.thread_budget)
