@@ -171,13 +171,17 @@ async def _poll(runtime: Runtime) -> None:
 
 
 def _create_demo(runtime: Runtime) -> None:
-    """Ingest the project's README and docs as the demo domain, unless the store already has it."""
+    """Ingest the project's README and docs as the demo domain, unless the store already has it with an index.
+
+    A domain without a live index is what a first start stopped during the build leaves behind; it is built
+    again rather than left answering 503 forever."""
     demo = runtime.settings.demo
     try:
-        runtime.registry.get_domain(demo.domain)
-        return
+        if runtime.registry.live(demo.domain).index_version is not None:
+            return
+        exists = True
     except DomainNotFound:
-        pass
+        exists = False
     sources = [Path(source) for source in demo.sources if Path(source).exists()]
     if not sources:
         log.warning("demo domain %s not created: none of %s exists", demo.domain, demo.sources)
@@ -192,7 +196,8 @@ def _create_demo(runtime: Runtime) -> None:
         else:
             shutil.copy2(source, corpus / source.name)
     try:
-        runtime.registry.create_domain(demo.domain, demo.description, settings={"retrieval": "dense"})
+        if not exists:
+            runtime.registry.create_domain(demo.domain, demo.description, settings={"retrieval": "dense"})
     except DomainExists:  # another replica is creating it
         shutil.rmtree(input_dir, ignore_errors=True)
         return
