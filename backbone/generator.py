@@ -17,6 +17,7 @@ SYSTEM_PROMPT = (
     "Answer the question from the passage. Reply with the shortest exact phrase from the passage, nothing else."
 )
 RECONSTRUCT_PROMPT = "Reconstruct a sentence stated in the passage."
+CLOSED_BOOK_PROMPT = "Answer the question. Reply with the shortest exact phrase, nothing else."
 # The control token of RAG End2End's input reconstruction: it replaces the question.
 RECONSTRUCT_TOKEN = "<reconstruct>"
 
@@ -69,19 +70,24 @@ class Generator:
 
     # --- prompts -------------------------------------------------------------------------------------------------
 
-    def _clip(self, text: str, max_tokens: int) -> str:
+    def clip(self, text: str, max_tokens: int) -> str:
         ids = self.tokenizer(text, add_special_tokens=False).input_ids
         return text if len(ids) <= max_tokens else self.tokenizer.decode(ids[:max_tokens])
 
-    def source(self, question: str | None, passage: Passage) -> str:
-        """The generator input for one (question, passage) pair; question None is a reconstruction input."""
-        body = self._clip(passage.text, self.config.max_passage_tokens)
-        query = RECONSTRUCT_TOKEN if question is None else self._clip(question, self.config.max_question_tokens)
-        if self.kind == "seq2seq":
-            # RAG's layout: title / text // question
-            return f"{passage.title} / {body} // {query}"
-        instruction = RECONSTRUCT_PROMPT if question is None else SYSTEM_PROMPT
-        user = f"Passage ({passage.title}): {body}\n\nQuestion: {query}"
+    def source(self, question: str | None, passage: Passage | None) -> str:
+        """The generator input for one (question, passage) pair; question None is a reconstruction input,
+        passage None a closed-book question (the generator's own knowledge)."""
+        query = RECONSTRUCT_TOKEN if question is None else self.clip(question, self.config.max_question_tokens)
+        if passage is None:
+            if self.kind == "seq2seq":
+                return query
+            instruction, user = CLOSED_BOOK_PROMPT, f"Question: {query}"
+        else:
+            if self.kind == "seq2seq":
+                # RAG's layout: title / text // question
+                return f"{passage.title} / {self.clip(passage.text, self.config.max_passage_tokens)} // {query}"
+            instruction = RECONSTRUCT_PROMPT if question is None else SYSTEM_PROMPT
+            user = f"{self.passage_text(passage)}\n\nQuestion: {query}"
         if self.tokenizer.chat_template:
             return self.tokenizer.apply_chat_template(
                 [{"role": "system", "content": instruction}, {"role": "user", "content": user}],
@@ -89,6 +95,20 @@ class Generator:
                 add_generation_prompt=True,
             )
         return f"{instruction}\n\n{user}\nAnswer:"
+
+    def passage_text(self, passage: Passage) -> str:
+        return f"Passage ({passage.title}): {self.clip(passage.text, self.config.max_passage_tokens)}"
+
+    def chat(self, instruction: str, turns: list[tuple[str, str]], user: str) -> str:
+        """A prompt of an instruction, demonstration turns (user, assistant) and the user's message."""
+        if self.kind == "causal" and self.tokenizer.chat_template:
+            messages = [{"role": "system", "content": instruction}]
+            for shown, reply in turns:
+                messages += [{"role": "user", "content": shown}, {"role": "assistant", "content": reply}]
+            messages.append({"role": "user", "content": user})
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        shown = "".join(f"{u}\n{a}\n\n" for u, a in turns)
+        return f"{instruction}\n\n{shown}{user}\n"
 
     # --- likelihood ----------------------------------------------------------------------------------------------
 

@@ -242,14 +242,21 @@ class Backbone:
             passage_embeddings = passage_embeddings.detach()
         scores = torch.einsum("nd,nkd->nk", question_embeddings, passage_embeddings) * self.score_scale
         doc_logprobs = torch.log_softmax(scores, dim=-1)  # [n, k]
+        token_logprobs, mask = self.answer_logprobs(questions, targets, passages, key)  # [n, k, T] each
+        if kind == "token":
+            return rag_token_nll(doc_logprobs, token_logprobs, mask[:, 0])
+        return rag_sequence_nll(doc_logprobs, token_logprobs)
+
+    def answer_logprobs(self, questions: list[str | None], targets: list[str], passages: list[list[Passage]],
+                        key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token log p(target_i | question_i, passage_ij) under set `key`'s generator: ([n, k, T] log
+        probabilities, zero where masked; [n, k, T] mask). Every row has the same number k of passages."""
+        n, k = len(questions), len(passages[0])
         sources = [self.generator.source(questions[i], p) for i in range(n) for p in passages[i]]
         repeated = [targets[i] for i in range(n) for _ in range(k)]
         adapters = None if self._generator_training else [self._name("generator", key)] * len(sources)
         token_logprobs, mask = self.generator.target_logprobs(sources, repeated, adapters)
-        token_logprobs = token_logprobs.view(n, k, -1)  # [n, k, T]
-        if kind == "token":
-            return rag_token_nll(doc_logprobs, token_logprobs, mask.view(n, k, -1)[:, 0])
-        return rag_sequence_nll(doc_logprobs, token_logprobs)
+        return token_logprobs.view(n, k, -1), mask.view(n, k, -1)
 
     _generator_training = False
 
@@ -283,6 +290,30 @@ class Backbone:
         while len(answering):
             done.update(answering.step())
         return [done[ticket] for ticket in tickets]
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[str], adapters: list[str | None] | str | None = None, *,
+                 max_new_tokens: int = 32) -> list[str]:
+        """Greedy continuations of ready-made prompts (e.g. a generator writing training questions)."""
+        return [g.text for g in self._decode(prompts, adapters, max_new_tokens)]
+
+    def _decode(self, sources: list[str], adapters, max_new_tokens: int) -> list:
+        decoding = self.generator.decoding()
+        names = self._names("generator", self._keys(adapters, len(sources)))
+        tickets = decoding.add(sources, names, [max_new_tokens] * len(sources))
+        done = {}
+        while len(done) < len(tickets):
+            done.update(decoding.step())
+        return [done[t] for t in tickets]
+
+    @torch.inference_mode()
+    def answer_closed_book(
+        self, questions: list[str], adapters: list[str | None] | str | None = None, *, max_new_tokens: int = 32
+    ) -> list[Answer]:
+        """Answer from the question alone, with no passage: what a fine-tuned generator has memorised (the
+        closed-book baseline of Ovadia et al.)."""
+        generations = self._decode([self.generator.source(q, None) for q in questions], adapters, max_new_tokens)
+        return [Answer(g.text, g.logprob, []) for g in generations]
 
 
 class Answering:

@@ -28,6 +28,32 @@ def rag_token_nll(doc_logprobs: torch.Tensor, token_logprobs: torch.Tensor, mask
     return -(per_token * mask).sum(-1).mean()
 
 
+def info_nce(queries: torch.Tensor, passages: torch.Tensor, positives: torch.Tensor, temperature: float
+             ) -> torch.Tensor:
+    """Supervised contrastive loss (DPR): -log of the softmax mass of each query's positive passages among all
+    passages of the batch (its hard negatives and every other row's passages), averaged over queries.
+
+    queries [n, dim], passages [m, dim], positives [n, m] bool (a query may have several, e.g. every passage
+    holding its answer). Rows without a positive are left out."""
+    scores = queries @ passages.T / temperature  # [n, m]
+    keep = positives.any(-1)
+    scores, positives = scores[keep], positives[keep]
+    if scores.shape[0] == 0:
+        return scores.sum()
+    positive_mass = torch.logsumexp(scores.masked_fill(~positives, float("-inf")), dim=-1)
+    return -(positive_mass - torch.logsumexp(scores, dim=-1)).mean()
+
+
+def lm_supervised_kl(doc_logprobs: torch.Tensor, answer_logprobs: torch.Tensor, temperature: float = 1.0
+                     ) -> torch.Tensor:
+    """LM-supervised retrieval (REPLUG, RA-DIT's LSR): KL(p_retriever(d|q) || p_LM(d|q,y)) over the top k, where
+    p_LM is the softmax of the generator's log-likelihood of the answer given each passage, detached.
+
+    doc_logprobs [n, k] (log_softmax of the doc scores); answer_logprobs [n, k] (log p(y | q, d))."""
+    target = torch.log_softmax(answer_logprobs.detach() / temperature, dim=-1)  # [n, k]
+    return (doc_logprobs.exp() * (doc_logprobs - target)).sum(-1).mean()
+
+
 def normalize_answer(text: str) -> str:
     """SQuAD normalisation: lower case, no punctuation, no articles, single spaces."""
     text = text.lower()
