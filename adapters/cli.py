@@ -271,8 +271,30 @@ def add_parsers(subparsers) -> None:
         ("checkpoint-every", int),
         ("warmup-steps", int),
         ("eval-max-questions", int),
+        ("retriever-steps", int),
+        ("retriever-epochs", float),
+        ("retriever-batch-size", int),
+        ("retriever-lr", float),
+        ("temperature", float),
+        ("hard-negatives", int),
+        ("marginal-weight", float),
+        ("contrastive-weight", float),
+        ("lm-supervision-weight", float),
+        ("gold-passage-prob", float),
     ):
         adapt_parser.add_argument(f"--{flag}", type=kind, default=None)
+    adapt_parser.add_argument("--query-side-only", action="store_true", default=None,
+                              help="LoRA on the question encoder only: no re-indexing")
+    adapt_parser.add_argument("--promote-metric", choices=["recall@5", "f1"], default=None)
+    synthetic = adapt_parser.add_argument_group("synthetic training data from the domain's passages")
+    synthetic.add_argument("--no-synthetic", action="store_true", help="train on the QA examples alone")
+    synthetic.add_argument("--no-ict", action="store_true", help="no inverse-cloze pairs")
+    synthetic.add_argument("--generate-questions", type=int, default=None, metavar="PASSAGES",
+                           help="generate questions about this many passages (round-trip filtered, cached)")
+    synthetic.add_argument("--synthetic-ratio", type=float, default=None,
+                           help="share of QA rows drawn from generated questions")
+    synthetic.add_argument("--passages-only", action="store_true",
+                           help="train on synthetic data alone, no QA examples")
     adapt_parser.add_argument("--lora-r", type=int, default=None, help="LoRA rank of all three components")
     adapt_parser.add_argument("--lora-alpha", type=int, default=None)
     adapt_parser.add_argument("--init", choices=["live", "base"], default=None)
@@ -301,14 +323,33 @@ def request_from_args(args: argparse.Namespace) -> RunRequest:
     body.setdefault("domain", args.domain)
     body.setdefault("mode", args.mode)
     body.setdefault("promote", args.promote)
+    synthetic_default = {} if not args.no_synthetic else None
     if args.train_file is not None:
         body["train"] = {
-            "examples": [e.to_dict() for e in parse_qa_jsonl(Path(args.train_file).read_bytes())]
+            "examples": [e.to_dict() for e in parse_qa_jsonl(Path(args.train_file).read_bytes())],
+            "synthetic": synthetic_default,
         }
     elif args.train_uri is not None:
-        body["train"] = {"uri": args.train_uri}
+        body["train"] = {"uri": args.train_uri, "synthetic": synthetic_default}
     elif args.train_split is not None:
-        body["train"] = {"split": args.train_split}
+        body["train"] = {"split": args.train_split, "synthetic": synthetic_default}
+    # From the flags, synthetic data comes by default, as in a request that leaves `train` out.
+    train = body.setdefault("train", {"split": "train", "synthetic": synthetic_default})
+    if args.passages_only:
+        for name in ("split", "uri", "examples"):
+            train.pop(name, None)
+    shaped = args.no_ict or args.generate_questions is not None or args.synthetic_ratio is not None
+    if args.passages_only or shaped:
+        synthetic = train.get("synthetic") or {}
+        train["synthetic"] = synthetic
+        if args.no_ict:
+            synthetic["ict"] = None
+        if args.generate_questions is not None:
+            synthetic.setdefault("generated", {})["max_passages"] = args.generate_questions
+        if args.synthetic_ratio is not None:
+            synthetic["ratio"] = args.synthetic_ratio
+    if args.promote_metric is not None:
+        body["promote_metric"] = args.promote_metric
     if "evaluation" not in body:
         body["evaluation"] = {"split": args.eval_split} if args.eval_split else None
     hp = body.setdefault("hyperparameters", {})
@@ -328,6 +369,17 @@ def request_from_args(args: argparse.Namespace) -> RunRequest:
         "init",
         "activation_checkpointing",
         "quantize_generator",
+        "retriever_steps",
+        "retriever_epochs",
+        "retriever_batch_size",
+        "retriever_lr",
+        "temperature",
+        "hard_negatives",
+        "marginal_weight",
+        "contrastive_weight",
+        "lm_supervision_weight",
+        "gold_passage_prob",
+        "query_side_only",
     ):
         value = getattr(args, name)
         if value is not None:

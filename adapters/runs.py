@@ -101,19 +101,61 @@ class QaExampleIn(_Strict):
     id: str | None = None
 
 
+class IctSettings(_Strict):
+    """Inverse-cloze pairs: a sentence of a passage is a query for that passage (retriever training only)."""
+
+    keep_sentence: float = Field(1.0, ge=0.0, le=1.0)  # how often the sentence stays in its passage
+    min_words: int = Field(5, ge=1, le=1000)
+    max_words: int = Field(64, ge=2, le=1000)
+    max_pairs: int | None = Field(None, ge=1)  # a seeded sample of at most this many (None: every passage)
+
+    @model_validator(mode="after")
+    def _words(self) -> "IctSettings":
+        if self.min_words > self.max_words:
+            raise ValueError("min_words must not exceed max_words")
+        return self
+
+
+class GeneratedSettings(_Strict):
+    """Questions the generator writes about the domain's passages, kept when round-trip consistent."""
+
+    max_passages: int = Field(500, ge=1, le=1_000_000)  # a seeded sample of passages to write questions for
+    shots: int = Field(2, ge=1, le=8)  # domain examples shown to the generator
+    round_trip_k: int = Field(20, ge=1, le=1000)
+    max_new_tokens: int = Field(48, ge=8, le=256)
+
+
+class SyntheticSource(_Strict):
+    """Training data made from the domain's own passages (adapters.synthetic)."""
+
+    ict: IctSettings | None = IctSettings()
+    generated: GeneratedSettings | None = None
+    ratio: float = Field(0.5, ge=0.0, le=1.0)  # share of QA rows drawn from generated questions when both exist
+
+
 class QaSource(_Strict):
-    """Exactly one of: a split of the domain's QA set, a store key of a QA JSONL file, or inline examples."""
+    """At most one of: a split of the domain's QA set, a store key of a QA JSONL file, or inline examples;
+    plus, optionally, synthetic data made from the domain's passages. A training source may be synthetic
+    only (a domain without QA pairs); an evaluation source may not."""
 
     split: str | None = None
     uri: str | None = None
     examples: list[QaExampleIn] | None = None
+    synthetic: SyntheticSource | None = None
 
     @model_validator(mode="after")
-    def _exactly_one(self) -> "QaSource":
+    def _one_source(self) -> "QaSource":
         given = [name for name in ("split", "uri", "examples") if getattr(self, name) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of split, uri or examples (got {given or 'none'})")
+        if len(given) > 1 or (not given and self.synthetic is None):
+            raise ValueError(
+                f"give one of split, uri or examples, and/or synthetic (got {given or 'none'})"
+            )
         return self
+
+    @property
+    def real(self) -> bool:
+        """Whether real QA examples are given (not only synthetic data)."""
+        return any(getattr(self, name) is not None for name in ("split", "uri", "examples"))
 
 
 class ReconstructionSource(_Strict):
@@ -153,6 +195,22 @@ class Hyperparameters(_Strict):
     # it. None: never wait (RAG End2End's behaviour); on a slow host the index may then trail far behind.
     max_index_staleness: int | None = Field(None, ge=1)
     reconstruction_ratio: float = Field(0.0, ge=0.0, lt=1.0)  # share of examples that are reconstructions
+    # The retriever phase (before the joint one): encoders only, the contrastive loss over retrieval pairs
+    # (real questions with gold passages, generated questions, inverse-cloze pairs), then an index refresh.
+    retriever_steps: int | None = Field(None, ge=0, le=1_000_000)  # None: retriever_epochs over the pairs
+    retriever_epochs: float = Field(1.0, ge=0.0, le=100.0)
+    retriever_batch_size: int = Field(32, ge=2, le=1024)
+    retriever_lr: float = Field(1e-3, gt=0, le=1.0)
+    temperature: float = Field(0.05, gt=0, le=10.0)  # of the contrastive loss (scores are cosines)
+    hard_negatives: int = Field(1, ge=0, le=32)  # per query, from each of the dense and BM25 top 10 minus gold
+    # The joint phase: the weighted sum of the marginal RAG loss, the contrastive loss (rows with gold
+    # passages) and LM-supervised retrieval (rows without). Only marginal_weight: RAG End2End as published.
+    marginal_weight: float = Field(1.0, ge=0.0, le=100.0)
+    contrastive_weight: float = Field(1.0, ge=0.0, le=100.0)
+    lm_supervision_weight: float = Field(0.0, ge=0.0, le=100.0)
+    lm_supervision_temperature: float = Field(1.0, gt=0, le=100.0)
+    gold_passage_prob: float = Field(0.8, ge=0.0, le=1.0)  # RAFT: a row's gold passage is among its k this often
+    query_side_only: bool = False  # LoRA on the question encoder only: the index never needs re-encoding
     seed: int = 0
     checkpoint_every: int = Field(50, ge=1)
     init: Literal["live", "base"] = "live"  # start from the domain's live adapter version, or from zero LoRA
@@ -175,16 +233,25 @@ class RunRequest(_Strict):
     domain: str
     mode: Mode = "end2end"
     promote: PromotePolicy = "if_better"
-    train: QaSource = QaSource(split="train")
+    train: QaSource = QaSource(split="train", synthetic=SyntheticSource())
     evaluation: QaSource | None = QaSource(
         split="dev"
     )  # None: no evaluation (then promote cannot be if_better)
     reconstruction: ReconstructionSource | None = None
     hyperparameters: Hyperparameters = Hyperparameters()
+    # What `promote: if_better` requires a significant gain on (None: F1, or recall@5 for retriever_only).
+    promote_metric: Literal["recall@5", "f1"] | None = None
 
     @property
     def components(self) -> tuple[str, ...]:
-        return MODE_COMPONENTS[self.mode]
+        components = MODE_COMPONENTS[self.mode]
+        if self.hyperparameters.query_side_only:
+            components = tuple(c for c in components if c != "passage")
+        return components
+
+    @property
+    def primary_metric(self) -> str:
+        return self.promote_metric or ("recall@5" if self.mode == "retriever_only" else "f1")
 
     @property
     def refresh_every(self) -> int | None:
@@ -491,6 +558,10 @@ def prepare(
         raise InvalidRun("generator_only never re-indexes: drop max_index_staleness")
     if request.promote == "if_better" and request.evaluation is None:
         raise InvalidRun("promote=if_better compares evaluations: give an evaluation set or another policy")
+    if request.evaluation is not None and (not request.evaluation.real or request.evaluation.synthetic):
+        raise InvalidRun("evaluation takes real examples only: give a split, uri or examples, no synthetic")
+    if request.mode == "generator_only" and hp.retriever_steps:
+        raise InvalidRun("generator_only keeps the retriever frozen: it has no retriever phase")
     if hp.quantize_generator == "4bit":
         _check_qlora(cuda_available)
 
@@ -536,10 +607,13 @@ def prepare(
     elif recon is not None and hp.reconstruction_ratio == 0:
         raise InvalidRun("a reconstruction corpus is given but reconstruction_ratio is 0")
 
-    total_steps = _total_steps(hp, len(train))
+    retriever_steps = _retriever_steps(request, train, passage_count)
+    joint_steps = _joint_steps(request, len(train))
+    if retriever_steps + joint_steps == 0:
+        raise InvalidRun("nothing to train: no retriever steps and no QA examples for the joint phase")
     stored_request = request.model_copy(
         update={
-            "train": QaSource(uri=f"runs/{run_id}/inputs/train.jsonl"),
+            "train": QaSource(uri=f"runs/{run_id}/inputs/train.jsonl", synthetic=request.train.synthetic),
             "evaluation": QaSource(uri=f"runs/{run_id}/inputs/eval.jsonl")
             if eval_count
             else request.evaluation,
@@ -550,7 +624,7 @@ def prepare(
                 if "reconstruction.txt" in inputs
                 else recon
             ),
-            "hyperparameters": hp.model_copy(update={"lora": lora}),
+            "hyperparameters": hp.model_copy(update={"lora": lora, "retriever_steps": retriever_steps}),
         }
     )
     record = RunRecord(
@@ -558,7 +632,7 @@ def prepare(
         domain=request.domain,
         mode=request.mode,
         state=RunState.VALIDATING,
-        total_steps=total_steps,
+        total_steps=retriever_steps + joint_steps,
         created_at=now(),
         parent=parent,
         promote=request.promote,
@@ -568,9 +642,40 @@ def prepare(
     return Prepared(record=record, inputs=inputs)
 
 
-def _total_steps(hp: Hyperparameters, examples: int) -> int:
+def _retriever_steps(request: RunRequest, train: list[QaExample], passage_count: int) -> int:
+    """Steps of the retriever phase: as asked, or `retriever_epochs` over the retrieval pairs (inverse-cloze
+    pairs of every passage, real questions with gold passages, the passages questions are generated for)."""
+    hp = request.hyperparameters
+    if not {"question", "passage"} & set(request.components):
+        return 0
+    if hp.retriever_steps is not None:
+        return hp.retriever_steps
+    synthetic = request.train.synthetic
+    pairs = sum(1 for e in train if e.passage_ids)
+    if synthetic is not None and synthetic.ict is not None:
+        pairs += min(passage_count, synthetic.ict.max_pairs or passage_count)
+    if synthetic is not None and synthetic.generated is not None:
+        pairs += min(passage_count, synthetic.generated.max_passages)
+    return math.ceil(hp.retriever_epochs * pairs / hp.retriever_batch_size)
+
+
+def _joint_steps(request: RunRequest, examples: int) -> int:
+    """Steps of the joint (End2End) phase: as asked, or `epochs` over the real QA examples. A run with nothing
+    to answer (no QA examples, none generated, no reconstruction) has no joint phase."""
+    hp = request.hyperparameters
+    synthetic = request.train.synthetic
+    generated = synthetic is not None and synthetic.generated is not None
+    if not examples and not generated and hp.reconstruction_ratio == 0:
+        if hp.steps is not None or hp.epochs is not None:
+            raise InvalidRun("no QA examples to train the joint phase on: drop steps/epochs, or give QA "
+                             "examples, generated questions or a reconstruction_ratio")
+        return 0
+    if hp.marginal_weight + hp.contrastive_weight + hp.lm_supervision_weight == 0:
+        raise InvalidRun("marginal_weight, contrastive_weight and lm_supervision_weight are all 0")
     if hp.epochs is None:
         return hp.steps or DEFAULT_STEPS
+    if not examples:
+        raise InvalidRun("epochs count passes over the real QA examples and there are none: give steps")
     qa_rows_per_step = hp.batch_size * hp.grad_accumulation * (1.0 - hp.reconstruction_ratio)
     return max(1, math.ceil(hp.epochs * examples / qa_rows_per_step))
 
@@ -605,6 +710,8 @@ def lora_metadata(lora: LoraSettings) -> dict[str, Any]:
 def _resolve_qa(
     store: ObjectStore, qa_sets: QaSets, domain: str, source: QaSource, what: str, qa_version: str | None
 ) -> tuple[list[QaExample], str | None]:
+    if not source.real:
+        return [], qa_version
     if source.examples is not None:
         try:
             examples = [

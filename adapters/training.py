@@ -1,13 +1,26 @@
-"""The RAG End2End + LoRA trainer of one adaptation run.
+"""The RAG End2End + LoRA trainer of one adaptation run, in two phases.
 
-One optimizer step, per micro-batch of `batch_size` rows (RAG End2End, Siriwardhana et al.):
+The retriever phase (steps 1..`retriever_steps`) trains the encoders alone with the supervised contrastive
+loss (DPR's InfoNCE): each query against its positive passage, the other rows' passages and hard negatives
+mined from the current, slightly stale, index (dense and BM25 top 10 minus the gold passages). Its queries
+are real questions with gold passages, generated questions and inverse-cloze sentences of every passage
+(`adapters.synthetic`): the marginal RAG loss alone reaches the retriever only through passages it already
+ranks in its top k, which on little data is a weak signal. The phase ends with an index refresh the trainer
+waits for, so the joint phase retrieves with what the retriever learned.
+
+The joint phase is RAG End2End (Siriwardhana et al.). Per micro-batch of `batch_size` rows:
 
 1. encode each row's query with the LoRA question encoder (the question; for a reconstruction row, the
    sentence itself), keeping the graph when the question encoder trains;
-2. retrieve the top-k passages for the detached embeddings from the current, slightly stale, index;
-3. `Backbone.rag_loss` re-encodes those passages with the LoRA passage encoder (gradients flow through the
-   doc scores) and marginalises the generator's likelihood of the target over them. A reconstruction row
-   has no question (the control token stands in) and a domain sentence as its target.
+2. retrieve the top-k passages for the detached embeddings from the current index; with probability
+   `gold_passage_prob` a row's gold passage is put among them (RAFT), so the generator learns to answer from
+   the right passage among distractors and, the rest of the time, with retrieval as it is;
+3. re-encode those passages with the LoRA passage encoder (gradients flow through the doc scores) and take the
+   weighted sum of the marginal likelihood of the target over them (`marginal_weight`; RAG End2End as
+   published when it is the only weight), the contrastive loss of rows with gold passages
+   (`contrastive_weight`) and LM-supervised retrieval for rows without (`lm_supervision_weight`: REPLUG's KL
+   between the retriever's distribution over the k and the generator's normalised likelihood of the answer).
+   A reconstruction row has no question (the control token stands in) and a domain sentence as its target.
 
 Every `index_refresh_every` steps a snapshot of the adapter set is re-indexed by `indexing.RebuildJob` in a
 background worker process (kept private to the run: nothing is published, no pointer moves); the trainer
@@ -23,7 +36,6 @@ import contextlib
 import json
 import logging
 import random
-import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,10 +47,13 @@ import torch
 from adapters.errors import InvalidRun, RunInterrupted
 from adapters.qa import QaExample
 from adapters.runs import RunRequest
+from adapters.synthetic import RetrievalPair
 from backbone import AdapterSetConfig, Backbone, BackboneConfig, LoraConfig, Passage
+from backbone.rag import info_nce, lm_supervised_kl, rag_sequence_nll, rag_token_nll
 from indexing import IndexConfig, IndexHandle
 from indexing.builder import build_index
 from indexing.encoder import EncodeConfig
+from indexing.lexical import Bm25Index
 from indexing.rebuild import RebuildJob, RebuildSpec, RebuildState
 from indexing.versions import IndexVersions
 from storage import new_version_id
@@ -47,7 +62,6 @@ log = logging.getLogger(__name__)
 
 # Mid-run indexes only serve training's own dense retrieval: exact search, no BM25 to build.
 TRAINING_INDEX = IndexConfig(factory="Flat", retrieval="dense", bm25=False)
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(\[])")
 
 
 @dataclass
@@ -56,6 +70,9 @@ class TrainerState:
 
     step: int = 0
     qa_cursor: int = 0  # QA examples consumed so far (epoch = cursor // len(examples))
+    synthetic_cursor: int = 0  # generated questions consumed so far
+    pair_cursor: int = 0  # retrieval pairs consumed so far (the retriever phase)
+    joint: bool = False  # the index refresh ending the retriever phase has landed
     index: dict = field(default_factory=dict)  # which index training searches: {"kind": "domain"|"run", ...}
     refreshes: int = 0  # index switches so far
     python_rng: list | None = None
@@ -92,23 +109,22 @@ class Row:
     question: str | None  # None: a reconstruction row
     target: str
     query: str  # what the question encoder embeds for retrieval
+    gold: tuple[str, ...] = ()  # ids of the passages that hold the answer, when known
 
 
-def reconstruction_sentences(
-    passages: list[Passage] | tuple[Passage, ...], *, min_words: int, max_words: int, limit: int, seed: int
-) -> list[str]:
-    """Domain sentences to reconstruct, cut from the passages (a deterministic sample of at most `limit`)."""
-    sentences = []
-    for passage in passages:
-        for line in passage.text.splitlines():
-            for sentence in _SENTENCE_END.split(line.strip()):
-                words = sentence.split()
-                if min_words <= len(words) <= max_words:
-                    sentences.append(" ".join(words))
-    sentences = sorted(set(sentences))
-    if len(sentences) > limit:
-        sentences = random.Random(seed).sample(sentences, limit)
-    return sentences
+def hard_negatives(ranked: list[str], gold: tuple[str, ...], count: int, rng: random.Random,
+                   depth: int = 10) -> list[str]:
+    """`count` ids drawn from the first `depth` of a ranking that are not gold: passages the retriever
+    confuses with the answer's, never the answer's own."""
+    candidates = [pid for pid in ranked if pid not in gold][:depth]
+    return rng.sample(candidates, min(count, len(candidates)))
+
+
+def _linear_schedule(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up over `warmup` steps, then linear decay to zero at step `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(total - step, 0) / max(total - warmup, 1)
 
 
 def autocast(backbone: Backbone):
@@ -227,7 +243,13 @@ class IndexRefresher:
 
 
 class Trainer:
-    """Trains adapter set `key` of `backbone` as `request` says, from `state` (fresh or resumed)."""
+    """Trains adapter set `key` of `backbone` as `request` says, from `state` (fresh or resumed).
+
+    Steps 1..`retriever_steps` are the retriever phase (the contrastive loss over `pairs`, encoders only); the
+    rest are the joint phase (RAG End2End over QA rows from `examples` and `generated`, and reconstruction rows
+    from `sentences`). Between the two the index is refreshed with the trained passage encoder, so the joint
+    phase retrieves with what the retriever phase learned.
+    """
 
     def __init__(
         self,
@@ -245,34 +267,59 @@ class Trainer:
         work_dir: Path,
         resume: Resume | None = None,
         state: TrainerState | None = None,
+        generated: list[QaExample] | None = None,
+        pairs: list[RetrievalPair] | None = None,
     ):
-        if not examples:
-            raise InvalidRun("no training examples")
         self.backbone = backbone
         self.key = key
         self.request = request
         self.hp = request.hyperparameters
         self.total_steps = total_steps
+        self.retriever_steps = min(self.hp.retriever_steps or 0, total_steps)
         self.examples = examples
+        self.generated = generated or []
         self.sentences = sentences
+        self.pairs = pairs or []
+        if self.retriever_steps and not self.pairs:
+            raise InvalidRun("the retriever phase has no retrieval pairs (no gold passages, no synthetic data)")
+        if total_steps > self.retriever_steps and not (self.examples or self.generated or self.sentences):
+            raise InvalidRun("no training examples")
+        synthetic = request.train.synthetic
+        self.synthetic_ratio = synthetic.ratio if synthetic is not None else 0.0
         self.index = index
         self.index_dir = index_dir  # local directory of a run-private index (None: a published domain index)
+        self.passages = {p.id: p for p in index.passages}
         self.hooks = hooks
         self.refresher = refresher
         self.work_dir = Path(work_dir)
         self.resume = resume
         self.state = resume.state if resume is not None else (state or TrainerState())
-        self._permutations: dict[int, list[int]] = {}
+        self._permutations: dict[tuple[str, int], list[int]] = {}
         self._checkpointed = self.state.step if resume is not None else -1
+        self._bm25: Bm25Index | None = None
+        if self.retriever_steps > self.state.step and self.hp.hard_negatives:
+            self._bm25 = Bm25Index.build(list(index.passages))
 
     # --- the loop -------------------------------------------------------------------------------------------
 
     def train(self) -> TrainerState:
         hp, bb = self.hp, self.backbone
         components = self.request.components
-        with bb.training(self.key, components, checkpointing=hp.activation_checkpointing) as params:
-            optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._schedule)
+        with bb.training(self.key, components, checkpointing=hp.activation_checkpointing):
+            trainable = bb.trainable_parameters(self.key)
+            encoders = [p for c in ("question", "passage") if c in components for p in trainable[c]]
+            generator = trainable["generator"] if "generator" in components else []
+            groups = [
+                {"params": params, "lr": lr, "name": name}
+                for name, params, lr in (("encoders", encoders, hp.retriever_lr), ("generator", generator, hp.lr))
+                if params
+            ]
+            optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, [self._encoder_schedule if g["name"] == "encoders" else self._joint_schedule
+                            for g in groups]
+            )
+            params = encoders + generator
             if self.resume is not None:
                 optimizer.load_state_dict(self.resume.optimizer["optimizer"])
                 scheduler.load_state_dict(self.resume.optimizer["scheduler"])
@@ -281,6 +328,8 @@ class Trainer:
                 torch.manual_seed(hp.seed)
                 random.seed(hp.seed)
             try:
+                if 0 < self.retriever_steps <= self.state.step < self.total_steps and not self.state.joint:
+                    self._end_retriever_phase(self.state.step)  # interrupted while waiting for it
                 while self.state.step < self.total_steps:
                     self._step(params, optimizer, scheduler)
             except RunInterrupted:
@@ -296,15 +345,23 @@ class Trainer:
     def _step(self, params, optimizer, scheduler) -> None:
         hp = self.hp
         step = self.state.step + 1
+        retrieving = step <= self.retriever_steps
         started = time.perf_counter()
-        losses, rows = [], 0
+        terms: dict[str, list[float]] = {}
+        rows = 0
         for micro in range(hp.grad_accumulation):
             self.hooks.tick()
-            batch = self._rows(step, micro)
-            loss = self._loss(batch)
+            if retrieving:
+                pairs = [self._next_pair() for _ in range(hp.retriever_batch_size)]
+                loss, parts = self._retriever_loss(step, micro, pairs)
+                rows += len(pairs)
+            else:
+                batch = self._rows(step, micro)
+                loss, parts = self._joint_loss(step, micro, batch)
+                rows += len(batch)
             (loss / hp.grad_accumulation).backward()
-            losses.append(loss.item())
-            rows += len(batch)
+            for name, value in {"loss": loss.item(), **parts}.items():
+                terms.setdefault(name, []).append(value)
         if hp.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm)
         optimizer.step()
@@ -317,75 +374,185 @@ class Trainer:
         self.hooks.step(
             step,
             {
-                "loss": round(sum(losses) / len(losses), 5),
-                "lr": scheduler.get_last_lr()[0],
+                **{name: round(sum(values) / len(values), 5) for name, values in terms.items()},
+                "lr": max(scheduler.get_last_lr()),
                 "examples_per_s": round(rows / elapsed, 3) if elapsed > 0 else 0.0,
             },
         )
-        every = self.request.refresh_every
-        if (
-            self.refresher is not None
-            and every
-            and step % every == 0
-            and step < self.total_steps
-            and not self.refresher.pending
-        ):
-            self.refresher.start(step, self.key)
-            self.hooks.event("rebuild", state="started", step=step)
+        if step == self.retriever_steps < self.total_steps:
+            self._end_retriever_phase(step)
+        else:
+            every = self.request.refresh_every
+            if (
+                self.refresher is not None
+                and every
+                and step % every == 0
+                and step < self.total_steps
+                and not self.refresher.pending
+            ):
+                self.refresher.start(step, self.key)
+                self.hooks.event("rebuild", state="started", step=step)
         if step % hp.checkpoint_every == 0 or step == self.total_steps:
             self._checkpoint(optimizer, scheduler)
 
-    def _loss(self, rows: list[Row]) -> torch.Tensor:
+    def _end_retriever_phase(self, step: int) -> None:
+        """Re-index with the passage encoder the retriever phase trained and wait for it: the joint phase
+        retrieves from what it learned. Without a trained passage encoder the index is still valid."""
+        if self.refresher is not None:
+            if self.refresher.pending:
+                self.refresher.cancel()  # it encodes an older snapshot
+            self.refresher.start(step, self.key)
+            self.hooks.event("rebuild", state="started", step=step)
+            while self.refresher.pending:
+                self.hooks.tick()
+                self.refresher.job.wait(0.2)
+                self._poll_refresh(step)
+        self.state.joint = True
+        self.hooks.event("phase", name="joint", step=step)
+
+    # --- losses ---------------------------------------------------------------------------------------------
+
+    def _retriever_loss(self, step: int, micro: int, pairs: list[RetrievalPair]):
+        """InfoNCE of each query against its positive, the other rows' passages and hard negatives mined from
+        the current (stale) index: dense and BM25 top 10 minus the query's gold passages."""
         bb, hp = self.backbone, self.hp
+        rng = random.Random(f"{hp.seed}:negatives:{step}:{micro}")
         with autocast(bb):
+            queries = bb.encode_questions([p.query for p in pairs], self.key)  # [n, dim]
+            passages = {p.positive.id: p.positive for p in pairs}
+            if hp.hard_negatives:
+                dense = self.index.search(queries.detach(), k=10 + max(len(p.gold) for p in pairs), mode="dense")
+                for pair, hits in zip(pairs, dense):
+                    ranked = [[h.passage.id for h in hits]]
+                    if self._bm25 is not None:
+                        ranked.append([self.index.passages[i].id for i in self._bm25.top_k(pair.query, 10 + len(
+                            pair.gold))[0]])
+                    for ids in ranked:
+                        for pid in hard_negatives(ids, pair.gold, hp.hard_negatives, rng):
+                            passages.setdefault(pid, self.passages[pid])
+            ordered = list(passages.values())
+            embeddings = self._encode_passages(ordered)  # [m, dim]
+            positives = torch.tensor([[p.id in pair.gold for p in ordered] for pair in pairs])  # [n, m]
+            loss = info_nce(queries, embeddings, positives, hp.temperature)
+        return loss, {"contrastive": loss.item()}
+
+    def _joint_loss(self, step: int, micro: int, rows: list[Row]):
+        """RAG End2End's marginal loss, plus the contrastive loss on rows with gold passages and LM-supervised
+        retrieval on rows without, weighted as the hyperparameters say."""
+        bb, hp = self.backbone, self.hp
+        components = self.request.components
+        encoders_train = bool({"question", "passage"} & set(components))
+        rng = random.Random(f"{hp.seed}:gold:{step}:{micro}")
+        with autocast(bb), torch.set_grad_enabled(encoders_train):
             # One question-encoder pass serves both retrieval (detached) and the doc scores (with gradients).
             queries = bb.encode_questions([r.query for r in rows], self.key)  # [n, dim]
             hits = self.index.search(queries.detach(), k=hp.top_k, mode="dense")
-            passages = [[h.passage for h in row] for row in hits]  # [n][k]
-            return bb.rag_loss(
-                [r.question for r in rows],
-                [r.target for r in rows],
-                passages,
-                self.key,
-                kind=hp.loss,
-                train=self.request.components,
-                question_embeddings=queries,
+            retrieved = [self._with_gold(r, [h.passage for h in row], rng) for r, row in zip(rows, hits)]  # [n][k]
+            unique = {p.id: p for row in retrieved for p in row}
+            contrast = hp.contrastive_weight > 0 and encoders_train
+            for row in rows:
+                if contrast and row.gold:
+                    unique.setdefault(row.gold[0], self.passages[row.gold[0]])
+            ordered = list(unique.values())
+            position = {p.id: i for i, p in enumerate(ordered)}
+            embeddings = self._encode_passages(ordered)  # [m, dim]
+            documents = embeddings[torch.tensor([[position[p.id] for p in row] for row in retrieved])]  # [n, k, dim]
+            scores = torch.einsum("nd,nkd->nk", queries, documents) * bb.score_scale
+            doc_logprobs = torch.log_softmax(scores, dim=-1)  # [n, k]
+        with autocast(bb), torch.set_grad_enabled("generator" in components):
+            token_logprobs, mask = bb.answer_logprobs(
+                [r.question for r in rows], [r.target for r in rows], retrieved, self.key
+            )  # [n, k, T]
+        parts: dict[str, float] = {}
+        loss = doc_logprobs.new_zeros(())
+        if hp.marginal_weight:
+            if hp.loss == "token":
+                marginal = rag_token_nll(doc_logprobs, token_logprobs, mask[:, 0])
+            else:
+                marginal = rag_sequence_nll(doc_logprobs, token_logprobs)
+            loss = loss + hp.marginal_weight * marginal
+            parts["marginal"] = marginal.item()
+        gold_rows = [i for i, r in enumerate(rows) if r.gold]
+        if contrast and gold_rows:
+            positives = torch.tensor([[p.id in rows[i].gold for p in ordered] for i in gold_rows])  # [g, m]
+            contrastive = info_nce(queries[gold_rows], embeddings, positives, hp.temperature)
+            loss = loss + hp.contrastive_weight * contrastive
+            parts["contrastive"] = contrastive.item()
+        other_rows = [i for i, r in enumerate(rows) if not r.gold]
+        if hp.lm_supervision_weight and encoders_train and other_rows:
+            supervision = lm_supervised_kl(
+                doc_logprobs[other_rows], token_logprobs[other_rows].sum(-1), hp.lm_supervision_temperature
             )
+            loss = loss + hp.lm_supervision_weight * supervision
+            parts["lm_supervision"] = supervision.item()
+        return loss, parts
 
-    def _schedule(self, step: int) -> float:
-        """Linear warm-up over `warmup_steps`, then linear decay to zero at the last step."""
-        warmup = self.hp.warmup_steps
-        if step < warmup:
-            return (step + 1) / warmup
-        remaining = self.total_steps - step
-        return max(remaining, 0) / max(self.total_steps - warmup, 1)
+    def _with_gold(self, row: Row, passages: list[Passage], rng: random.Random) -> list[Passage]:
+        """RAFT: with probability `gold_passage_prob` a row with gold passages has one among its k (in place of
+        the last retrieved one when retrieval missed them all); otherwise it keeps what retrieval found."""
+        if not row.gold or rng.random() >= self.hp.gold_passage_prob:
+            return passages
+        if any(p.id in row.gold for p in passages):
+            return passages
+        return passages[:-1] + [self.passages[rng.choice(row.gold)]]
+
+    def _encode_passages(self, passages: list[Passage]) -> torch.Tensor:
+        if "passage" in self.request.components:
+            return self.backbone.encode_passages(passages, self.key)
+        with torch.no_grad():
+            return self.backbone.encode_passages(passages, self.key)
+
+    def _encoder_schedule(self, step: int) -> float:
+        """The encoders' rate (base `retriever_lr`): the retriever phase's schedule, then the joint one at `lr`."""
+        if step < self.retriever_steps:
+            return _linear_schedule(step, self.retriever_steps, self.hp.warmup_steps)
+        return self.hp.lr / self.hp.retriever_lr * self._joint_schedule(step)
+
+    def _joint_schedule(self, step: int) -> float:
+        """Zero in the retriever phase, then linear warm-up and decay over the joint phase."""
+        if step < self.retriever_steps:
+            return 0.0
+        return _linear_schedule(step - self.retriever_steps, self.total_steps - self.retriever_steps,
+                                self.hp.warmup_steps)
 
     # --- data -----------------------------------------------------------------------------------------------
 
     def _rows(self, step: int, micro: int) -> list[Row]:
-        """The micro-batch of a step: a function of (seed, step, micro) and the QA cursor, so a resumed run
+        """The micro-batch of a step: a function of (seed, step, micro) and the cursors, so a resumed run
         sees the very rows it would have seen."""
         rng = random.Random(f"{self.hp.seed}:{step}:{micro}")
         rows = []
         for _ in range(self.hp.batch_size):
-            if self.sentences and rng.random() < self.hp.reconstruction_ratio:
+            if self.sentences and (rng.random() < self.hp.reconstruction_ratio
+                                   or not (self.examples or self.generated)):
                 sentence = rng.choice(self.sentences)
                 rows.append(Row(None, sentence, sentence))
             else:
-                example = self._next_example()
-                rows.append(Row(example.question, rng.choice(example.answers), example.question))
+                example = self._next_example(rng)
+                rows.append(Row(example.question, rng.choice(example.answers), example.question,
+                                tuple(p for p in example.passage_ids if p in self.passages)))
         return rows
 
-    def _next_example(self) -> QaExample:
-        n = len(self.examples)
-        epoch, position = divmod(self.state.qa_cursor, n)
-        order = self._permutations.get(epoch)
+    def _next_example(self, rng: random.Random) -> QaExample:
+        synthetic = self.generated and (not self.examples or rng.random() < self.synthetic_ratio)
+        if synthetic:
+            return self.generated[self._advance("generated", "synthetic_cursor", len(self.generated))]
+        return self.examples[self._advance("qa", "qa_cursor", len(self.examples))]
+
+    def _next_pair(self) -> RetrievalPair:
+        return self.pairs[self._advance("pairs", "pair_cursor", len(self.pairs))]
+
+    def _advance(self, pool: str, cursor: str, n: int) -> int:
+        """The next index into a pool, walking a seeded permutation per epoch; moves the cursor in the state."""
+        epoch, position = divmod(getattr(self.state, cursor), n)
+        order = self._permutations.get((pool, epoch))
         if order is None:
             order = list(range(n))
-            random.Random(f"{self.hp.seed}:epoch:{epoch}").shuffle(order)
-            self._permutations = {epoch: order}
-        self.state.qa_cursor += 1
-        return self.examples[order[position]]
+            random.Random(f"{self.hp.seed}:{pool}:epoch:{epoch}").shuffle(order)
+            self._permutations = {k: v for k, v in self._permutations.items() if k[0] != pool}
+            self._permutations[(pool, epoch)] = order
+        setattr(self.state, cursor, getattr(self.state, cursor) + 1)
+        return order[position]
 
     # --- index refresh --------------------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ import signal
 import socket
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait as wait_for
 from pathlib import Path
@@ -246,7 +247,8 @@ class _Execution:
                 index_version = self.ctx.record.index_version or self._index(trainer)
                 if self.dev and self.ctx.record.metrics.get("final") is None:
                     final = self._evaluate(self.key, self._open_index(index_version), None, "final")
-                    self.ctx.update(metrics={**self.ctx.record.metrics, "final": final})
+                    self.ctx.update(metrics={**self.ctx.record.metrics, "final": final,
+                                             "improvement": self._improvement(final)})
                 self._publish(index_version)
             return self._finish()
         finally:
@@ -291,8 +293,17 @@ class _Execution:
             tick=self.ctx.tick,
             progress=self.ctx.progress,
         )
-        self.ctx.event("eval", phase=phase, **{k: v for k, v in report.to_dict().items() if k != "samples"})
+        self.ctx.event("eval", phase=phase, **{k: v for k, v in report.summary().items() if k != "samples"})
         return report.to_dict()
+
+    def _improvement(self, final: dict) -> dict | None:
+        """final - base on every figure, with paired bootstrap intervals (None without a base report)."""
+        from adapters.evaluation import compare
+
+        base = self.ctx.record.metrics.get("base")
+        if base is None:
+            return None
+        return {name: d.to_dict() if d is not None else None for name, d in compare(final, base).items()}
 
     # --- phases ---------------------------------------------------------------------------------------------
 
@@ -316,6 +327,7 @@ class _Execution:
         """Attach the adapter set (from the last checkpoint, the parent, or zero LoRA) and train it."""
         import torch
 
+        from adapters.synthetic import ict_pairs, qa_pairs, reconstruction_sentences
         from adapters.training import (
             IndexRefresher,
             Trainer,
@@ -323,7 +335,6 @@ class _Execution:
             adapter_set_config,
             base_index_version,
             load_resume,
-            reconstruction_sentences,
         )
         from indexing import IndexHandle
 
@@ -393,6 +404,20 @@ class _Execution:
                 )
 
         train = parse_qa_jsonl(runs.get_input(record.id, "train.jsonl") or b"")
+        passages = list(handle.passages)
+        synthetic = self.request.train.synthetic
+        generated = self._generated(passages, train) if synthetic and synthetic.generated else []
+        pairs: list = []
+        if hp.retriever_steps:
+            pairs = qa_pairs(train, passages) + qa_pairs(generated, passages, "generated")
+            if synthetic is not None and synthetic.ict is not None:
+                ict = synthetic.ict
+                pairs += ict_pairs(passages, seed=hp.seed, keep_sentence=ict.keep_sentence,
+                                   min_words=ict.min_words, max_words=ict.max_words, limit=ict.max_pairs)
+        if resume is None:
+            kinds = Counter(pair.kind for pair in pairs)
+            self.ctx.event("data", examples=len(train), generated=len(generated), sentences=len(sentences),
+                           retriever_steps=hp.retriever_steps or 0, pairs=dict(sorted(kinds.items())))
         self.ctx.update(started_at=self.ctx.record.started_at or now())
         self.ctx.stage("training", resume.state.step if resume else 0, record.total_steps)
         refresher = (
@@ -416,10 +441,32 @@ class _Execution:
             state=TrainerState(
                 index={"kind": "domain", "version": start_version, "start_version": start_version}
             ),
+            generated=generated,
+            pairs=pairs,
         )
         trainer.train()
         self.ctx.flush()
         return trainer
+
+    def _generated(self, passages: list, train: list) -> list:
+        """Generated questions about the passages: from the store's cache, else written now by the base
+        generator (round-trip checked against the base index) and cached for the next run."""
+        from adapters.synthetic import GenerationConfig, SyntheticCache, generate_questions
+        from adapters.training import base_index_version
+
+        settings = self.request.train.synthetic.generated
+        config = GenerationConfig(**settings.model_dump(), seed=self.hp.seed)
+        cache = SyntheticCache(self.store)
+        identity = cache.identity(passages, train, self.bb.fingerprint, config)
+        found = cache.find(self.domain, identity)
+        if found is None:
+            self.ctx.stage("generating questions")
+            base = self._open_index(base_index_version(self.bb, self.versions, self.domain, work_dir=self.run_dir))
+            found = generate_questions(self.bb, passages, train, base, config, tick=self.ctx.tick,
+                                       progress=self.ctx.progress)
+            cache.put(self.domain, identity, found)
+            self.ctx.event("generated", passages=min(len(passages), config.max_passages), kept=len(found))
+        return found
 
     def _index(self, trainer) -> str:
         """The index of the new passage encoder, published as a domain index version (nothing goes live); a
@@ -456,7 +503,7 @@ class _Execution:
             target,
             backbone_fingerprint=self.bb.fingerprint,
             run_id=self.record.id,
-            metrics={**self.ctx.record.metrics, "mode": self.request.mode},
+            metrics={**_without_outcomes(self.ctx.record.metrics), "mode": self.request.mode},
             parent=self.record.parent,
             index_version=index_version,
             lora=lora_metadata(self.hp.lora),
@@ -483,6 +530,15 @@ class _Execution:
         return self.ctx.record
 
 
+def _without_outcomes(metrics: dict) -> dict:
+    """Run metrics without the reports' per-question outcomes (what an adapter version's manifest keeps)."""
+    return {
+        name: {k: v for k, v in value.items() if k != "per_question"} if name in ("base", "final") and value
+        else value
+        for name, value in metrics.items()
+    }
+
+
 def _promote(domains: DomainRegistry, record: RunRecord) -> tuple[bool, str]:
     """Apply the run's promotion policy; returns (promoted, why)."""
     from adapters.evaluation import is_better
@@ -495,15 +551,15 @@ def _promote(domains: DomainRegistry, record: RunRecord) -> tuple[bool, str]:
     pointer = domains.live(record.domain)
     if pointer.adapter_version == record.adapter_version:  # promoted before a crash could record it
         return True, "promoted"
+    reason = "promoted"
     if policy == "if_better":
         base, final = record.metrics.get("base"), record.metrics.get("final")
         if final is None:
             return False, "no evaluation to compare"
-        if not is_better(final, base):
-            return False, (
-                f"not better than what serves (F1 {final['f1']:.3f} vs {base['f1']:.3f}, "
-                f"recall@5 {final['recall'].get('5')} vs {base['recall'].get('5')})"
-            )
+        better, why = is_better(final, base, record.request.primary_metric)
+        if not better:
+            return False, f"not significantly better than what serves: {why}"
+        reason = f"better than what served: {why}"
         if pointer.adapter_version != record.parent:
             return (
                 False,
@@ -518,7 +574,7 @@ def _promote(domains: DomainRegistry, record: RunRecord) -> tuple[bool, str]:
         )
     except PreconditionFailed:
         return False, "the live pointer changed while promoting; promote by hand if still wanted"
-    return True, "promoted" if policy == "always" else "better than what served"
+    return True, reason
 
 
 # --- claiming and finishing runs ----------------------------------------------------------------------------

@@ -43,7 +43,6 @@ def test_adapt_flags_build_the_api_request():
             "domain": "toy",
             "mode": "generator_only",
             "promote": "never",
-            "train": {"split": "train"},
             "evaluation": None,
             "hyperparameters": {
                 "steps": 12,
@@ -53,6 +52,25 @@ def test_adapt_flags_build_the_api_request():
             },
         }
     )
+    assert request.train.synthetic is not None  # as in a request that leaves `train` out
+
+
+def test_adapt_flags_for_synthetic_data_and_the_retriever_phase():
+    args = parse("adapt", "--domain", "toy", "--passages-only", "--generate-questions", "50", "--no-ict",
+                 "--retriever-steps", "7", "--contrastive-weight", "0.5", "--query-side-only",
+                 "--promote-metric", "recall@5")
+    request = request_from_args(args)
+    assert request.train.model_dump(exclude_none=True) == {
+        "synthetic": {"generated": {"max_passages": 50, "shots": 2, "round_trip_k": 20, "max_new_tokens": 48},
+                      "ratio": 0.5}
+    }
+    assert not request.train.real
+    hp = request.hyperparameters
+    assert (hp.retriever_steps, hp.contrastive_weight, hp.query_side_only) == (7, 0.5, True)
+    assert request.components == ("question", "generator") and request.refresh_every is None
+    assert request.primary_metric == "recall@5"
+    plain = request_from_args(parse("adapt", "--domain", "toy", "--train-split", "more", "--no-synthetic"))
+    assert plain.train.model_dump(exclude_none=True) == {"split": "more"}
 
 
 def test_eval_compares_base_and_each_modes_newest_version(

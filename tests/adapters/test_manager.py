@@ -18,7 +18,7 @@ from tests.adapters.conftest import make_domain
 
 TIMEOUT = 300
 # Small and quick on the tiny models: one example a step, two passages, four-token answers.
-FAST = {"batch_size": 1, "top_k": 2, "eval_max_new_tokens": 4}
+FAST = {"batch_size": 1, "top_k": 2, "eval_max_new_tokens": 4, "retriever_steps": 0}
 
 
 def request(**hyperparameters) -> RunRequest:
@@ -120,7 +120,10 @@ def test_a_run_refreshes_its_index_mid_run_survives_a_restart_and_succeeds(
     assert manifest.metadata["run_id"] == info.id
     assert manifest.metadata["backbone_fingerprint"] == tiny_backbone.fingerprint
     assert manifest.metadata["index_version"] == done.index_version
-    assert manifest.metadata["metrics"]["final"]["recall"]["5"] is not None
+    final = manifest.metadata["metrics"]["final"]
+    assert final["recall"]["dense"]["5"] is not None and final["recall_ci"]["dense"]["5"] is not None
+    assert "per_question" not in final  # outcomes stay with the run; the version keeps figures and intervals
+    assert set(manifest.metadata["metrics"]["improvement"]) >= {"f1", "exact_match", "dense_recall@5"}
     assert done.metrics["base"]["questions"] == 2 and done.metrics["final"]["questions"] == 2
     domains = DomainRegistry(shared_domain.store)
     index = domains.read_manifest("toy", ArtifactKind.INDEXES, done.index_version)

@@ -15,6 +15,7 @@ from adapters.worker import RunContext, Workspace, queue_run, run_claimed
 from storage import DomainRegistry
 
 STEPS = 8
+RETRIEVER_STEPS = 3
 
 
 def request(mode: str = "end2end") -> RunRequest:
@@ -26,6 +27,8 @@ def request(mode: str = "end2end") -> RunRequest:
             "evaluation": None,
             "hyperparameters": {
                 "steps": STEPS,
+                "retriever_steps": 0 if mode == "generator_only" else RETRIEVER_STEPS,
+                "retriever_batch_size": 4,
                 "batch_size": 2,
                 "top_k": 2,
                 "checkpoint_every": 3,
@@ -54,40 +57,49 @@ def test_an_interrupted_run_resumes_to_the_same_weights(domain, tiny_config, tin
         domain.store, tiny_config, request(), tmp_path / "work", progress=False, workspace=workspace
     )
     assert straight.state == RunState.SUCCEEDED, straight.error
-
-    runs = RunStore(domain.store)
-    owner = owner_token("test")
-    record = queue_run(runs, request(), owner=owner)
-    ticks = []
-
-    def stop_after_five_steps() -> bool:
-        ticks.append(1)
-        return len(ticks) > 5
-
-    with pytest.raises(RunInterrupted):
-        run_claimed(RunContext(runs, record, owner, should_stop=stop_after_five_steps), workspace)
-    stopped = runs.get(record.id)
-    assert stopped.state == RunState.QUEUED and stopped.checkpoint_step == 5  # saved on the way out
-
-    resumed = resume(domain.store, tiny_config, record.id, tmp_path / "work", progress=False)
-    assert resumed.state == RunState.SUCCEEDED, resumed.error
-    a, b = (
-        weights(domain.store, straight.adapter_version, tmp_path),
-        weights(domain.store, resumed.adapter_version, tmp_path),
-    )
-    for component in a:
-        assert a[component].keys() == b[component].keys()
-        for name in a[component]:
-            torch.testing.assert_close(a[component][name], b[component][name], rtol=0, atol=0)
+    assert straight.total_steps == RETRIEVER_STEPS + STEPS
+    a = weights(domain.store, straight.adapter_version, tmp_path)
     trained = [t for c in a.values() for n, t in c.items() if "lora_B" in n]
     assert all(t.abs().sum() > 0 for t in trained)  # every component's LoRA moved off zero
+
+    # Stopped while the trainer waits for the index refresh that ends the retriever phase (one tick per step
+    # until then, so the 4th tick is the first of that wait), and in the joint phase (once step 5 is logged:
+    # events go out at every step here). Either way the resumed run ends where the straight one did.
+    runs = RunStore(domain.store)
+    for stopped_at in (RETRIEVER_STEPS, 5):
+        owner = owner_token("test")
+        record = queue_run(runs, request(), owner=owner)
+        ticks = []
+
+        def stop_now() -> bool:
+            ticks.append(1)
+            if stopped_at == RETRIEVER_STEPS:
+                return len(ticks) >= RETRIEVER_STEPS + 1
+            return any(e["kind"] == "step" and e["step"] >= stopped_at for e in runs.events(record.id)[0])
+
+        with pytest.raises(RunInterrupted):
+            run_claimed(RunContext(runs, record, owner, should_stop=stop_now, flush_s=0), workspace)
+        stopped = runs.get(record.id)
+        assert stopped.state == RunState.QUEUED and stopped.checkpoint_step == stopped_at  # saved on the way
+
+        resumed = resume(domain.store, tiny_config, record.id, tmp_path / "work", progress=False)
+        assert resumed.state == RunState.SUCCEEDED, resumed.error
+        b = weights(domain.store, resumed.adapter_version, tmp_path)
+        for component in a:
+            assert a[component].keys() == b[component].keys()
+            for name in a[component]:
+                torch.testing.assert_close(a[component][name], b[component][name], rtol=0, atol=0)
+        events, _ = runs.events(record.id)
+        assert [e["step"] for e in events if e["kind"] == "phase"] == [RETRIEVER_STEPS]
 
 
 def test_generator_only_trains_the_generator_and_keeps_the_index(
     domain, tiny_config, tiny_backbone, tmp_path
 ):
     workspace = Workspace(tiny_config, tmp_path / "work", {"none": tiny_backbone})
-    hyperparameters = request().hyperparameters.model_copy(update={"index_refresh_every": None})
+    hyperparameters = request().hyperparameters.model_copy(
+        update={"index_refresh_every": None, "retriever_steps": 0}
+    )
     info = adapt(
         domain.store,
         tiny_config,

@@ -67,9 +67,13 @@ def test_shape_errors_fail_while_parsing_the_request():
 
 def test_a_valid_run_is_queued_with_frozen_inputs_and_its_steps_counted(domain):
     runs = RunStore(domain.store)
-    record = queue_run(runs, request(hyperparameters={"epochs": 2, "batch_size": 2}))
+    record = queue_run(runs, request(hyperparameters={"epochs": 2, "batch_size": 2, "retriever_batch_size": 8,
+                                                      "retriever_epochs": 2}))
     assert record.state == RunState.QUEUED
-    assert record.total_steps == 4  # 2 epochs of 4 training examples, 2 a step
+    # The retriever phase: 2 epochs of 24 pairs (20 inverse-cloze ones, 4 questions with gold), 8 a step; then
+    # the joint phase: 2 epochs of 4 training examples, 2 a step.
+    assert record.request.hyperparameters.retriever_steps == 6
+    assert record.total_steps == 6 + 4
     assert runs.active() == [record.id]
     assert runs.get_input(record.id, "train.jsonl").count(b"\n") == 4
     assert runs.get_input(record.id, "eval.jsonl").count(b"\n") == 2

@@ -7,7 +7,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import ExitStack
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import httpx
 from pydantic import BaseModel
@@ -187,11 +187,18 @@ class AsyncRuns:
         examples: Iterable[Mapping[str, Any] | BaseModel] | None = None,
         hyperparameters: Hyperparameters | Mapping[str, Any] | None = None,
         reconstruction: Mapping[str, Any] | None = None,
+        synthetic: Mapping[str, Any] | bool = True,
+        use_qa: bool = True,
+        promote_metric: Literal["recall@5", "f1"] | None = None,
     ) -> AsyncRun:
         """Queue a run training on the domain's QA ``split`` (default ``train``), on QA at a store ``uri``, or
-        on ``examples``. Unset hyperparameters take the server's defaults. ``.wait()`` on the returned run."""
+        on ``examples``, plus ``synthetic`` data made from the domain's passages (``True``: the server's default,
+        inverse-cloze pairs; a mapping such as ``{"generated": {"max_passages": 300}}``; ``False``: none).
+        ``use_qa=False`` trains on synthetic data alone. ``promote_metric``: what ``if_better`` needs a
+        significant gain on. Unset hyperparameters take the server's defaults. ``.wait()`` on the returned run."""
         info = await self._client._send(endpoints.create_run(domain, mode, promote, split, uri, examples,
-                                                       hyperparameters, reconstruction))
+                                                       hyperparameters, reconstruction, synthetic, use_qa,
+                                                       promote_metric))
         return AsyncRun(self._client, info)
 
     async def get(self, run_id: str) -> RunInfo:

@@ -190,23 +190,33 @@ def rollback(name: str, expected_etag: str | None) -> Call[DomainInfo]:
 def create_run(domain: str, mode: str, promote: str, split: str | None, uri: str | None,
                examples: Iterable[Mapping[str, Any] | BaseModel] | None,
                hyperparameters: Hyperparameters | Mapping[str, Any] | None,
-               reconstruction: Mapping[str, Any] | None) -> Call[RunInfo]:
-    """Training data is one of: a split of the domain's QA (default ``train``), a store URI, or examples."""
+               reconstruction: Mapping[str, Any] | None, synthetic: Mapping[str, Any] | bool,
+               use_qa: bool, promote_metric: str | None) -> Call[RunInfo]:
+    """Training data is one of: a split of the domain's QA (default ``train``), a store URI, or examples; plus
+    synthetic data from the domain's passages (``True``: the server's default, a mapping: as given)."""
     given = [value is not None for value in (uri, examples)]
     if sum(given) > 1 or (any(given) and split is not None):
         raise ValueError("give at most one of split, uri and examples")
-    if uri is not None:
-        train: dict[str, Any] = {"uri": uri}
+    if not use_qa and (any(given) or split is not None or not synthetic):
+        raise ValueError("use_qa=False trains on synthetic data alone: give no split, uri or examples")
+    if not use_qa:
+        train: dict[str, Any] = {}
+    elif uri is not None:
+        train = {"uri": uri}
     elif examples is not None:
         train = {"examples": [_record(item) for item in examples]}
     else:
         train = {"split": split or "train"}
+    if synthetic:
+        train["synthetic"] = {} if synthetic is True else dict(synthetic)
     if not isinstance(hyperparameters, BaseModel):
         hyperparameters = Hyperparameters.model_validate(hyperparameters or {})
     hyper = hyperparameters.model_dump(mode="json", exclude_none=True)
     body = dict(domain=domain, mode=mode, promote=promote, train=train, hyperparameters=hyper)
     if reconstruction is not None:
         body["reconstruction"] = dict(reconstruction)
+    if promote_metric is not None:
+        body["promote_metric"] = promote_metric
     return Call("POST", "/admin/adapt", _model(RunInfo), json=body, admin=True)
 
 

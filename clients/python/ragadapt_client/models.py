@@ -69,13 +69,19 @@ class LatestStep(_Model):
     loss: float | None = None
     lr: float | None = None
     examples_per_s: float | None = None
+    marginal: float | None = None  # the terms of the loss the step had (joint phase)
+    contrastive: float | None = None  # the retriever phase's loss; in the joint phase, rows with gold
+    lm_supervision: float | None = None
 
 
 class RunMetrics(_Model):
-    """Evaluation metrics of the base (before) and final (after) model, e.g. ``{"em": 0.41, "f1": 0.55}``."""
+    """Evaluation reports of the base (before) and final (after) model: ``exact_match``, ``f1`` and ``recall``
+    (per retrieval mode, per k) with their 95% intervals (``f1_ci`` ...); ``improvement``: final - base per
+    figure (``f1``, ``dense_recall@5`` ...) as ``{"value", "ci", "questions"}``, paired bootstrap intervals."""
 
     base: dict[str, Any] | None = None
     final: dict[str, Any] | None = None
+    improvement: dict[str, Any] | None = None
 
 
 class RunInfo(_Model):
@@ -237,5 +243,16 @@ class Hyperparameters(_Model):
     index_refresh_every: int | None = None  # steps between asynchronous index rebuilds (End2End)
     max_index_staleness: int | None = None  # steps training runs ahead of a pending rebuild before it waits
     reconstruction_ratio: float | None = None  # share of examples that are sentence reconstructions
+    retriever_steps: int | None = None  # the retriever phase (contrastive, encoders only) before the joint one
+    retriever_epochs: float | None = None  # instead of retriever_steps: passes over the retrieval pairs
+    retriever_batch_size: int | None = None
+    retriever_lr: float | None = None
+    temperature: float | None = None  # of the contrastive loss
+    hard_negatives: int | None = None  # per query from each of the dense and BM25 top 10 minus gold
+    marginal_weight: float | None = None  # joint phase: the RAG End2End marginal loss
+    contrastive_weight: float | None = None  # joint phase: the contrastive loss of rows with gold passages
+    lm_supervision_weight: float | None = None  # joint phase: LM-supervised retrieval of rows without
+    gold_passage_prob: float | None = None  # RAFT: how often a row's gold passage is among its k in training
+    query_side_only: bool | None = None  # LoRA on the question encoder only: no re-indexing
     seed: int | None = None
     lora: LoraSpecs | None = None
