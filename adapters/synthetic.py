@@ -40,7 +40,6 @@ SYNTHETIC_SPLIT = "synthetic"
 GENERATED_FILE = "generated.jsonl"
 # A sentence ends at . ! ? before a capital, a digit or a quote, or at a line break (tables, dialogue lines).
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(\[])|\n+")
-_GENERATED = re.compile(r"Question:\s*(?P<question>.+?\?)\s*Answer:\s*(?P<answer>.+)", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -120,8 +119,8 @@ def qa_pairs(examples: Sequence[QaExample], passages: Sequence[Passage], kind: s
 # --- generated questions ------------------------------------------------------------------------------------
 
 GENERATION_INSTRUCTION = (
-    "Write one question about the passage that is answered by a short phrase copied word for word from the "
-    "passage. Reply exactly as:\nQuestion: <question>\nAnswer: <short phrase>"
+    "Write one question about the passage whose answer is the given phrase from the passage. The question must "
+    "name what it asks about, so that it could be understood without the passage. Reply with the question only."
 )
 # Used when a domain has no QA examples to show the generator.
 BUILT_IN_EXAMPLE = (
@@ -134,6 +133,13 @@ BUILT_IN_EXAMPLE = (
     "How far out to sea can the Port Elm lighthouse be seen?",
     "18 miles",
 )
+# Answer candidates: amounts, dates and numbers (with a unit word), and capitalised names of up to four words.
+_NUMBER = re.compile(
+    r"[$€£]?\d+(?:,\d{3})*(?:\.\d+)?%?(?:\s(?:million|billion|thousand|percent|days|weeks|months|years|hours|"
+    r"minutes|miles|km|kg|mg|people|patients|cases))?"
+)
+_NAME = re.compile(r"\b[A-Z][a-z]+(?:\s(?:of\s)?[A-Z][a-z]+){0,3}\b")
+_QUESTION = re.compile(r"[^\n?]{8,300}\?")
 
 
 @dataclass(frozen=True)
@@ -142,30 +148,46 @@ class GenerationConfig:
 
     max_passages: int = 500  # passages (a seeded sample) a question is generated for
     shots: int = 2  # domain examples shown to the generator (the built-in one when there are none)
-    shot_tokens: int = 96  # passage tokens of each shown example
+    shot_words: int = 60  # words of each shown example's passage, around its answer
     max_new_tokens: int = 48
     round_trip_k: int = 20  # the source passage must be in the top k of BM25 or of the base retriever
-    max_answer_words: int = 12
+    max_answer_words: int = 8
     seed: int = 0
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(self.__dict__, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _shots(examples: Sequence[QaExample], passages_by_id: dict[str, Passage], count: int, seed: int):
-    """Up to `count` (passage, question, answer) demonstrations from the domain's examples with a gold passage
-    that holds the answer."""
-    rng = random.Random(f"{seed}:shots")
+def answer_candidates(text: str, max_words: int = 8) -> list[str]:
+    """Short spans of a passage that make good answers: amounts, dates, numbers and names, in order, once each."""
+    found = [m.group(0).strip() for pattern in (_NUMBER, _NAME) for m in pattern.finditer(text)]
+    return [c for c in dict.fromkeys(found) if 1 <= len(c.split()) <= max_words and len(c) >= 2]
+
+
+def _shots(examples: Sequence[QaExample], passages_by_id: dict[str, Passage], seed: int):
+    """Demonstrations (passage, question, answer) from the domain's examples whose answer is a short span of
+    a gold passage, shuffled by seed; the built-in one when there are none."""
     usable = []
     for example in examples:
         for pid in example.passage_ids:
             passage = passages_by_id.get(pid)
             answer = next((a for a in example.answers if _is_span(a, passage.text)), None) if passage else None
-            if answer is not None and len(answer.split()) <= 12:
+            if answer is not None and len(answer.split()) <= 8:
                 usable.append((passage, example.question, answer))
                 break
-    rng.shuffle(usable)
-    return usable[:count] or [BUILT_IN_EXAMPLE]
+    random.Random(f"{seed}:shots").shuffle(usable)
+    return usable[:64] or [BUILT_IN_EXAMPLE]
+
+
+def _window(text: str, answer: str, words: int) -> str:
+    """At most `words` words of `text`, centred on the first occurrence of `answer` when there is one."""
+    tokens = text.split()
+    if len(tokens) <= words:
+        return " ".join(tokens)
+    start = text.lower().find(answer.lower())
+    middle = len(text[:start].split()) if start >= 0 else 0
+    first = min(max(middle - words // 2, 0), len(tokens) - words)
+    return " ".join(tokens[first : first + words])
 
 
 def _is_span(answer: str, text: str) -> bool:
@@ -173,18 +195,15 @@ def _is_span(answer: str, text: str) -> bool:
     return bool(wanted) and f" {wanted} " in f" {normalize_answer(text)} "
 
 
-def parse_generation(text: str, passage: Passage, max_answer_words: int) -> tuple[str, str] | None:
-    """(question, answer) from a generation, when it has both and the answer is a short span of the passage."""
-    match = _GENERATED.search(text)
+def parse_question(text: str, answer: str) -> str | None:
+    """The first question in a generation, unless it gives its own answer away."""
+    match = _QUESTION.search(text)
     if match is None:
         return None
-    question = " ".join(match.group("question").split())
-    answer = " ".join(match.group("answer").strip().splitlines()[0].split()).strip(" .")
-    if not question or not answer or len(answer.split()) > max_answer_words:
+    question = " ".join(match.group(0).replace("Question:", " ").split())
+    if normalize_answer(answer) in normalize_answer(question):
         return None
-    if normalize_answer(answer) in normalize_answer(question) or not _is_span(answer, passage.text):
-        return None
-    return question, answer
+    return question
 
 
 def generate_questions(
@@ -194,36 +213,43 @@ def generate_questions(
     index: "IndexHandle",
     config: GenerationConfig = GenerationConfig(),
     *,
-    batch_size: int = 16,
+    batch_size: int = 8,
     tick: Callable[[], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[QaExample]:
-    """Generate, parse and round-trip filter one question per passage of a seeded sample; deterministic for
-    the same backbone, passages, examples and config. `index` is the domain's base index (BM25 and the base
-    retriever's vectors) the round trip searches."""
+    """Questions about a seeded sample of passages, answer first: a short span of the passage (an amount, a
+    date, a name) is picked, and the base generator, shown `shots` of the domain's own examples (a different
+    seeded choice per passage), writes a question it answers. Kept when round-trip consistent: BM25 or the base
+    retriever of `index` (the domain's base index) finds the passage among the top `round_trip_k`.
+    Deterministic for the same backbone, passages, examples and config."""
     import torch
 
     by_id = {p.id: p for p in passages}
     rng = random.Random(f"{config.seed}:generate")
-    chosen = list(passages)
-    if len(chosen) > config.max_passages:
-        chosen = rng.sample(chosen, config.max_passages)
-    shots = _shots(examples, by_id, config.shots, config.seed)
+    chosen = list(passages) if len(passages) <= config.max_passages else rng.sample(list(passages),
+                                                                                  config.max_passages)
+    shots = _shots(examples, by_id, config.seed)
     generator = backbone.generator
-    demonstrations = [
-        (f"Passage ({p.title}): {generator.clip(p.text, config.shot_tokens)}", f"Question: {q}\nAnswer: {a}")
-        for p, q, a in shots
-    ]
+    jobs = []  # (passage, answer, prompt)
+    for passage in chosen:
+        candidates = answer_candidates(passage.text, config.max_answer_words)
+        if not candidates:
+            continue
+        answer = rng.choice(candidates)
+        shown = rng.sample(shots, min(config.shots, len(shots)))
+        turns = [(f"Passage ({p.title}): {_window(p.text, a, config.shot_words)}\nAnswer: {a}", q)
+                 for p, q, a in shown]
+        prompt = generator.chat(GENERATION_INSTRUCTION, turns, f"{generator.passage_text(passage)}\nAnswer: {answer}")
+        jobs.append((passage, answer, prompt))
     kept: list[QaExample] = []
-    for start in range(0, len(chosen), batch_size):
-        batch = chosen[start : start + batch_size]
-        prompts = [generator.chat(GENERATION_INSTRUCTION, demonstrations, generator.passage_text(p)) for p in batch]
+    for start in range(0, len(jobs), batch_size):
+        batch = jobs[start : start + batch_size]
         with torch.inference_mode():
-            outputs = backbone.generate(prompts, max_new_tokens=config.max_new_tokens)
-        candidates = [(p, parse_generation(text, p, config.max_answer_words)) for p, text in zip(batch, outputs)]
-        candidates = [(p, qa) for p, qa in candidates if qa is not None]
+            outputs = backbone.generate([prompt for _, _, prompt in batch], max_new_tokens=config.max_new_tokens)
+        candidates = [(p, parse_question(text, a), a) for (p, a, _), text in zip(batch, outputs)]
+        candidates = [(p, q, a) for p, q, a in candidates if q is not None]
         if candidates:
-            questions = [qa[0] for _, qa in candidates]
+            questions = [q for _, q, _ in candidates]
             with torch.inference_mode():
                 embeddings = backbone.encode_questions(questions)  # [n, dim]
             found = [
@@ -231,7 +257,7 @@ def generate_questions(
                 for mode in ("dense", "bm25")
                 if mode in index.modes
             ]  # [modes][n][k]
-            for i, (passage, (question, answer)) in enumerate(candidates):
+            for i, (passage, question, answer) in enumerate(candidates):
                 if any(passage.id in {h.passage.id for h in rows[i]} for rows in found):
                     kept.append(
                         QaExample(question, (answer,), (passage.id,), SYNTHETIC_SPLIT, f"generated-{passage.id}")
@@ -239,7 +265,7 @@ def generate_questions(
         if tick:
             tick()
         if progress:
-            progress(min(start + batch_size, len(chosen)), len(chosen))
+            progress(min(start + batch_size, len(jobs)), len(jobs))
     return kept
 
 

@@ -414,12 +414,19 @@ class _Execution:
                 ict = synthetic.ict
                 pairs += ict_pairs(passages, seed=hp.seed, keep_sentence=ict.keep_sentence,
                                    min_words=ict.min_words, max_words=ict.max_words, limit=ict.max_pairs)
+        total_steps = record.total_steps
+        if not (train or generated or sentences) and hp.retriever_steps:
+            # Generated questions were asked for and none passed the round trip: no joint phase to run.
+            total_steps = hp.retriever_steps
+            if record.total_steps != total_steps:
+                self.ctx.update(total_steps=total_steps)
+                self.ctx.event("phase", name="joint", skipped="no QA examples: none given, none generated")
         if resume is None:
             kinds = Counter(pair.kind for pair in pairs)
             self.ctx.event("data", examples=len(train), generated=len(generated), sentences=len(sentences),
                            retriever_steps=hp.retriever_steps or 0, pairs=dict(sorted(kinds.items())))
         self.ctx.update(started_at=self.ctx.record.started_at or now())
-        self.ctx.stage("training", resume.state.step if resume else 0, record.total_steps)
+        self.ctx.stage("training", resume.state.step if resume else 0, total_steps)
         refresher = (
             IndexRefresher(self.domain, self.bb, self.versions, self.run_dir)
             if self.request.refresh_every
@@ -429,7 +436,7 @@ class _Execution:
             self.bb,
             self.key,
             self.request,
-            record.total_steps,
+            total_steps,
             train,
             sentences,
             handle,
