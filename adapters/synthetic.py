@@ -7,12 +7,13 @@ alone when it is given queries for them (ORQA's inverse cloze task, Promptagator
   with the sentence left in it with probability `keep_sentence` (ORQA removes it 90% of the time; on these
   domains, where questions share words with their passages, keeping it trained a better retriever). Cheap: no
   generation. They train the retriever only (no answer).
-- Generated questions (`generate_questions`): the generator, prompted with a few of the domain's examples (or a
-  built-in one), writes a question about a passage and the short answer to it. A question is kept only when it
-  is round-trip consistent: its answer is a span of the passage, and BM25 or the base retriever finds the
-  passage among the top k for it. They are QA examples with a gold passage, so they train both the retriever
-  and the generator. Generating is slow on a CPU, so they are cached in the store per passages version and
-  settings (`SyntheticCache`).
+- Generated questions (`generate_questions`), answer first: a short span of a passage (an amount, a date, a
+  name) is the answer, and the generator, prompted with a few of the domain's examples (or a built-in one),
+  writes a question it answers. Asked for question and answer together, the 135M generator copied its
+  demonstrations and answered with sentences that were no span. A question is kept only when it is round-trip
+  consistent: BM25 or the base retriever finds its passage among the top k for it. They are QA examples with a
+  gold passage, so they train both the retriever and the generator. Generating is slow on a CPU, so they are
+  cached in the store per passages, examples, backbone and settings (`SyntheticCache`).
 """
 
 from __future__ import annotations

@@ -38,16 +38,16 @@ def machine() -> dict:
     }
 
 
-def record(name: str, settings: dict, results: dict, summary: str) -> Path:
-    """Write results/<name>.json (machine, date, settings, numbers); append one line to RESULTS.md and print
-    it."""
+def record(name: str, settings: dict, results: dict, summary: str, results_key: str = "results") -> Path:
+    """Write results/<name>.json (machine, date, settings, numbers under `results_key`); append one line to
+    RESULTS.md and print it."""
     date = datetime.now(timezone.utc).isoformat(timespec="seconds")
     payload = {
         "benchmark": name,
         "date": date,
         "machine": machine(),
         "settings": settings,
-        "results": results,
+        results_key: results,
     }
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{name}.json"
