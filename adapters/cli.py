@@ -403,7 +403,7 @@ def cmd_adapt(
 
 
 def cmd_eval(args: argparse.Namespace, store: ObjectStore, backbone: "Backbone", work_dir: Path) -> int:
-    from adapters.evaluation import format_table
+    from adapters.evaluation import format_differences, format_table
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     reports = evaluate_modes(
@@ -422,4 +422,7 @@ def cmd_eval(args: argparse.Namespace, store: ObjectStore, backbone: "Backbone",
         print(json.dumps({mode: report.to_dict() for mode, report in reports}, indent=2))
     else:
         print(format_table(reports))
+        if len(reports) > 1:
+            print(f"\nagainst {reports[0][0]}, paired over the same questions:")
+            print(format_differences(reports[0][1], reports[1:]))
     return 0

@@ -75,7 +75,11 @@ def first_gold_rank(retrieved: Sequence[str], gold: Iterable[str]) -> int | None
 
 
 def bootstrap_ci(
-    values: Sequence[float], *, samples: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED, level: float = 0.95
+    values: Sequence[float],
+    *,
+    samples: int = BOOTSTRAP_SAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+    level: float = 0.95,
 ) -> tuple[float, float] | None:
     """Percentile bootstrap interval of the mean of `values` (per-question outcomes); None for no values.
 
@@ -193,8 +197,9 @@ def as_report(report: dict | EvalReport) -> EvalReport:
     return report if isinstance(report, EvalReport) else EvalReport.from_dict(report)
 
 
-def compare(new: dict | EvalReport, old: dict | EvalReport, metrics: Iterable[str] | None = None
-            ) -> dict[str, Difference | None]:
+def compare(
+    new: dict | EvalReport, old: dict | EvalReport, metrics: Iterable[str] | None = None
+) -> dict[str, Difference | None]:
     """Paired differences new - old per metric, on the questions both scored (matched by question id)."""
     new, old = as_report(new), as_report(old)
     if metrics is None:
@@ -209,8 +214,9 @@ def compare(new: dict | EvalReport, old: dict | EvalReport, metrics: Iterable[st
     return differences
 
 
-def is_better(new: dict | EvalReport, old: dict | EvalReport | None, metric: PrimaryMetric = "f1"
-              ) -> tuple[bool, str]:
+def is_better(
+    new: dict | EvalReport, old: dict | EvalReport | None, metric: PrimaryMetric = "f1"
+) -> tuple[bool, str]:
     """`if_better` promotion: better only when the paired 95% interval of the gain on `metric` lies above
     zero. No old report: better. Returns (better, why)."""
     if old is None:
@@ -308,7 +314,11 @@ def evaluate(
             f1s.append(round(f1_score(answer.text, example.answers), 4))
             if len(samples) < 5:
                 samples.append(
-                    {"question": example.question, "prediction": answer.text, "answers": list(example.answers)}
+                    {
+                        "question": example.question,
+                        "prediction": answer.text,
+                        "answers": list(example.answers),
+                    }
                 )
         if tick:
             tick()
@@ -364,4 +374,23 @@ def format_table(rows: list[tuple[str, EvalReport]]) -> str:
             f"{fmt(report.recall_at(20, 'dense'))} {fmt(report.recall_at(5, 'bm25'), 8)} "
             f"{fmt(report.recall_at(5, 'hybrid'), 10)}"
         )
+    return "\n".join(lines)
+
+
+def format_differences(base: EvalReport, rows: list[tuple[str, EvalReport]]) -> str:
+    """One line per configuration: its difference to `base` on F1, EM and recall@5 per retrieval mode, each with
+    the paired 95% interval; a * marks an interval that excludes zero."""
+    names = ["f1", "exact_match", *(f"{m}_recall@5" for m in RETRIEVAL_MODES if m in base.recall)]
+    header = f"{'mode':<16} " + " ".join(f"{name:>24}" for name in names)
+    lines = [header, "-" * len(header)]
+    for mode, report in rows:
+        cells = []
+        for name, d in compare(report, base, names).items():
+            if d is None:
+                text = "-"
+            else:
+                mark = "*" if d.ci[0] > 0 or d.ci[1] < 0 else ""
+                text = f"{d.value:+.3f} [{d.ci[0]:+.2f},{d.ci[1]:+.2f}]{mark}"
+            cells.append(f"{text:>24}")
+        lines.append(f"{mode:<16} " + " ".join(cells))
     return "\n".join(lines)

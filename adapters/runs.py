@@ -130,7 +130,8 @@ class SyntheticSource(_Strict):
 
     ict: IctSettings | None = IctSettings()
     generated: GeneratedSettings | None = None
-    ratio: float = Field(0.5, ge=0.0, le=1.0)  # share of QA rows drawn from generated questions when both exist
+    # The share of QA rows drawn from generated questions when there are real ones too.
+    ratio: float = Field(0.5, ge=0.0, le=1.0)
 
 
 class QaSource(_Strict):
@@ -147,9 +148,7 @@ class QaSource(_Strict):
     def _one_source(self) -> "QaSource":
         given = [name for name in ("split", "uri", "examples") if getattr(self, name) is not None]
         if len(given) > 1 or (not given and self.synthetic is None):
-            raise ValueError(
-                f"give one of split, uri or examples, and/or synthetic (got {given or 'none'})"
-            )
+            raise ValueError(f"give one of split, uri or examples, and/or synthetic (got {given or 'none'})")
         return self
 
     @property
@@ -202,14 +201,16 @@ class Hyperparameters(_Strict):
     retriever_batch_size: int = Field(32, ge=2, le=1024)
     retriever_lr: float = Field(1e-3, gt=0, le=1.0)
     temperature: float = Field(0.05, gt=0, le=10.0)  # of the contrastive loss (scores are cosines)
-    hard_negatives: int = Field(1, ge=0, le=32)  # per query, from each of the dense and BM25 top 10 minus gold
+    # Per query, from each of the dense and BM25 top 10 of the current index minus its gold passages.
+    hard_negatives: int = Field(1, ge=0, le=32)
     # The joint phase: the weighted sum of the marginal RAG loss, the contrastive loss (rows with gold
     # passages) and LM-supervised retrieval (rows without). Only marginal_weight: RAG End2End as published.
     marginal_weight: float = Field(1.0, ge=0.0, le=100.0)
     contrastive_weight: float = Field(1.0, ge=0.0, le=100.0)
     lm_supervision_weight: float = Field(0.0, ge=0.0, le=100.0)
     lm_supervision_temperature: float = Field(1.0, gt=0, le=100.0)
-    gold_passage_prob: float = Field(0.8, ge=0.0, le=1.0)  # RAFT: a row's gold passage is among its k this often
+    # RAFT: how often a row's gold passage is among the k it trains on (else retrieval as it is).
+    gold_passage_prob: float = Field(0.8, ge=0.0, le=1.0)
     query_side_only: bool = False  # LoRA on the question encoder only: the index never needs re-encoding
     seed: int = 0
     checkpoint_every: int = Field(50, ge=1)
@@ -667,8 +668,10 @@ def _joint_steps(request: RunRequest, examples: int) -> int:
     generated = synthetic is not None and synthetic.generated is not None
     if not examples and not generated and hp.reconstruction_ratio == 0:
         if hp.steps is not None or hp.epochs is not None:
-            raise InvalidRun("no QA examples to train the joint phase on: drop steps/epochs, or give QA "
-                             "examples, generated questions or a reconstruction_ratio")
+            raise InvalidRun(
+                "no QA examples to train the joint phase on: drop steps/epochs, or give QA "
+                "examples, generated questions or a reconstruction_ratio"
+            )
         return 0
     if hp.marginal_weight + hp.contrastive_weight + hp.lm_supervision_weight == 0:
         raise InvalidRun("marginal_weight, contrastive_weight and lm_supervision_weight are all 0")

@@ -71,8 +71,9 @@ def reconstruction_sentences(
 ) -> list[str]:
     """Domain sentences to reconstruct (RAG End2End's auxiliary signal): a deterministic sample of at most
     `limit` distinct sentences of the passages."""
-    found = sorted({s for passage in passages for s in sentences(passage.text, min_words=min_words,
-                                                                 max_words=max_words)})
+    found = sorted(
+        {s for passage in passages for s in sentences(passage.text, min_words=min_words, max_words=max_words)}
+    )
     if len(found) > limit:
         found = random.Random(seed).sample(found, limit)
     return found
@@ -106,7 +107,9 @@ def ict_pairs(
     return pairs
 
 
-def qa_pairs(examples: Sequence[QaExample], passages: Sequence[Passage], kind: str = "qa") -> list[RetrievalPair]:
+def qa_pairs(
+    examples: Sequence[QaExample], passages: Sequence[Passage], kind: str = "qa"
+) -> list[RetrievalPair]:
     """A pair for every example with gold passages in the knowledge base; its positive is the first gold."""
     by_id = {p.id: p for p in passages}
     pairs = []
@@ -172,7 +175,9 @@ def _shots(examples: Sequence[QaExample], passages_by_id: dict[str, Passage], se
     for example in examples:
         for pid in example.passage_ids:
             passage = passages_by_id.get(pid)
-            answer = next((a for a in example.answers if _is_span(a, passage.text)), None) if passage else None
+            answer = (
+                next((a for a in example.answers if _is_span(a, passage.text)), None) if passage else None
+            )
             if answer is not None and len(answer.split()) <= 8:
                 usable.append((passage, example.question, answer))
                 break
@@ -227,8 +232,11 @@ def generate_questions(
 
     by_id = {p.id: p for p in passages}
     rng = random.Random(f"{config.seed}:generate")
-    chosen = list(passages) if len(passages) <= config.max_passages else rng.sample(list(passages),
-                                                                                  config.max_passages)
+    chosen = (
+        list(passages)
+        if len(passages) <= config.max_passages
+        else rng.sample(list(passages), config.max_passages)
+    )
     shots = _shots(examples, by_id, config.seed)
     generator = backbone.generator
     jobs = []  # (passage, answer, prompt)
@@ -238,15 +246,21 @@ def generate_questions(
             continue
         answer = rng.choice(candidates)
         shown = rng.sample(shots, min(config.shots, len(shots)))
-        turns = [(f"Passage ({p.title}): {_window(p.text, a, config.shot_words)}\nAnswer: {a}", q)
-                 for p, q, a in shown]
-        prompt = generator.chat(GENERATION_INSTRUCTION, turns, f"{generator.passage_text(passage)}\nAnswer: {answer}")
+        turns = [
+            (f"Passage ({p.title}): {_window(p.text, a, config.shot_words)}\nAnswer: {a}", q)
+            for p, q, a in shown
+        ]
+        prompt = generator.chat(
+            GENERATION_INSTRUCTION, turns, f"{generator.passage_text(passage)}\nAnswer: {answer}"
+        )
         jobs.append((passage, answer, prompt))
     kept: list[QaExample] = []
     for start in range(0, len(jobs), batch_size):
         batch = jobs[start : start + batch_size]
         with torch.inference_mode():
-            outputs = backbone.generate([prompt for _, _, prompt in batch], max_new_tokens=config.max_new_tokens)
+            outputs = backbone.generate(
+                [prompt for _, _, prompt in batch], max_new_tokens=config.max_new_tokens
+            )
         candidates = [(p, parse_question(text, a), a) for (p, a, _), text in zip(batch, outputs)]
         candidates = [(p, q, a) for p, q, a in candidates if q is not None]
         if candidates:
@@ -261,7 +275,9 @@ def generate_questions(
             for i, (passage, question, answer) in enumerate(candidates):
                 if any(passage.id in {h.passage.id for h in rows[i]} for rows in found):
                     kept.append(
-                        QaExample(question, (answer,), (passage.id,), SYNTHETIC_SPLIT, f"generated-{passage.id}")
+                        QaExample(
+                            question, (answer,), (passage.id,), SYNTHETIC_SPLIT, f"generated-{passage.id}"
+                        )
                     )
         if tick:
             tick()
@@ -286,8 +302,9 @@ class SyntheticCache:
         return f"domains/{domain}/synthetic"
 
     @staticmethod
-    def identity(passages: Sequence[Passage], examples: Sequence[QaExample], fingerprint: str,
-                 config: GenerationConfig) -> dict:
+    def identity(
+        passages: Sequence[Passage], examples: Sequence[QaExample], fingerprint: str, config: GenerationConfig
+    ) -> dict:
         """Everything the generated questions depend on."""
         digest = hashlib.sha256()
         for passage in passages:
@@ -310,5 +327,9 @@ class SyntheticCache:
         with tempfile.TemporaryDirectory(prefix="ragadapt-synthetic-") as scratch:
             path = Path(scratch) / GENERATED_FILE
             path.write_bytes(to_jsonl(examples))
-            artifacts.publish(self._store, self.prefix(domain), {GENERATED_FILE: path},
-                              {"identity": identity, "count": len(examples)})
+            artifacts.publish(
+                self._store,
+                self.prefix(domain),
+                {GENERATED_FILE: path},
+                {"identity": identity, "count": len(examples)},
+            )

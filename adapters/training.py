@@ -112,8 +112,9 @@ class Row:
     gold: tuple[str, ...] = ()  # ids of the passages that hold the answer, when known
 
 
-def hard_negatives(ranked: list[str], gold: tuple[str, ...], count: int, rng: random.Random,
-                   depth: int = 10) -> list[str]:
+def hard_negatives(
+    ranked: list[str], gold: tuple[str, ...], count: int, rng: random.Random, depth: int = 10
+) -> list[str]:
     """`count` ids drawn from the first `depth` of a ranking that are not gold: passages the retriever
     confuses with the answer's, never the answer's own."""
     candidates = [pid for pid in ranked if pid not in gold][:depth]
@@ -246,8 +247,8 @@ class Trainer:
     """Trains adapter set `key` of `backbone` as `request` says, from `state` (fresh or resumed).
 
     Steps 1..`retriever_steps` are the retriever phase (the contrastive loss over `pairs`, encoders only); the
-    rest are the joint phase (RAG End2End over QA rows from `examples` and `generated`, and reconstruction rows
-    from `sentences`). Between the two the index is refreshed with the trained passage encoder, so the joint
+    rest are the joint phase (RAG End2End over QA rows from `examples` and `generated`, and reconstruction
+    rows from `sentences`). Between the two the index is refreshed with the trained passage encoder, so the joint
     phase retrieves with what the retriever phase learned.
     """
 
@@ -281,7 +282,9 @@ class Trainer:
         self.sentences = sentences
         self.pairs = pairs or []
         if self.retriever_steps and not self.pairs:
-            raise InvalidRun("the retriever phase has no retrieval pairs (no gold passages, no synthetic data)")
+            raise InvalidRun(
+                "the retriever phase has no retrieval pairs (no gold passages, no synthetic data)"
+            )
         if total_steps > self.retriever_steps and not (self.examples or self.generated or self.sentences):
             raise InvalidRun("no training examples")
         synthetic = request.train.synthetic
@@ -296,7 +299,9 @@ class Trainer:
         self.state = resume.state if resume is not None else (state or TrainerState())
         self._permutations: dict[tuple[str, int], list[int]] = {}
         self._checkpointed = self.state.step if resume is not None else -1
+        # The lexical half of hard-negative mining: the dense index changes with each refresh, BM25 never does.
         self._bm25: Bm25Index | None = None
+        self._bm25_ids = [p.id for p in index.passages]
         if self.retriever_steps > self.state.step and self.hp.hard_negatives:
             self._bm25 = Bm25Index.build(list(index.passages))
 
@@ -311,13 +316,16 @@ class Trainer:
             generator = trainable["generator"] if "generator" in components else []
             groups = [
                 {"params": params, "lr": lr, "name": name}
-                for name, params, lr in (("encoders", encoders, hp.retriever_lr), ("generator", generator, hp.lr))
+                for name, params, lr in (
+                    ("encoders", encoders, hp.retriever_lr),
+                    ("generator", generator, hp.lr),
+                )
                 if params
             ]
             optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
             scheduler = torch.optim.lr_scheduler.LambdaLR(
-                optimizer, [self._encoder_schedule if g["name"] == "encoders" else self._joint_schedule
-                            for g in groups]
+                optimizer,
+                [self._encoder_schedule if g["name"] == "encoders" else self._joint_schedule for g in groups],
             )
             params = encoders + generator
             if self.resume is not None:
@@ -421,12 +429,14 @@ class Trainer:
             queries = bb.encode_questions([p.query for p in pairs], self.key)  # [n, dim]
             passages = {p.positive.id: p.positive for p in pairs}
             if hp.hard_negatives:
-                dense = self.index.search(queries.detach(), k=10 + max(len(p.gold) for p in pairs), mode="dense")
+                dense = self.index.search(
+                    queries.detach(), k=10 + max(len(p.gold) for p in pairs), mode="dense"
+                )
                 for pair, hits in zip(pairs, dense):
                     ranked = [[h.passage.id for h in hits]]
                     if self._bm25 is not None:
-                        ranked.append([self.index.passages[i].id for i in self._bm25.top_k(pair.query, 10 + len(
-                            pair.gold))[0]])
+                        found, _ = self._bm25.top_k(pair.query, 10 + len(pair.gold))
+                        ranked.append([self._bm25_ids[i] for i in found])
                     for ids in ranked:
                         for pid in hard_negatives(ids, pair.gold, hp.hard_negatives, rng):
                             passages.setdefault(pid, self.passages[pid])
@@ -447,7 +457,7 @@ class Trainer:
             # One question-encoder pass serves both retrieval (detached) and the doc scores (with gradients).
             queries = bb.encode_questions([r.query for r in rows], self.key)  # [n, dim]
             hits = self.index.search(queries.detach(), k=hp.top_k, mode="dense")
-            retrieved = [self._with_gold(r, [h.passage for h in row], rng) for r, row in zip(rows, hits)]  # [n][k]
+            retrieved = [self._with_gold(r, [h.passage for h in row], rng) for r, row in zip(rows, hits)]
             unique = {p.id: p for row in retrieved for p in row}
             contrast = hp.contrastive_weight > 0 and encoders_train
             for row in rows:
@@ -456,7 +466,8 @@ class Trainer:
             ordered = list(unique.values())
             position = {p.id: i for i, p in enumerate(ordered)}
             embeddings = self._encode_passages(ordered)  # [m, dim]
-            documents = embeddings[torch.tensor([[position[p.id] for p in row] for row in retrieved])]  # [n, k, dim]
+            rows_of = torch.tensor([[position[p.id] for p in row] for row in retrieved])  # [n, k]
+            documents = embeddings[rows_of]  # [n, k, dim]
             scores = torch.einsum("nd,nkd->nk", queries, documents) * bb.score_scale
             doc_logprobs = torch.log_softmax(scores, dim=-1)  # [n, k]
         with autocast(bb), torch.set_grad_enabled("generator" in components):
@@ -488,8 +499,8 @@ class Trainer:
         return loss, parts
 
     def _with_gold(self, row: Row, passages: list[Passage], rng: random.Random) -> list[Passage]:
-        """RAFT: with probability `gold_passage_prob` a row with gold passages has one among its k (in place of
-        the last retrieved one when retrieval missed them all); otherwise it keeps what retrieval found."""
+        """RAFT: with probability `gold_passage_prob` a row with gold passages has one among its k (in place
+        of the last retrieved one when retrieval missed them all); otherwise it keeps what retrieval found."""
         if not row.gold or rng.random() >= self.hp.gold_passage_prob:
             return passages
         if any(p.id in row.gold for p in passages):
@@ -503,7 +514,8 @@ class Trainer:
             return self.backbone.encode_passages(passages, self.key)
 
     def _encoder_schedule(self, step: int) -> float:
-        """The encoders' rate (base `retriever_lr`): the retriever phase's schedule, then the joint one at `lr`."""
+        """The encoders' rate (base `retriever_lr`): the retriever phase's schedule, then the joint one at
+        `lr`."""
         if step < self.retriever_steps:
             return _linear_schedule(step, self.retriever_steps, self.hp.warmup_steps)
         return self.hp.lr / self.hp.retriever_lr * self._joint_schedule(step)
@@ -512,8 +524,9 @@ class Trainer:
         """Zero in the retriever phase, then linear warm-up and decay over the joint phase."""
         if step < self.retriever_steps:
             return 0.0
-        return _linear_schedule(step - self.retriever_steps, self.total_steps - self.retriever_steps,
-                                self.hp.warmup_steps)
+        return _linear_schedule(
+            step - self.retriever_steps, self.total_steps - self.retriever_steps, self.hp.warmup_steps
+        )
 
     # --- data -----------------------------------------------------------------------------------------------
 
@@ -523,14 +536,21 @@ class Trainer:
         rng = random.Random(f"{self.hp.seed}:{step}:{micro}")
         rows = []
         for _ in range(self.hp.batch_size):
-            if self.sentences and (rng.random() < self.hp.reconstruction_ratio
-                                   or not (self.examples or self.generated)):
+            if self.sentences and (
+                rng.random() < self.hp.reconstruction_ratio or not (self.examples or self.generated)
+            ):
                 sentence = rng.choice(self.sentences)
                 rows.append(Row(None, sentence, sentence))
             else:
                 example = self._next_example(rng)
-                rows.append(Row(example.question, rng.choice(example.answers), example.question,
-                                tuple(p for p in example.passage_ids if p in self.passages)))
+                rows.append(
+                    Row(
+                        example.question,
+                        rng.choice(example.answers),
+                        example.question,
+                        tuple(p for p in example.passage_ids if p in self.passages),
+                    )
+                )
         return rows
 
     def _next_example(self, rng: random.Random) -> QaExample:
@@ -543,7 +563,7 @@ class Trainer:
         return self.pairs[self._advance("pairs", "pair_cursor", len(self.pairs))]
 
     def _advance(self, pool: str, cursor: str, n: int) -> int:
-        """The next index into a pool, walking a seeded permutation per epoch; moves the cursor in the state."""
+        """The next index into a pool, walking a seeded permutation per epoch; moves the state's cursor."""
         epoch, position = divmod(getattr(self.state, cursor), n)
         order = self._permutations.get((pool, epoch))
         if order is None:
@@ -564,7 +584,9 @@ class Trainer:
             return
         if step - refresher.started_step < bound:
             return
-        log.info("index refresh started at step %s is %s steps old: waiting for it", refresher.started_step, bound)
+        log.info(
+            "index refresh started at step %s is %s steps old: waiting for it", refresher.started_step, bound
+        )
         while refresher.pending:
             self.hooks.tick()
             refresher.job.wait(0.2)

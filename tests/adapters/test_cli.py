@@ -109,9 +109,13 @@ def test_eval_compares_base_and_each_modes_newest_version(
         "--no-progress",
     )
     assert cmd_eval(args, domain.store, tiny_backbone, tmp_path / "eval") == 0
-    table = capsys.readouterr().out.splitlines()
-    rows = {line.split()[0]: line.split() for line in table[2:]}
+    table, _, differences = capsys.readouterr().out.partition("\n\n")
+    rows = {line.split()[0]: line.split() for line in table.splitlines()[2:]}
     assert list(rows) == ["base", "generator_only", "end2end"]
+    deltas = {line.split()[0]: line.split()[1:] for line in differences.splitlines()[3:]}
+    assert list(deltas) == ["generator_only", "end2end"]
+    # F1, EM, then recall@5 of dense, BM25 and hybrid, each "value [low,high]"; BM25 is the same model twice.
+    assert all(len(cells) == 10 for cells in deltas.values()) and deltas["end2end"][6:8] == ["+0.000", "[+0.00,+0.00]"]
     assert rows["base"][1] == "base"
     assert (
         rows["generator_only"][1] == versions["generator_only"] and rows["end2end"][1] == versions["end2end"]

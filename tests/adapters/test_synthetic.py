@@ -46,7 +46,9 @@ def test_inverse_cloze_pairs_are_sentences_of_their_passage_and_the_same_for_a_s
         assert pair.query in sentences(source.text, min_words=4, max_words=64)
         assert pair.positive == source and pair.kind == "ict"  # keep_sentence=1: the passage as indexed
     assert ict_pairs(PASSAGES, seed=3, min_words=4) == pairs
-    assert {p.query for s in range(10) for p in ict_pairs(PASSAGES, seed=s, min_words=4)} > {p.query for p in pairs}
+    assert {p.query for s in range(10) for p in ict_pairs(PASSAGES, seed=s, min_words=4)} > {
+        p.query for p in pairs
+    }
     for pair in ict_pairs(PASSAGES, seed=3, min_words=4, keep_sentence=0.0):
         assert pair.query not in pair.positive.text and pair.positive.id == pair.gold[0]
 
@@ -54,7 +56,9 @@ def test_inverse_cloze_pairs_are_sentences_of_their_passage_and_the_same_for_a_s
 def test_qa_pairs_keep_questions_whose_gold_passages_are_in_the_knowledge_base():
     passages = [Passage(f"{t.lower()}-0", t, text) for t, text in TOPICS]
     pairs = qa_pairs(QA, passages)
-    assert [p.query for p in pairs] == [e.question for e in QA if e.passage_ids[0] in {p.id for p in passages}]
+    assert [p.query for p in pairs] == [
+        e.question for e in QA if e.passage_ids[0] in {p.id for p in passages}
+    ]
     assert all(p.positive.id == p.gold[0] for p in pairs)
 
 
@@ -78,7 +82,9 @@ def test_answer_candidates_and_question_parsing():
     assert parse_question("Question: What was the revenue in 2019?\nmore", "$1,305 million") == (
         "What was the revenue in 2019?"
     )
-    assert parse_question("What was the revenue of $1,305 million?", "$1,305 million") is None  # gives it away
+    assert (
+        parse_question("What was the revenue of $1,305 million?", "$1,305 million") is None
+    )  # gives it away
     assert parse_question("The revenue was large.", "2019") is None  # no question
 
 
@@ -122,7 +128,9 @@ def _gold_ranks(backbone, key, passages, examples) -> list[int]:
         q = backbone.encode_questions([e.question for e in examples], key).numpy()
     order = np.argsort(-(q @ p.T), axis=1)  # [questions, passages]
     ids = [p.id for p in passages]
-    return [1 + min(list(order[i]).index(ids.index(g)) for g in e.passage_ids) for i, e in enumerate(examples)]
+    return [
+        1 + min(list(order[i]).index(ids.index(g)) for g in e.passage_ids) for i, e in enumerate(examples)
+    ]
 
 
 def test_the_contrastive_retriever_phase_moves_gold_passages_up(domain, tiny_config, tiny_backbone, tmp_path):
@@ -130,18 +138,41 @@ def test_the_contrastive_retriever_phase_moves_gold_passages_up(domain, tiny_con
     index = versions.open_live(domain.name, embedding_dim=tiny_backbone.embedding_dim)
     passages = list(index.passages)
     examples = [e for e in QA if e.split == "train"]
-    request = RunRequest.model_validate({
-        "domain": domain.name, "mode": "retriever_only", "hyperparameters": {
-            "retriever_steps": 40, "retriever_batch_size": 8, "retriever_lr": 5e-3, "hard_negatives": 1, "seed": 1,
-            "checkpoint_every": 1000}})
+    request = RunRequest.model_validate(
+        {
+            "domain": domain.name,
+            "mode": "retriever_only",
+            "hyperparameters": {
+                "retriever_steps": 40,
+                "retriever_batch_size": 8,
+                "retriever_lr": 5e-3,
+                "hard_negatives": 1,
+                "seed": 1,
+                "checkpoint_every": 1000,
+            },
+        }
+    )
     key = "contrastive-test"
     torch.manual_seed(1)
     tiny_backbone.add_adapter_set(key, AdapterSetConfig())
     try:
         before = _gold_ranks(tiny_backbone, key, passages, examples)
         hooks = Recorder()
-        trainer = Trainer(tiny_backbone, key, request, 40, examples, [], index, None, hooks, refresher=None,
-                          work_dir=tmp_path / "train", state=TrainerState(), pairs=qa_pairs(examples, passages))
+        trainer = Trainer(
+            tiny_backbone,
+            key,
+            request,
+            40,
+            examples,
+            [],
+            index,
+            None,
+            hooks,
+            refresher=None,
+            work_dir=tmp_path / "train",
+            state=TrainerState(),
+            pairs=qa_pairs(examples, passages),
+        )
         trainer._checkpoint = lambda optimizer, scheduler: None
         trainer.train()
         after = _gold_ranks(tiny_backbone, key, passages, examples)
@@ -158,11 +189,25 @@ def test_a_run_on_synthetic_data_alone_succeeds(domain, tiny_config, tiny_backbo
     cached in the store, and (the tiny generator writes none that survive the round trip) the run skips the
     joint phase rather than failing."""
     workspace = Workspace(tiny_config, tmp_path / "work", {"none": tiny_backbone})
-    request = RunRequest.model_validate({
-        "domain": domain.name, "promote": "never", "evaluation": None,
-        "train": {"synthetic": {"ict": {"min_words": 3}, "generated": {"max_passages": 6, "max_new_tokens": 12}}},
-        "hyperparameters": {"retriever_steps": 4, "retriever_batch_size": 8, "steps": 3, "batch_size": 2,
-                            "top_k": 2, "seed": 2, "index_refresh_every": 1000}})
+    request = RunRequest.model_validate(
+        {
+            "domain": domain.name,
+            "promote": "never",
+            "evaluation": None,
+            "train": {
+                "synthetic": {"ict": {"min_words": 3}, "generated": {"max_passages": 6, "max_new_tokens": 12}}
+            },
+            "hyperparameters": {
+                "retriever_steps": 4,
+                "retriever_batch_size": 8,
+                "steps": 3,
+                "batch_size": 2,
+                "top_k": 2,
+                "seed": 2,
+                "index_refresh_every": 1000,
+            },
+        }
+    )
     info = adapt(domain.store, tiny_config, request, tmp_path / "work", progress=False, workspace=workspace)
     assert info.state == RunState.SUCCEEDED, info.error
     events, _ = RunStore(domain.store).events(info.id)
@@ -170,16 +215,21 @@ def test_a_run_on_synthetic_data_alone_succeeds(domain, tiny_config, tiny_backbo
     assert data["examples"] == 0 and data["pairs"]["ict"] == 20  # one per passage of the toy domain
     generated = next(e for e in events if e["kind"] == "generated")
     assert generated["passages"] == 6 and data["generated"] == generated["kept"]
-    assert artifacts.list_versions(domain.store, SyntheticCache.prefix(domain.name))  # cached for the next run
+    assert artifacts.list_versions(
+        domain.store, SyntheticCache.prefix(domain.name)
+    )  # cached for the next run
     steps = [e["step"] for e in events if e["kind"] == "step"]
     assert steps[:4] == [1, 2, 3, 4]
     # The tiny generator's questions never survive the round trip: the joint phase is skipped, not failed.
     assert generated["kept"] == 0
     assert info.total_steps == 4 and steps == [1, 2, 3, 4]
-    assert [e.get("skipped") for e in events if e["kind"] == "phase"] == ["no QA examples: none given, none generated"]
+    assert [e.get("skipped") for e in events if e["kind"] == "phase"] == [
+        "no QA examples: none given, none generated"
+    ]
     target = tmp_path / "fetched"
-    AdapterRegistry(domain.store).fetch(domain.name, info.adapter_version, target,
-                                        expected_fingerprint=tiny_backbone.fingerprint)
+    AdapterRegistry(domain.store).fetch(
+        domain.name, info.adapter_version, target, expected_fingerprint=tiny_backbone.fingerprint
+    )
     for component in ("question", "passage"):
         weights = load_file(target / component / "adapter_model.safetensors")
         assert any(t.abs().sum() > 0 for n, t in weights.items() if "lora_B" in n), component

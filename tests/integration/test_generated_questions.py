@@ -32,8 +32,14 @@ def test_generated_questions_are_round_trip_consistent_and_deterministic(embedde
         q = json.loads(line)
         if q["split"] == "train" and set(q["passage_ids"]) <= ids:
             examples.append(QaExample(q["question"], tuple(q["answers"]), tuple(q["passage_ids"]), "train"))
-    build_index(embedded_backbone, passages, tmp_path / "index", build_id="t", config=IndexConfig(),
-                encode=EncodeConfig(progress=False))
+    build_index(
+        embedded_backbone,
+        passages,
+        tmp_path / "index",
+        build_id="t",
+        config=IndexConfig(),
+        encode=EncodeConfig(progress=False),
+    )
     index = IndexHandle.open(tmp_path / "index", domain="finance")
     sample = random.Random(5).sample(passages, 16)
     config = GenerationConfig(max_passages=16, max_new_tokens=32)
@@ -45,8 +51,11 @@ def test_generated_questions_are_round_trip_consistent_and_deterministic(embedde
     for example, hits in zip(kept, dense):
         (pid,) = example.passage_ids
         assert example.split == "synthetic" and example.question.endswith("?")
-        assert normalize_answer(example.answers[0]) in normalize_answer(by_id[pid].text)  # a span of its passage
-        found = {h.passage.id for h in hits} | {h.passage.id for h in index.search(
-            query_texts=[example.question], k=20, mode="bm25")[0]}
+        assert normalize_answer(example.answers[0]) in normalize_answer(
+            by_id[pid].text
+        )  # a span of its passage
+        found = {h.passage.id for h in hits} | {
+            h.passage.id for h in index.search(query_texts=[example.question], k=20, mode="bm25")[0]
+        }
         assert pid in found  # the round trip finds its passage
     assert generate_questions(embedded_backbone, sample, examples, index, config) == kept
