@@ -27,7 +27,7 @@ CALLS = [
     endpoints.create_domain("d", [{"id": "p", "text": "t"}], None, None, None, None),
     endpoints.create_domain("d", None, "passages/d.jsonl", None, None, None),
     endpoints.get_job("j"), endpoints.promote("d", "v", None), endpoints.rollback("d", None),
-    endpoints.create_run("d", "end2end", "if_better", None, None, None, None, None),
+    endpoints.create_run("d", "end2end", "if_better", None, None, None, None, None, True, True, "f1"),
     endpoints.list_runs(None), endpoints.get_run("r"), endpoints.run_events("r", 0),
     endpoints.cancel_run("r"),
 ]

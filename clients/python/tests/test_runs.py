@@ -71,8 +71,23 @@ def test_create_sends_the_run_request(scripted, using):
     assert run.id == "r1" and run.info.state == "queued" and run.info.latest.loss is None
     body = json.loads(scripted.received[0].body)
     assert body == {"domain": "covid", "mode": "generator_only", "promote": "never",
-                    "train": {"split": "train"},
+                    "train": {"split": "train", "synthetic": {}},
                     "hyperparameters": {"steps": 4, "lr": 1e-4, "lora": {"generator": {"r": 4, "alpha": 8}}}}
+
+
+def test_create_with_synthetic_data_alone_or_none_and_a_promotion_metric(scripted, using):
+    play(scripted, [BASE])
+    generated = {"generated": {"max_passages": 300}, "ict": None}
+    using(scripted.url, lambda client: client.runs.create(
+        "covid", use_qa=False, synthetic=generated, promote_metric="recall@5",
+        hyperparameters=Hyperparameters(retriever_epochs=2, contrastive_weight=0.5)), admin_token="t")
+    using(scripted.url, lambda client: client.runs.create("covid", synthetic=False), admin_token="t")
+    first, second = (json.loads(r.body) for r in scripted.received)
+    assert first["train"] == {"synthetic": generated} and first["promote_metric"] == "recall@5"
+    assert first["hyperparameters"] == {"retriever_epochs": 2, "contrastive_weight": 0.5}
+    assert second["train"] == {"split": "train"} and "promote_metric" not in second
+    with Client("http://127.0.0.1:9") as client, pytest.raises(ValueError, match="synthetic data alone"):
+        client.runs.create("covid", use_qa=False, synthetic=False)
 
 
 def test_create_with_inline_examples_or_a_uri(scripted, using):
@@ -82,8 +97,8 @@ def test_create_with_inline_examples_or_a_uri(scripted, using):
                                                           hyperparameters={"steps": 2}), admin_token="t")
     using(scripted.url, lambda client: client.runs.create("covid", uri="qa/covid.jsonl"), admin_token="t")
     first, second = (json.loads(r.body) for r in scripted.received)
-    assert first["train"] == {"examples": examples} and first["hyperparameters"] == {"steps": 2}
-    assert second["train"] == {"uri": "qa/covid.jsonl"} and second["hyperparameters"] == {}
+    assert first["train"] == {"examples": examples, "synthetic": {}} and first["hyperparameters"] == {"steps": 2}
+    assert second["train"] == {"uri": "qa/covid.jsonl", "synthetic": {}} and second["hyperparameters"] == {}
 
 
 def test_create_refuses_two_training_sources():
