@@ -367,7 +367,8 @@ class Trainer:
                 batch = self._rows(step, micro)
                 loss, parts = self._joint_loss(step, micro, batch)
                 rows += len(batch)
-            (loss / hp.grad_accumulation).backward()
+            if loss.requires_grad:  # a batch none of whose rows any weighted term applies to trains nothing
+                (loss / hp.grad_accumulation).backward()
             for name, value in {"loss": loss.item(), **parts}.items():
                 terms.setdefault(name, []).append(value)
         if hp.max_grad_norm is not None:
