@@ -398,6 +398,7 @@ class Trainer:
                 and step % every == 0
                 and step < self.total_steps
                 and not self.refresher.pending
+                and (not retrieving or hp.hard_negatives)  # without hard negatives, nothing searches it yet
             ):
                 self.refresher.start(step, self.key)
                 self.hooks.event("rebuild", state="started", step=step)
