@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import socket
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -55,7 +54,7 @@ DEFAULT_STEPS = 100
 DEFAULT_REFRESH_EVERY = 100
 EVENTS_PER_PAGE = 100
 QUEUE_PREFIX = "runs/queue/"
-RUN_ID = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{6}$")
+RUN_ID = artifacts.VERSION_ID  # run ids are version ids (new_version_id); matched whole
 
 
 class RunState(StrEnum):
@@ -318,7 +317,7 @@ class RunStore:
         records = []
         for info in self.store.list("runs/"):
             parts = info.key.split("/")
-            if len(parts) == 3 and parts[2] == "run.json" and RUN_ID.match(parts[1]):
+            if len(parts) == 3 and parts[2] == "run.json" and RUN_ID.fullmatch(parts[1]):
                 try:
                     records.append(self.get(parts[1]))
                 except RunNotFound:
@@ -447,7 +446,7 @@ class RunStore:
 
 
 def _check_id(run_id: str) -> str:
-    if not isinstance(run_id, str) or not RUN_ID.match(run_id):
+    if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id):
         raise RunNotFound(f"no run {run_id!r}")
     return run_id
 

@@ -88,7 +88,7 @@ class DomainCatalog:
         serving = self._serving.get(domain)
         if serving is not None:
             return serving
-        if not isinstance(domain, str) or not DOMAIN_NAME.match(domain):
+        if not isinstance(domain, str) or not DOMAIN_NAME.fullmatch(domain):
             raise DomainNotFound(f"no domain named {domain!r}")
         missed = self._misses.get(domain)
         if missed is not None and time.monotonic() - missed < self._discover_every_s:

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 PROBLEM_TYPE = "https://ragadapt.dev/problems/"
 MEDIA_TYPE = "application/problem+json"
 REQUEST_ID_HEADER = "x-request-id"
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # matched whole
 # The contract's codes for errors other packages name differently.
 _RENAMED = {"malformed_passages": "invalid_passages", "empty_corpus": "invalid_passages"}
 
@@ -45,7 +45,7 @@ def request_id(scope: Scope) -> str:
     found = state.get("request_id")
     if found is None:
         given = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"x-request-id"), None)
-        found = given if given is not None and _REQUEST_ID.match(given) else uuid.uuid4().hex
+        found = given if given is not None and _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         state["request_id"] = found
     return found
 

@@ -156,8 +156,8 @@ class Settings(BaseSettings):
             raise ValueError(f"{len(self.cache.pinned)} pinned domains need more than cache.hot_slots="
                              f"{self.cache.hot_slots} hot slots (one must stay free for other domains)")
         for name in [*self.cache.pinned, self.demo.domain]:
-            if not DOMAIN_NAME.match(name):
-                raise ValueError(f"domain name {name!r} must match {DOMAIN_NAME.pattern}")
+            if not DOMAIN_NAME.fullmatch(name):
+                raise ValueError(f"domain name {name!r} must match ^{DOMAIN_NAME.pattern}$")
         if self.server.max_batch_rows > self.server.queue_size:
             raise ValueError(f"server.max_batch_rows={self.server.max_batch_rows} exceeds "
                              f"server.queue_size={self.server.queue_size}: batches could never fill")

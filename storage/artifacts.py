@@ -31,7 +31,8 @@ from storage.errors import (
 from storage.store import ObjectInfo, ObjectStore, check_key
 
 MANIFEST = "manifest.json"
-VERSION_ID = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{6}$")
+# Matched whole (fullmatch): `$` alone would also accept a trailing newline.
+VERSION_ID = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{6}")
 _CHUNK = 1 << 20
 
 
@@ -191,13 +192,13 @@ def _scan(store: ObjectStore, prefix: str) -> dict[str, list[ObjectInfo]]:
     versions: dict[str, list[ObjectInfo]] = defaultdict(list)
     for info in store.list(base):
         version = info.key[len(base) :].partition("/")[0]
-        if VERSION_ID.match(version):
+        if VERSION_ID.fullmatch(version):
             versions[version].append(info)
     return versions
 
 
 def _check_version(version: str) -> str:
-    if not isinstance(version, str) or not VERSION_ID.match(version):
+    if not isinstance(version, str) or not VERSION_ID.fullmatch(version):
         raise VersionNotFound(f"{version!r} is not a version id (expected e.g. 20261121T211500Z-3f9a1c)")
     return version
 

@@ -37,7 +37,8 @@ from storage.errors import (
 )
 from storage.store import ObjectStore
 
-DOMAIN_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+# Matched whole (fullmatch): `$` alone would also accept a trailing newline.
+DOMAIN_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 HISTORY_LIMIT = 50
 _Model = TypeVar("_Model", bound=BaseModel)
 
@@ -401,8 +402,8 @@ class DomainRegistry:
 
 
 def _check_name(name: str) -> str:
-    if not isinstance(name, str) or not DOMAIN_NAME.match(name):
-        raise InvalidDomainName(f"domain name {name!r} must match {DOMAIN_NAME.pattern}")
+    if not isinstance(name, str) or not DOMAIN_NAME.fullmatch(name):
+        raise InvalidDomainName(f"domain name {name!r} must match ^{DOMAIN_NAME.pattern}$")
     return name
 
 

@@ -42,7 +42,7 @@ from storage.errors import (
 )
 
 _CHUNK = 1 << 20
-_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")  # matched whole
 # S3 error codes that mean "your credentials or signature are wrong", as opposed to a missing object.
 _AUTH_CODES = frozenset(
     {
@@ -209,7 +209,7 @@ class StoreConfig(BaseModel):
             raise ValueError(f"endpoint {self.endpoint!r} contradicts secure={self.secure}")
         if not self.access_key or self.secret_key is None:
             raise ValueError("the s3 store needs 'access_key' and 'secret_key'")
-        if not _BUCKET_NAME.match(self.bucket):
+        if not _BUCKET_NAME.fullmatch(self.bucket):
             raise ValueError(f"{self.bucket!r} is not a valid S3 bucket name")
         if self.connect_timeout <= 0 or self.read_timeout <= 0 or self.retries < 0:
             raise ValueError("timeouts must be positive and retries non-negative")

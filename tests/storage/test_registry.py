@@ -58,10 +58,11 @@ def test_domains_are_created_once_listed_and_read_back(registry):
         registry.get_domain("tax")
 
 
-@pytest.mark.parametrize("name", ["", "Law", "-law", "la w", "../law", "a" * 64, "law/x"])
+@pytest.mark.parametrize("name", ["", "Law", "-law", "la w", "../law", "a" * 64, "law/x", "law\n", "law\n\n"])
 def test_invalid_domain_names_are_refused(registry, name):
     with pytest.raises(InvalidDomainName):
         registry.create_domain(name)
+    assert registry.list_domains() == []
 
 
 def test_key_layout_is_the_documented_one(registry, law, payload):
@@ -116,6 +117,8 @@ def test_promote_refuses_versions_that_do_not_exist(registry, law, payload):
         registry.promote(law, adapter, index_version="20990101T000000Z-abcdef")
     with pytest.raises(VersionNotFound):
         registry.promote(law, index)  # an index version is not an adapter version
+    with pytest.raises(VersionNotFound):
+        registry.promote(law, adapter + "\n")  # an id is matched whole, a trailing newline included
     assert registry.live(law).adapter_version is None
 
 
