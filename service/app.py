@@ -37,6 +37,7 @@ from .domains import DomainCatalog
 from .jobs import Jobs
 from .metrics import Metrics
 from .problems import add_request_id, handle_exception
+from .requests import ServiceRequest
 from .routes import admin, ask, domains, operations, runs
 from .runtime import Loaded, Runtime
 from .settings import Settings
@@ -87,6 +88,7 @@ def create_app(settings: Settings) -> Litestar:
         exception_handlers={Exception: handle_exception},
         before_send=[add_request_id, count_response],
         request_max_body_size=settings.server.max_body_bytes,
+        request_class=ServiceRequest,
         logging_config=None,  # the CLI configures logging (plain or JSON)
         openapi_config=OpenAPIConfig(
             title="ragadapt", version="0.1.0",

@@ -65,6 +65,20 @@ def test_malformed_json_is_422_invalid_request(client):
     _problem(response, 422, "invalid_request")
 
 
+@pytest.mark.parametrize("path", ["/ask?domain=alpha", "/admin/adapt", "/admin/domains",
+                                  "/admin/domains/alpha/promote", "/admin/domains/alpha/rollback"])
+def test_deeply_nested_json_is_422_not_a_server_error(client, path):
+    body = b'{"question": ' + b"[" * 1100 + b"]" * 1100 + b"}"
+    response = client.post(path, content=body, headers={**ADMIN, "content-type": "application/json"})
+    _problem(response, 422, "invalid_request")
+    deeper = client.post(path, content=b"[" * 100_000 + b"]" * 100_000,
+                         headers={**ADMIN, "content-type": "application/json"})
+    # Past the body limit it is refused unread (uploads have a larger limit: read, then refused).
+    assert deeper.status_code in (413, 422)
+    code = "request_too_large" if deeper.status_code == 413 else "invalid_request"
+    _problem(deeper, deeper.status_code, code)
+
+
 def test_unknown_and_not_yet_indexed_domains(client):
     _problem(client.post("/ask?domain=nosuch", json={"question": "what"}), 404, "domain_not_found")
     _problem(client.post("/ask?domain=Not%20A%20Name", json={"question": "what"}), 404, "domain_not_found")
@@ -158,6 +172,19 @@ def test_bad_domain_uploads(client):
     bad_qa = client.post("/admin/domains", headers=ADMIN, data={"name": "broken"}, files=files)
     assert _problem(bad_qa, 422, "invalid_qa")["line"] == 2
     assert client.get("/domains/broken").status_code == 404  # nothing was created
+
+
+@pytest.mark.parametrize("name", ["evil\n", "evil\n\n", "ok\nevil"])
+def test_a_name_with_a_newline_is_refused(client, name):
+    """Names, run ids and version ids are matched whole: `$` alone also matches before a final newline."""
+    created = client.post("/admin/domains", headers=ADMIN,
+                          json={"name": name, "passages": [{"id": "x", "text": "y"}]})
+    assert created.status_code == 422, created.text
+    assert name not in [d["name"] for d in client.get("/domains").json()["domains"]]
+    multipart = client.post("/admin/domains", headers=ADMIN, data={"name": name},
+                            files={"passages": ("p.jsonl", b'{"id": "a", "text": "fine"}\n')})
+    assert multipart.status_code == 422, multipart.text
+    _problem(client.get("/admin/runs/20260101T000000Z-abcdef%0A", headers=ADMIN), 404, "run_not_found")
 
 
 def test_an_unexpected_failure_is_a_500_that_reveals_nothing(local_store_settings, make_settings,
