@@ -51,7 +51,7 @@ from adapters.runs import (
     prepare,
 )
 from storage import artifacts, new_version_id
-from storage.errors import PreconditionFailed
+from storage.errors import PreconditionFailed, StoreError, StoreUnavailable
 from storage.registry import DomainRegistry
 from storage.store import ObjectStore
 
@@ -135,6 +135,11 @@ class RunContext:
             self.on_progress("training", step, self.record.total_steps, latest)
         if time.monotonic() - self._flushed >= self.flush_s or step == self.record.total_steps:
             self.flush()
+
+    def discard_pending(self) -> None:
+        """Forget step events and progress not flushed yet (the run resumes from before them)."""
+        self._events = []
+        self._progress = {}
 
     def flush(self) -> None:
         if self._events:
@@ -620,7 +625,10 @@ def requeue(
 
 
 def run_claimed(ctx: RunContext, workspace: Workspace) -> RunRecord:
-    """Execute a claimed run and settle its end state, whatever happens."""
+    """Execute a claimed run and settle its end state, whatever happens.
+
+    A store outage is not the run's fault: the run goes back to the queue once the store answers again and
+    resumes from its last checkpoint. Its end state is written when the store lets it through."""
     runs, run_id = ctx.runs, ctx.id
     try:
         return execute_run(ctx, workspace)
@@ -631,23 +639,53 @@ def run_claimed(ctx: RunContext, workspace: Workspace) -> RunRecord:
     except LeaseLost:
         log.warning("run %s was taken over by another worker; leaving it", run_id)
         raise
+    except StoreUnavailable as exc:
+        log.warning("run %s paused: %s", run_id, exc)
+        # The steps since the last flush are done again after the resume; their events are not written.
+        ctx.discard_pending()
+        reason = "the store was unavailable; resuming from the last checkpoint"
+        _when_store_answers(lambda: requeue(runs, run_id, reason=reason, owner=ctx.owner), ctx.should_stop,
+                            f"queueing run {run_id} again")
+        raise
     except RunCancelled:
-        _finish(ctx, RunState.CANCELLED, None, None)
+        _when_store_answers(lambda: _finish(ctx, RunState.CANCELLED, None, None), ctx.should_stop,
+                            f"recording that run {run_id} was cancelled")
         raise
     except KeyboardInterrupt:  # Ctrl-C on `ragadapt adapt`: the person stopped it
         _finish(ctx, RunState.CANCELLED, None, "interrupted from the keyboard")
         raise
     except Exception as exc:
         log.exception("run %s failed", run_id)
-        _finish(
-            ctx, RunState.FAILED, getattr(exc, "code", None) or "run_failed", f"{type(exc).__name__}: {exc}"
-        )
+        code, error = getattr(exc, "code", None) or "run_failed", f"{type(exc).__name__}: {exc}"
+        _when_store_answers(lambda: _finish(ctx, RunState.FAILED, code, error), ctx.should_stop,
+                            f"recording that run {run_id} failed")
         raise
     finally:
         shutil.rmtree(workspace.work_dir / "runs" / run_id, ignore_errors=True)
         if ctx.record.state.finished:
-            runs.dequeue(run_id)
-            runs.drop_artifacts(run_id)
+            try:
+                runs.dequeue(run_id)
+                runs.drop_artifacts(run_id)
+            except StoreError as exc:  # claim_next drops the marker of a finished run; gc sweeps the rest
+                log.warning("cleaning up after run %s failed: %s", run_id, exc)
+
+
+def _when_store_answers(action: Callable[[], object], should_stop: Callable[[], bool], what: str) -> None:
+    """Call `action` until the store lets it through, backing off from 1 s to 10 s between tries. A worker
+    told to stop gives up: the run's lease then runs out (or the next start finds its worker gone) and the
+    run is taken over."""
+    delay = 1.0
+    while True:
+        try:
+            action()
+            return
+        except StoreUnavailable as exc:
+            if should_stop():
+                log.warning("%s: gave up, the worker stops and the store is unavailable (%s)", what, exc)
+                return
+            log.warning("%s: the store is unavailable (%s); trying again in %.0fs", what, exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
 
 
 def _finish(ctx: RunContext, state: RunState, code: str | None, error: str | None) -> None:
@@ -699,15 +737,23 @@ def worker_main(
         torch.set_num_threads(spec.threads)
     runs = RunStore(_open(spec.store))
     owner = owner_token(spec.token)
-    workspace = Workspace(spec.backbone_config, Path(spec.work_dir) / f"worker-{spec.token}")
+    workspace = Workspace(spec.backbone_config, worker_scratch(spec.work_dir, spec.token))
     workspace.backbone()
 
     def should_stop() -> bool:
         return stop.is_set() or os.getppid() != parent_pid
 
+    delay = 0.0
     try:
         while not should_stop():
-            record = claim_next(runs, owner, lease_s=spec.lease_s, max_crashes=spec.max_crashes)
+            try:
+                record = claim_next(runs, owner, lease_s=spec.lease_s, max_crashes=spec.max_crashes)
+            except Exception:  # store down, an unreadable record: a worker outlives it and tries again
+                delay = min(max(delay * 2, 1.0), 30.0)
+                log.warning("claiming a run failed; trying again in %.0fs", delay, exc_info=True)
+                stop.wait(delay)
+                continue
+            delay = 0.0
             if record is None:
                 wake.wait(spec.poll_s)
                 wake.clear()
@@ -721,10 +767,16 @@ def worker_main(
         shutil.rmtree(workspace.work_dir, ignore_errors=True)
 
 
+def worker_scratch(work_dir: Path, token: str) -> Path:
+    """The local scratch directory of the worker process with `token` (removed when it ends or dies)."""
+    return Path(work_dir) / f"worker-{token}"
+
+
 @dataclass
 class _Worker:
     token: str
     process: multiprocessing.process.BaseProcess
+    started: float = field(default_factory=time.monotonic)
 
     @property
     def owner(self) -> str:
@@ -768,6 +820,7 @@ class RunManager:
         self._stop = self._context.Event()
         self._wake = self._context.Event()
         self._workers: list[_Worker] = []
+        self._quick_deaths = 0  # workers in a row that died within a minute of their start
         self._monitor: threading.Thread | None = None
         self._stopping = threading.Event()
         self._lock = threading.Lock()
@@ -775,14 +828,20 @@ class RunManager:
     # --- lifecycle ------------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Queue again the runs whose worker on this host is gone (a restart), then start the workers."""
+        """Queue again the runs whose worker on this host is gone (a restart), then start the workers. With
+        the store down, the workers take those runs over themselves once it is back."""
         with self._lock:
             if self._monitor is not None:
                 raise RuntimeError("RunManager already started")
-            for run_id in self.runs.active():
-                record = self.runs.get(run_id)
-                if record.state == RunState.RUNNING and owner_is_dead_here(record.owner):
-                    requeue(self.runs, run_id, reason="its worker is gone (restart); resuming", crashed=True)
+            try:
+                for run_id in self.runs.active():
+                    record = self.runs.get(run_id)
+                    if record.state == RunState.RUNNING and owner_is_dead_here(record.owner):
+                        requeue(self.runs, run_id, reason="its worker is gone (restart); resuming",
+                                crashed=True)
+            except StoreError as exc:
+                log.warning("could not queue again the runs of workers gone since the last start: %s", exc)
+            self._quick_deaths = 0
             self._stop.clear()
             self._stopping.clear()
             self._workers = [self._spawn() for _ in range(self.max_concurrent)]
@@ -814,6 +873,11 @@ class RunManager:
     def worker_pids(self) -> list[int]:
         return [w.process.pid for w in self._workers if w.process.pid is not None]
 
+    @property
+    def alive_workers(self) -> int:
+        return sum(w.process.is_alive() for w in self._workers)
+
+
     def _spawn(self) -> _Worker:
         token = secrets.token_hex(4)
         spec = WorkerSpec(
@@ -834,27 +898,53 @@ class RunManager:
         log.info("started run worker %s (pid %s)", token, process.pid)
         return _Worker(token, process)
 
+    @property
+    def supervisor(self) -> str:
+        """"running"; "stopped" before start and after stop; "dead" when the thread that replaces dead workers
+        ended while it should run (nothing replaces a dead worker then: `/readyz` says so)."""
+        if self._monitor is None:
+            return "stopped"
+        return "running" if self._monitor.is_alive() else "dead"
+
     def _watch(self) -> None:
-        """Wait on the workers' sentinels; a worker that dies has its run queued again and is replaced."""
+        """Supervise the workers until stopped. Nothing may end this thread: a store outage or anything
+        unexpected is logged and the next round tries again."""
         while not self._stopping.is_set():
-            workers = list(self._workers)
-            wait_for([w.process.sentinel for w in workers], timeout=1.0)
+            try:
+                self._replace_dead_workers()
+            except Exception:
+                log.exception("supervising the run workers failed; trying again")
+                self._stopping.wait(1.0)
+
+    def _replace_dead_workers(self) -> None:
+        """Wait on the workers' sentinels; a worker that died has its scratch directory swept and its run
+        queued again, and is replaced (after a pause that grows while workers keep dying young)."""
+        workers = list(self._workers)
+        wait_for([w.process.sentinel for w in workers], timeout=1.0)
+        for worker in workers:
             if self._stopping.is_set():
                 return
-            for worker in workers:
-                if worker.process.is_alive():
-                    continue
-                worker.process.join(1)
-                code = worker.process.exitcode
-                log.error(
-                    "run worker %s (pid %s) died with exit code %s", worker.token, worker.process.pid, code
-                )
+            if worker.process.is_alive():
+                continue
+            worker.process.join(1)
+            code = worker.process.exitcode
+            log.error("run worker %s (pid %s) died with exit code %s", worker.token, worker.process.pid, code)
+            shutil.rmtree(worker_scratch(self.work_dir, worker.token), ignore_errors=True)
+            try:
                 self._release_runs_of(worker, f"worker pid {worker.process.pid} died (exit code {code})")
-                with self._lock:
-                    if self._stopping.is_set():
-                        return
-                    self._workers[self._workers.index(worker)] = self._spawn()
-                self._wake.set()
+            except StoreError as exc:  # its replacement takes its runs over once the store is back
+                log.warning("could not queue the runs of worker %s again: %s", worker.token, exc)
+            self._quick_deaths = self._quick_deaths + 1 if time.monotonic() - worker.started < 60 else 0
+            if self._quick_deaths > 1:
+                pause = min(2.0 ** (self._quick_deaths - 1), 60.0)
+                log.warning("run workers keep dying young; replacing this one in %.0fs", pause)
+                if self._stopping.wait(pause):
+                    return
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                self._workers[self._workers.index(worker)] = self._spawn()
+            self._wake.set()
 
     def _release_runs_of(self, worker: _Worker, reason: str) -> None:
         for run_id in self.runs.active():

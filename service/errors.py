@@ -55,6 +55,14 @@ class NotReady(ServiceError):
     retry_after = 5
 
 
+class RunWorkersDown(ServiceError):
+    """The thread that replaces dead run workers has ended: adaptation runs would stay queued."""
+
+    code = "run_workers_down"
+    status = 503
+    retry_after = 30
+
+
 class RequestTimeout(ServiceError):
     code = "request_timeout"
     status = 504

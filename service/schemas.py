@@ -169,10 +169,19 @@ class Health(BaseModel):
     status: Literal["alive"]
 
 
+class RunWorkers(BaseModel):
+    """This process's adaptation-run workers: `supervisor` is "stopped" when it runs none."""
+
+    supervisor: Literal["running", "stopped"]
+    workers: int  # alive now
+    expected: int
+
+
 class Ready(BaseModel):
     status: Literal["ready"]
     backbone: str
     store: str
+    runs: RunWorkers
 
 
 class Problem(BaseModel):

@@ -201,12 +201,21 @@ class Health(_Model):
     status: str
 
 
+class RunWorkers(_Model):
+    """The server's adaptation-run workers: ``supervisor`` is ``stopped`` when it trains none itself."""
+
+    supervisor: str
+    workers: int = 0  # alive now
+    expected: int = 0
+
+
 class Readiness(_Model):
     """``GET /readyz`` when ready; ``backbone`` is the loaded backbone's fingerprint."""
 
     status: str
     backbone: str | None = None
     store: str | None = None
+    runs: RunWorkers | None = None
 
 
 class LoraSpec(_Model):

@@ -17,6 +17,7 @@ RESPONSES = {
     models.AdapterVersion: "AdapterVersionInfo", models.IndexVersion: "IndexVersionInfo",
     models.JobInfo: "JobInfo", models.DomainCreated: "CreateDomainResponse", models.RunInfo: "RunInfo",
     models.RunEvents: "RunEvents", models.Health: "Health", models.Readiness: "Ready",
+    models.RunWorkers: "RunWorkers",
 }
 REQUESTS = {models.Hyperparameters: "Hyperparameters", models.LoraSpec: "LoraSpec",
             models.LoraSpecs: "LoraSettings"}
