@@ -29,6 +29,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from multiprocessing.connection import wait as wait_for
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -62,6 +63,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[str, int, int, dict], None]  # (stage, done, total, latest step metrics)
+SUBMIT_GRACE_S = 60.0  # a validating run with a queue marker older than this was queued by a submit that died
 
 
 # --- one run's link to its record ---------------------------------------------------------------------------
@@ -551,6 +553,8 @@ def claim_next(runs: RunStore, owner: str, *, lease_s: float, max_crashes: int) 
 def _claimable(record: RunRecord) -> bool:
     if record.state == RunState.QUEUED:
         return True
+    if record.state == RunState.VALIDATING:  # queued, but its submit ended before it could say so
+        return record.created_at < now() - timedelta(seconds=SUBMIT_GRACE_S)
     if record.state != RunState.RUNNING:
         return False
     expired = record.lease_until is None or record.lease_until < now()
@@ -558,13 +562,14 @@ def _claimable(record: RunRecord) -> bool:
 
 
 def _claim(runs: RunStore, run_id: str, owner: str, lease_s: float, max_crashes: int) -> RunRecord | None:
-    crashed = False
+    crashed = submit_interrupted = False
 
     def take(record: RunRecord) -> RunRecord | None:
-        nonlocal crashed
+        nonlocal crashed, submit_interrupted
         if not _claimable(record):
             return None
         crashed = record.state == RunState.RUNNING  # its previous worker vanished without releasing it
+        submit_interrupted = record.state == RunState.VALIDATING
         if crashed:
             record.crashes += 1
             if record.crashes > max_crashes:
@@ -587,9 +592,11 @@ def _claim(runs: RunStore, run_id: str, owner: str, lease_s: float, max_crashes:
         return None
     if record.owner != owner:
         return None
+    interrupted = [{"kind": "state", "state": "queued", "reason": "its submit ended before it said so"}]
     runs.append_events(
         run_id,
         [
+            *(interrupted if submit_interrupted else []),
             {
                 "kind": "state",
                 "state": "running",
@@ -1012,8 +1019,13 @@ def queue_run(
     try:
         for name, data in prepared.inputs.items():
             runs.put_input(run_id, name, data)
+        # The marker before the state: a crash between the two leaves a validating run with a marker, which
+        # claim_next takes after SUBMIT_GRACE_S (the other order left a queued run no worker could see).
+        runs.enqueue(run_id)
 
-        def queued(r: RunRecord) -> RunRecord:
+        def queued(r: RunRecord) -> RunRecord | None:
+            if r.state != RunState.VALIDATING:  # taken by a worker meanwhile
+                return None
             if owner is None:
                 r.state = RunState.QUEUED
             else:
@@ -1021,7 +1033,6 @@ def queue_run(
             return r
 
         record = runs.update(run_id, queued)
-        runs.enqueue(run_id)
         runs.append_events(
             run_id,
             [
