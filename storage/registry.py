@@ -170,10 +170,12 @@ class DomainRegistry:
         return artifacts.list_versions(self._store, self.prefix(domain, kind))
 
     def read_manifest(self, domain: str, kind: ArtifactKind, version: str) -> Manifest:
-        """The manifest of one complete version; ``VersionNotFound`` otherwise."""
+        """The manifest of one complete version; ``VersionNotFound`` otherwise (``DomainNotFound`` when the
+        domain itself is missing)."""
         try:
             return artifacts.read_manifest(self._store, self.prefix(domain, kind), version)
         except VersionNotFound as exc:
+            self.get_domain(domain)
             raise VersionNotFound(f"domain {domain!r} has no complete {kind} version {version!r}") from exc
 
     def download(self, domain: str, kind: ArtifactKind, version: str, dest_dir: Path) -> Manifest:

@@ -133,6 +133,8 @@ def test_promotion_and_rollback_errors(server, client, direct_backbone):
                          headers=ADMIN), 404, "version_not_found")
     _problem(client.post("/admin/domains/alpha/rollback", json={}, headers=ADMIN), 409, "nothing_to_rollback")
     _problem(client.post("/admin/domains/nosuch/rollback", json={}, headers=ADMIN), 404, "domain_not_found")
+    _problem(client.post("/admin/domains/nosuch/promote", json={"version": "20260101T000000Z-abcdef"},
+                         headers=ADMIN), 404, "domain_not_found")
 
     good = publish_adapter(store, direct_backbone, "alpha", 5, root / "adapters")
     stale = client.post("/admin/domains/alpha/promote", json={"version": good, "expected_etag": "stale"},

@@ -119,6 +119,8 @@ def test_promote_refuses_versions_that_do_not_exist(registry, law, payload):
         registry.promote(law, index)  # an index version is not an adapter version
     with pytest.raises(VersionNotFound):
         registry.promote(law, adapter + "\n")  # an id is matched whole, a trailing newline included
+    with pytest.raises(DomainNotFound):
+        registry.promote("nosuch", adapter)  # the domain is what is missing, not the version
     assert registry.live(law).adapter_version is None
 
 
