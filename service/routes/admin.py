@@ -183,8 +183,7 @@ def _fetch_uri(runtime: Runtime, uri: str, target: Path) -> None:
     if uri.startswith("s3://"):
         parts = urlsplit(uri)
         if config.backend != "s3" or parts.netloc != config.bucket:
-            raise InvalidRequest(f"passages_uri {uri} is not in this server's store "
-                                 f"({runtime.store.describe()})")
+            raise InvalidRequest(f"passages_uri {uri} is not in this server's store ({runtime.store.name()})")
         key = parts.path.lstrip("/")
     try:
         check_key(key)
@@ -204,13 +203,15 @@ def _read_qa(path: Path) -> list[QaExample]:
 
 
 def _check_passages(path: Path) -> None:
-    """Read and chunk the corpus once before anything is created, so a bad line is a 422 with its number."""
+    """Read and chunk the corpus once before anything is created, so a bad line is a 422 with its number.
+    The detail names the line, never where the server keeps the upload."""
     try:
         load_corpus(path)
     except MalformedPassages as exc:
-        raise InvalidPassages(str(exc), line=exc.line) from None
-    except EmptyCorpus as exc:
-        raise InvalidPassages(str(exc)) from None
+        where = f"line {exc.line}: " if exc.line is not None else ""
+        raise InvalidPassages(f"passages {where}{exc.reason}", line=exc.line) from None
+    except EmptyCorpus:
+        raise InvalidPassages("the passages hold no passage text") from None
 
 
 # --- jobs, promotion, rollback ------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ async def readyz(runtime: NamedDependency[Runtime]) -> Ready:
         raise RunWorkersDown("the supervisor of the adaptation-run workers has ended: dead workers are not "
                              "replaced and runs stay queued; restart the server")
     expected = runs.max_concurrent if runs.supervisor == "running" else 0
-    return Ready(status="ready", backbone=loaded.backbone.fingerprint, store=runtime.store.describe(),
+    return Ready(status="ready", backbone=loaded.backbone.fingerprint, store=runtime.store.name(),
                  runs=RunWorkers(supervisor=runs.supervisor, workers=runs.alive_workers, expected=expected))
 
 

@@ -176,6 +176,34 @@ def test_bad_domain_uploads(client):
     assert client.get("/domains/broken").status_code == 404  # nothing was created
 
 
+def test_a_duplicate_passage_id_is_422_with_its_line(client):
+    lines = b'{"id": "a", "text": "one"}\n{"id": "b", "text": "two"}\n{"id": "a", "text": "three"}\n'
+    response = client.post("/admin/domains", headers=ADMIN, data={"name": "dupes"},
+                           files={"passages": ("p.jsonl", lines, "application/x-ndjson")})
+    body = _problem(response, 422, "invalid_passages")
+    assert body["line"] == 3 and "'a'" in body["detail"] and "line 1" in body["detail"]
+    inline = client.post("/admin/domains", headers=ADMIN, json={"name": "dupes", "passages": [
+        {"id": "x", "text": "one"}, {"id": "x", "text": "two"}]})
+    assert _problem(inline, 422, "invalid_passages")["line"] == 2
+    assert client.get("/domains/dupes").status_code == 404
+
+
+def test_problems_and_readiness_name_no_server_paths(server, client):
+    """Store keys and upload names only: never where the server keeps its data or a job's input."""
+    _, _, root = server
+    uploads = [b"\n\n", b'{"id": "a", "text": "x"}\n{"id": "a", "text": "y"}\n',
+               b'{"id": "a", "text": "x"}\n[1]\n']
+    bodies = [
+        client.get("/readyz", headers=ADMIN).text,
+        *(client.post("/admin/domains", headers=ADMIN, json={"name": "gamma", "passages_uri": uri}).text
+          for uri in ("in/no.jsonl", "s3://x/p")),
+        *(client.post("/admin/domains", headers=ADMIN, data={"name": "gamma"},
+                      files={"passages": ("p.jsonl", upload)}).text for upload in uploads),
+    ]
+    for body in bodies:
+        assert str(root) not in body and "/tmp/" not in body, body
+
+
 @pytest.mark.parametrize("name", ["evil\n", "evil\n\n", "ok\nevil"])
 def test_a_name_with_a_newline_is_refused(client, name):
     """Names, run ids and version ids are matched whole: `$` alone also matches before a final newline."""
