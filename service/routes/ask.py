@@ -48,7 +48,7 @@ async def ask(data: JSONBody[AskRequest], runtime: NamedDependency[Runtime],
         job = AskJob(question=data.question, domain=domain, adapter=adapter, index=serving.index,
                      top_k=data.top_k, max_new_tokens=data.max_new_tokens,
                      retrieval=data.retrieval or serving.default_retrieval, loop=loop,
-                     future=loop.create_future(), admitted=started)
+                     future=loop.create_future(), admitted=started, deadline=deadline)
         if adapter is not None:
             weights = loaded.cache.acquire(*adapter)  # the lease passes to the worker with the job
             try:
