@@ -51,6 +51,7 @@ MODE_COMPONENTS: dict[str, tuple[str, ...]] = {
     "retriever_only": ("question", "passage"),
 }
 DEFAULT_STEPS = 100
+SEED_MAX = 2**32 - 1
 DEFAULT_REFRESH_EVERY = 100
 EVENTS_PER_PAGE = 100
 QUEUE_PREFIX = "runs/queue/"
@@ -81,7 +82,7 @@ class LoraSpec(_Strict):
     """LoRA on one component. `targets` None: the architecture's attention Q/K/V projections."""
 
     r: int = Field(8, ge=1, le=256)
-    alpha: int = Field(16, ge=1)
+    alpha: int = Field(16, ge=1, le=4096)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     targets: list[str] | None = None
 
@@ -138,8 +139,8 @@ class Hyperparameters(_Strict):
     steps: int | None = Field(None, ge=1, le=1_000_000)  # optimizer steps; default DEFAULT_STEPS
     epochs: float | None = Field(None, gt=0, le=1000)  # instead of steps: passes over the QA examples
     lr: float = Field(2e-4, gt=0, le=1.0)
-    warmup_steps: int = Field(0, ge=0)
-    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_steps: int = Field(0, ge=0, le=1_000_000)
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
     max_grad_norm: float | None = Field(1.0, gt=0)
     batch_size: int = Field(4, ge=1, le=1024)
     grad_accumulation: int = Field(1, ge=1, le=1024)
@@ -152,7 +153,7 @@ class Hyperparameters(_Strict):
     # it. None: never wait (RAG End2End's behaviour); on a slow host the index may then trail far behind.
     max_index_staleness: int | None = Field(None, ge=1)
     reconstruction_ratio: float = Field(0.0, ge=0.0, lt=1.0)  # share of examples that are reconstructions
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)  # what every RNG the run seeds takes (numpy's is the narrowest)
     checkpoint_every: int = Field(50, ge=1)
     init: Literal["live", "base"] = "live"  # start from the domain's live adapter version, or from zero LoRA
     lora: LoraSettings | None = None  # None: the parent's settings when starting from it, else the defaults

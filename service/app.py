@@ -38,6 +38,7 @@ from .jobs import Jobs
 from .metrics import Metrics
 from .problems import add_request_id, handle_exception
 from .requests import ServiceRequest
+from .run_checks import batch_passage_limit, host_memory
 from .routes import admin, ask, domains, operations, runs
 from .runtime import Loaded, Runtime
 from .settings import Settings
@@ -74,7 +75,7 @@ def create_app(settings: Settings) -> Litestar:
             admin.get_job,
             admin.promote,
             admin.rollback,
-            runs.adapt_handler(settings.server.max_upload_bytes),
+            runs.adapt_handler(settings.server.max_run_body_bytes),
             runs.list_runs,
             runs.get_run,
             runs.run_events,
@@ -146,7 +147,10 @@ async def _load(runtime: Runtime) -> None:
         runtime.load_error = exc
         log.exception("the backbone failed to load; the server stays up but not ready")
         return
-    runtime.loaded = Loaded(backbone=backbone, cache=cache, catalog=catalog, worker=worker, jobs=jobs)
+    max_batch_passages = settings.runs.max_batch_passages or batch_passage_limit(
+        backbone, host_memory(), max(settings.runs.max_concurrent, 1))
+    runtime.loaded = Loaded(backbone=backbone, cache=cache, catalog=catalog, worker=worker, jobs=jobs,
+                            max_batch_passages=max_batch_passages)
     runtime.metrics.backbone_ready.set(1)
     runtime.metrics.backbone_load_seconds.set(backbone.load_seconds)
     log.info("ready: backbone %s, %d domains", backbone.fingerprint, len(catalog.names()))

@@ -35,6 +35,10 @@ PROBLEM_TYPE = "https://ragadapt.dev/problems/"
 MEDIA_TYPE = "application/problem+json"
 REQUEST_ID_HEADER = "x-request-id"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # matched whole
+_TOO_LARGE_HINTS = {
+    "/admin/adapt": "; send large training sets as train.uri (a store key) or as the domain's QA set "
+                    "(the qa file of POST /admin/domains)",
+}
 # The contract's codes for errors other packages name differently.
 _RENAMED = {"malformed_passages": "invalid_passages", "empty_corpus": "invalid_passages"}
 
@@ -111,7 +115,9 @@ def _litestar(request: Request, exc: HTTPException) -> Response:
     if isinstance(exc, MethodNotAllowedException):
         return problem(request, 405, "method_not_allowed", exc.detail, headers=exc.headers)
     if isinstance(exc, RequestEntityTooLarge) or status == 413:
-        return problem(request, 413, "request_too_large", "the request body is larger than this server takes")
+        hint = _TOO_LARGE_HINTS.get(request.url.path, "")
+        return problem(request, 413, "request_too_large",
+                       f"the request body is larger than this server takes{hint}")
     if isinstance(exc, NotAuthorizedException):
         return problem(request, 401, "unauthorized", exc.detail, headers={"WWW-Authenticate": "Bearer"})
     if status >= 500:

@@ -14,6 +14,7 @@ from adapters.runs import RunInfo, RunRequest, RunState
 
 from ..auth import admin_guard
 from ..problems import ProblemOperation, problem_responses
+from ..run_checks import check_batch_fits, check_lora_targets
 from ..runtime import Runtime
 
 
@@ -29,14 +30,18 @@ class RunEvents(BaseModel):
 _ADMIN = dict(guards=[admin_guard], tags=["runs"], operation_class=ProblemOperation)
 
 
-def adapt_handler(max_upload_bytes: int):
-    """POST /admin/adapt, whose inline training examples may be as large as an upload."""
+def adapt_handler(max_body_bytes: int):
+    """POST /admin/adapt, with a body limit of its own: inline examples are read into memory, so large
+    training sets go as a store key (`train.uri`) or in the domain's QA set."""
 
     @post("/admin/adapt", status_code=202, operation_id="adapt", summary="Start an adaptation run",
-          request_max_body_size=max_upload_bytes, responses=problem_responses(401, 404, 413, 422, 503),
+          request_max_body_size=max_body_bytes, responses=problem_responses(401, 404, 413, 422, 503),
           **_ADMIN)
     async def adapt(data: JSONBody[RunRequest], runtime: NamedDependency[Runtime]) -> Response[RunInfo]:
         """Validated before it is queued (`404 domain_not_found`, `422 invalid_run`); a worker trains it."""
+        loaded = runtime.serving()
+        check_lora_targets(loaded.backbone, data)
+        check_batch_fits(data, loaded.max_batch_passages)
         info = await to_thread.run_sync(runtime.runs.submit, data)
         return Response(info, status_code=202)
 

@@ -19,9 +19,10 @@ API_KEY = "test-api-key"
 def server(tmp_path_factory, tiny_backbone_settings, direct_backbone):
     root = tmp_path_factory.mktemp("errors")
     settings = Settings(data_dir=root / "data", backbone=tiny_backbone_settings, demo={"enabled": False},
-                        runs={"max_concurrent": 0}, store={"backend": "local", "root": root / "store"},
+                        runs={"max_concurrent": 0, "max_batch_passages": 64},
+                        store={"backend": "local", "root": root / "store"},
                         server={"port": 0, "admin_token": ADMIN_TOKEN, "api_keys": [API_KEY],
-                                "max_body_bytes": 4096})
+                                "max_body_bytes": 4096, "max_run_body_bytes": 8192})
     store = open_store(settings.store_config)
     ingest_domain(store, direct_backbone, "alpha", root / "corpus")
     DomainRegistry(store).create_domain("empty")  # created, but no index built yet
@@ -77,6 +78,30 @@ def test_deeply_nested_json_is_422_not_a_server_error(client, path):
     assert deeper.status_code in (413, 422)
     code = "request_too_large" if deeper.status_code == 413 else "invalid_request"
     _problem(deeper, deeper.status_code, code)
+
+
+@pytest.mark.parametrize(("hyperparameters", "code", "why"), [
+    ({"seed": 10**30}, "invalid_request", "seed"),
+    ({"seed": -1}, "invalid_request", "seed"),
+    ({"warmup_steps": 10**9}, "invalid_request", "warmup_steps"),
+    ({"weight_decay": 1e6}, "invalid_request", "weight_decay"),
+    ({"lora": {"generator": {"alpha": 10**7}}}, "invalid_request", "alpha"),
+    ({"lora": {"generator": {"targets": ["no_such_proj"]}}}, "invalid_run", "no_such_proj"),
+    ({"lora": {"question": {"targets": ["LayerNorm"]}}}, "invalid_run", "cannot wrap"),
+    ({"batch_size": 16, "top_k": 5}, "invalid_run", "(64)"),
+])
+def test_runs_that_could_only_fail_later_are_refused_before_queueing(client, hyperparameters, code, why):
+    body = {"domain": "alpha", "promote": "never", "hyperparameters": {"steps": 1, **hyperparameters}}
+    refused = _problem(client.post("/admin/adapt", headers=ADMIN, json=body), 422, code)
+    assert why in refused["detail"]
+    assert client.get("/admin/runs", headers=ADMIN).json()["runs"] == []
+
+
+def test_inline_run_bodies_have_a_small_limit_of_their_own(client):
+    examples = [{"question": f"question {i} " + "x" * 80, "answers": ["a"]} for i in range(100)]
+    body = {"domain": "alpha", "train": {"examples": examples}}
+    refused = _problem(client.post("/admin/adapt", headers=ADMIN, json=body), 413, "request_too_large")
+    assert "train.uri" in refused["detail"]
 
 
 def test_unknown_and_not_yet_indexed_domains(client):
