@@ -189,6 +189,10 @@ class DomainCatalog:
             self._handles = {key: h for key, h in self._handles.items() if key in live}
             self._publish()
 
+    def forget(self, domain: str) -> None:
+        """Stop serving a domain that was deleted (other replicas notice at their next discovery)."""
+        self._forget(domain)
+
     def _forget(self, domain: str) -> None:
         with self._write_lock:
             serving = dict(self._serving)

@@ -103,7 +103,7 @@ class DomainInfo(BaseModel):
     metrics: dict[str, Any]  # of the live adapter version
     last_run: dict[str, Any] | None
     versions: DomainVersions
-    etag: str | None  # of the live pointer read; pass as `expected_etag` to promote/rollback only if unchanged
+    etag: str | None  # of the live pointer read: `expected_etag` promotes/rolls back only if it is unchanged
 
 
 class DomainList(BaseModel):
@@ -162,6 +162,10 @@ class RollbackRequest(_Request):
     expected_etag: str | None = None
 
 
+class RebuildRequest(_Request):
+    """POST /admin/domains/{d}/rebuild takes no options yet: an empty object or no body."""
+
+
 # --- operations ---------------------------------------------------------------------------------------------
 
 
@@ -182,6 +186,7 @@ class Ready(BaseModel):
     backbone: str
     store: str
     runs: RunWorkers
+    building: list[str]  # domains whose first index this server is building: they answer 503 until it is live
 
 
 class Problem(BaseModel):

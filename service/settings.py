@@ -140,6 +140,12 @@ class RunSettings(BaseModel):
     max_batch_passages: int | None = Field(None, ge=1)
 
 
+class JobSettings(BaseModel):
+    """Background jobs (ingesting and rebuilding domains): each encodes in a worker process of its own."""
+
+    max_concurrent: int = Field(2, ge=1)  # jobs this process runs at once; the others wait pending
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RAGADAPT_", env_nested_delimiter="__", extra="ignore")
 
@@ -150,6 +156,7 @@ class Settings(BaseSettings):
     cache: CacheSettings = CacheSettings()
     demo: DemoSettings = DemoSettings()
     runs: RunSettings = RunSettings()
+    jobs: JobSettings = JobSettings()
 
     @model_validator(mode="after")
     def _consistent(self) -> "Settings":

@@ -10,6 +10,10 @@ Key layout (indexing, adapters and the service rely on it exactly)::
 
 Every change to ``live.json`` is a compare-and-swap on its ETag, so of two concurrent promotions exactly one
 lands and the other gets ``PreconditionFailed`` (``version_conflict``) instead of silently overwriting it.
+``domain.json`` changes the same way (the job building the domain's index, deletion under way).
+
+Deleting a domain marks its record first (from then on it is not found), removes the live pointer, then
+every artifact, and the record last: an interrupted deletion is finished by deleting it again.
 """
 
 from __future__ import annotations
@@ -52,12 +56,16 @@ class ArtifactKind(StrEnum):
 
 
 class Domain(BaseModel):
-    """The record stored in ``domains/<name>/domain.json``."""
+    """The record stored in ``domains/<name>/domain.json``. ``build_job``: the job that builds (or last built)
+    the domain's index; ``deleting``: a deletion is under way (the domain is not found any more)."""
 
     name: str
     created_at: datetime
     description: str = ""
     settings: dict[str, Any] = Field(default_factory=dict)
+    build_job: str | None = None
+    deleting: bool = False
+    etag: str | None = Field(default=None, exclude=True)
 
 
 class LiveState(BaseModel):
@@ -102,7 +110,12 @@ class DomainRegistry:
     # -- domains ------------------------------------------------------------------------------------
 
     def create_domain(
-        self, name: str, description: str = "", settings: Mapping[str, Any] | None = None
+        self,
+        name: str,
+        description: str = "",
+        settings: Mapping[str, Any] | None = None,
+        *,
+        build_job: str | None = None,
     ) -> Domain:
         """Register a new domain; ``DomainExists`` if the name is taken (decided by a create-only write)."""
         _check_name(name)
@@ -111,23 +124,85 @@ class DomainRegistry:
             created_at=datetime.now(UTC),
             description=description,
             settings=dict(settings or {}),
+            build_job=build_job,
         )
         try:
-            self._store.put_bytes(
+            info = self._store.put_bytes(
                 _domain_key(name), domain.model_dump_json(indent=2).encode(), if_none_match=True
             )
         except PreconditionFailed as exc:
+            try:
+                taken = self._read_domain(name)
+            except DomainNotFound:  # deleted meanwhile
+                raise DomainExists(f"domain {name!r} already exists") from exc
+            if taken.deleting:
+                raise DomainExists(f"domain {name!r} is being deleted; delete it again to finish") from exc
             raise DomainExists(f"domain {name!r} already exists") from exc
+        return domain.model_copy(update={"etag": info.etag})
+
+    def get_domain(self, name: str, *, deleting: bool = False) -> Domain:
+        """The domain record; ``DomainNotFound`` if there is none or it is being deleted (unless
+        ``deleting``)."""
+        domain = self._read_domain(name)
+        if domain.deleting and not deleting:
+            raise DomainNotFound(f"domain {name!r} is being deleted")
         return domain
 
-    def get_domain(self, name: str) -> Domain:
-        """The domain record; ``DomainNotFound`` if there is none."""
-        _check_name(name)
+    def update_domain(self, name: str, change: Callable[[Domain], Domain | None]) -> Domain:
+        """Compare-and-swap ``domain.json``: ``change`` gets the record read and returns the new one (None: no
+        change). ``PreconditionFailed`` (``version_conflict``) if another writer changed it meanwhile."""
+        current = self.get_domain(name)
+        updated = change(current.model_copy(deep=True))
+        if updated is None:
+            return current
         try:
-            data, _ = self._store.read(_domain_key(name))
-        except ObjectNotFound as exc:
-            raise DomainNotFound(f"domain {name!r} does not exist") from exc
-        return _parse(Domain, data, _domain_key(name))
+            info = self._store.put_bytes(
+                _domain_key(name), updated.model_dump_json(indent=2).encode(), if_match=current.etag
+            )
+        except PreconditionFailed as exc:
+            raise PreconditionFailed(
+                f"domain {name!r} was changed by another writer; read it again and retry"
+            ) from exc
+        return updated.model_copy(update={"etag": info.etag})
+
+    def delete_domain(self, name: str) -> None:
+        """Delete a domain: mark it deleted (it is not found from then on), remove its live pointer, every
+        artifact and record under it, and its record last. Deleting a domain whose deletion was interrupted
+        finishes it; ``DomainNotFound`` once there is nothing left."""
+        current = self._read_domain(name)
+        if not current.deleting:
+            marked = current.model_copy(update={"deleting": True})
+            try:
+                self._store.put_bytes(
+                    _domain_key(name), marked.model_dump_json(indent=2).encode(), if_match=current.etag
+                )
+            except PreconditionFailed as exc:
+                raise PreconditionFailed(
+                    f"domain {name!r} was changed while it was being deleted; try again"
+                ) from exc
+        self._store.delete(_live_key(name))
+        for kind in ArtifactKind:
+            prefix = self.prefix(name, kind)
+            for manifest in artifacts.list_versions(self._store, prefix):
+                artifacts.delete_version(self._store, prefix, manifest.version)
+        record = _domain_key(name)
+        for info in list(self._store.list(f"domains/{name}/")):
+            if info.key != record:
+                self._store.delete(info.key)
+        self._store.delete(record)
+
+    def deleting_domains(self) -> list[str]:
+        """Domains whose deletion was started but not finished (``gc`` finishes them)."""
+        names = []
+        for info in self._store.list("domains/"):
+            parts = info.key.split("/")
+            if len(parts) == 3 and parts[2] == "domain.json":
+                try:
+                    if self._read_domain(parts[1]).deleting:
+                        names.append(parts[1])
+                except DomainNotFound:
+                    continue
+        return names
 
     def list_domains(self) -> list[Domain]:
         """All domains, sorted by name."""
@@ -330,6 +405,14 @@ class DomainRegistry:
         return deleted
 
     # -- internals ----------------------------------------------------------------------------------
+
+    def _read_domain(self, name: str) -> Domain:
+        _check_name(name)
+        try:
+            data, info = self._store.read(_domain_key(name))
+        except ObjectNotFound as exc:
+            raise DomainNotFound(f"domain {name!r} does not exist") from exc
+        return _parse(Domain, data, _domain_key(name)).model_copy(update={"etag": info.etag})
 
     def _complete(self, domain: str, kind: ArtifactKind, version: str) -> bool:
         try:

@@ -9,7 +9,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from anyio import to_thread
-from litestar import Request, Response, get, post
+from litestar import Request, Response, delete, get, post
 from litestar.datastructures import UploadFile
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
@@ -22,11 +22,11 @@ from storage import InvalidKey
 from storage.store import check_key
 
 from ..auth import admin_guard
-from ..errors import InvalidPassages, InvalidRequest
+from ..errors import DomainInUse, InvalidPassages, InvalidRequest
 from ..problems import ProblemOperation, problem_responses
 from ..runtime import Runtime
 from ..schemas import (CreateDomainRequest, CreateDomainResponse, DomainInfo, JobInfo, PromoteRequest,
-                       Retrieval, RollbackRequest)
+                       RebuildRequest, Retrieval, RollbackRequest)
 from .domains import describe
 
 PASSAGES_FILE = "passages.jsonl"
@@ -94,9 +94,11 @@ def create_domain_handler(max_upload_bytes: int):
           tags=["admin"], operation_id="createDomain", summary="Create a domain and build its index")
     async def create_domain(request: Request,
                             runtime: NamedDependency[Runtime]) -> Response[CreateDomainResponse]:
-        """Ingestion and the first index build run as a background job (`GET /admin/jobs/{id}`)."""
-        loaded = runtime.serving()
-        job_id, input_dir = loaded.jobs.input_dir()
+        """Ingestion and the first index build run as a background job (`GET /admin/jobs/{id}`). The passages
+        go to the store first, then the domain is created naming its job, so a server that stops midway leaves
+        a domain that says why it has no index (and can be rebuilt or deleted), never one stuck building."""
+        jobs = runtime.serving().jobs
+        job_id, input_dir = jobs.new_input()
         try:
             fields = await _read_body(request, runtime, input_dir)
             passages = input_dir / PASSAGES_FILE
@@ -104,19 +106,25 @@ def create_domain_handler(max_upload_bytes: int):
             qa = await to_thread.run_sync(_read_qa, input_dir / QA_FILE)
             retrieval = fields.retrieval or "dense"
 
-            def create():
-                record = runtime.registry.create_domain(fields.name, fields.description,
-                                                        settings={"retrieval": retrieval})
+            def create() -> JobInfo:
+                key = jobs.store_input(job_id, passages)
+                try:
+                    record = runtime.registry.create_domain(
+                        fields.name, fields.description, settings={"retrieval": retrieval}, build_job=job_id)
+                except BaseException:
+                    jobs.discard_input(job_id)
+                    raise
                 if qa:
                     QaSets(runtime.store).publish(record.name, qa, source="POST /admin/domains")
-                return record
+                return jobs.create(job_id, "ingest", record.name, input=key,
+                                   index=IndexConfig(retrieval=retrieval))
 
-            record = await to_thread.run_sync(create)
-            job = loaded.jobs.ingest(job_id, record.name, passages, IndexConfig(retrieval=retrieval))
+            job = await to_thread.run_sync(create)
         except BaseException:
             shutil.rmtree(input_dir, ignore_errors=True)
             raise
-        return Response(CreateDomainResponse(job=job, domain=record.name), status_code=202)
+        (input_dir / QA_FILE).unlink(missing_ok=True)  # the passages stay for the job, if it starts here
+        return Response(CreateDomainResponse(job=job, domain=fields.name), status_code=202)
 
     return create_domain
 
@@ -221,7 +229,43 @@ def _check_passages(path: Path) -> None:
      summary="Follow a background job",
      operation_class=ProblemOperation, responses=problem_responses(401, 404, 503))
 async def get_job(job_id: FromPath[str], runtime: NamedDependency[Runtime]) -> JobInfo:
-    return runtime.serving().jobs.get(job_id)
+    return await to_thread.run_sync(runtime.serving().jobs.get, job_id)
+
+
+@post("/admin/domains/{name:str}/rebuild", status_code=202, guards=[admin_guard], tags=["admin"],
+      operation_id="rebuildDomain", summary="Build a domain's index again", operation_class=ProblemOperation,
+      responses=problem_responses(401, 404, 409, 413, 422, 503))
+async def rebuild(name: FromPath[str], runtime: NamedDependency[Runtime],
+                  data: JSONBody[RebuildRequest | None] = None) -> Response[JobInfo]:
+    """From the live passages with the live adapter's passage encoder; a domain whose first build failed is
+    built from the passages it was created with. `409 build_in_progress` while a job builds it."""
+    job = await to_thread.run_sync(runtime.serving().jobs.rebuild, name)
+    return Response(job, status_code=202)
+
+
+@delete("/admin/domains/{name:str}", status_code=204, guards=[admin_guard], tags=["admin"],
+        operation_id="deleteDomain", summary="Delete a domain and all its versions",
+        operation_class=ProblemOperation, responses=problem_responses(401, 404, 409, 503))
+async def delete_domain(name: FromPath[str], runtime: NamedDependency[Runtime]) -> None:
+    """Refused (`409 domain_in_use`) while an adaptation run of the domain is queued or running, or another
+    server builds its index; a build running here is cancelled. Its live pointer goes first (nothing serves
+    it from then on), then its versions, then its record: deleting again finishes an interrupted deletion."""
+    loaded = runtime.serving()
+
+    def remove() -> None:
+        runtime.registry.get_domain(name, deleting=True)  # 404 for no domain; a deletion under way goes on
+        using = [run for run in runtime.runs.list(name) if not run.state.finished]
+        if using:
+            raise DomainInUse(f"run {using[0].id} of domain {name!r} is {using[0].state.value}; cancel it "
+                              "first (POST /admin/runs/{id}/cancel)")
+        elsewhere = loaded.jobs.cancel(name)
+        if elsewhere:
+            raise DomainInUse(f"job {elsewhere[0].id} is building domain {name!r} on another server")
+        runtime.registry.delete_domain(name)
+        loaded.catalog.forget(name)
+
+    await to_thread.run_sync(remove)
+
 
 
 @post("/admin/domains/{name:str}/promote", status_code=200, guards=[admin_guard], tags=["admin"],

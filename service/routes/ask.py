@@ -12,8 +12,6 @@ from litestar import post
 from litestar.di import NamedDependency
 from litestar.params import JSONBody, QueryParameter
 
-from indexing import IndexNotReady
-
 from ..auth import api_key_guard
 from ..errors import RequestTimeout
 from ..problems import ProblemOperation, problem_responses
@@ -41,8 +39,8 @@ async def ask(data: JSONBody[AskRequest], runtime: NamedDependency[Runtime],
         serving = loaded.catalog.find(domain) or await to_thread.run_sync(loaded.catalog.lookup, domain)
         if serving.error is not None:  # why this domain cannot be served, kept until a refresh fixes it
             raise serving.error.with_traceback(None)
-        if serving.index is None:
-            raise IndexNotReady(f"domain {domain!r} has no index yet; its first build may still be running")
+        if serving.index is None:  # its first build is under way (503) or failed (409), as its job says
+            raise await to_thread.run_sync(loaded.jobs.not_ready, domain)
         adapter = (domain, serving.adapter_version) if serving.adapter_version is not None else None
         loop = asyncio.get_running_loop()
         job = AskJob(question=data.question, domain=domain, adapter=adapter, index=serving.index,

@@ -31,7 +31,8 @@ async def readyz(runtime: NamedDependency[Runtime]) -> Ready:
                              "replaced and runs stay queued; restart the server")
     expected = runs.max_concurrent if runs.supervisor == "running" else 0
     return Ready(status="ready", backbone=loaded.backbone.fingerprint, store=runtime.store.name(),
-                 runs=RunWorkers(supervisor=runs.supervisor, workers=runs.alive_workers, expected=expected))
+                 runs=RunWorkers(supervisor=runs.supervisor, workers=runs.alive_workers, expected=expected),
+                 building=loaded.jobs.building())
 
 
 @get("/metrics", tags=["operations"], operation_id="metrics", summary="Prometheus metrics",

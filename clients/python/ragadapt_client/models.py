@@ -216,6 +216,7 @@ class Readiness(_Model):
     backbone: str | None = None
     store: str | None = None
     runs: RunWorkers | None = None
+    building: list[str] = Field(default_factory=list)  # domains whose first index is still being built
 
 
 class LoraSpec(_Model):
