@@ -29,9 +29,9 @@ import socket
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from enum import StrEnum
-from typing import Any, Callable, Literal
+from typing import Annotated, Any, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from adapters.errors import DomainNotFound, InvalidQaSet, InvalidRun, LeaseLost, RunNotFound
 from adapters.qa import QaExample, QaSets, example_from_record, parse_qa_jsonl, to_jsonl
@@ -169,6 +169,12 @@ class Hyperparameters(_Strict):
         return self
 
 
+# Free-form labels a client attaches to a run (and reads back): at most 16, as fine-tuning APIs allow.
+MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+MetadataValue = Annotated[str, StringConstraints(max_length=512)]
+Metadata = Annotated[dict[MetadataKey, MetadataValue], Field(max_length=16)]
+
+
 class RunRequest(_Strict):
     """The body of `POST /admin/adapt`."""
 
@@ -181,6 +187,7 @@ class RunRequest(_Strict):
     )  # None: no evaluation (then promote cannot be if_better)
     reconstruction: ReconstructionSource | None = None
     hyperparameters: Hyperparameters = Hyperparameters()
+    metadata: Metadata = Field(default_factory=dict)
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -219,6 +226,8 @@ class RunInfo(BaseModel):
     parent: str | None = None  # the adapter version live when the run was submitted
     promote: PromotePolicy = "if_better"
     cancel_requested: bool = False
+    metadata: dict[str, str] = Field(default_factory=dict)
+    estimated_finish: datetime | None = None  # when training should end, at the pace of its recent steps
 
 
 class RunRecord(RunInfo):
@@ -394,8 +403,11 @@ class RunStore:
             last = seq
         return last
 
-    def events(self, run_id: str, after: int = 0) -> tuple[list[dict[str, Any]], int]:
-        """Events with seq > `after`, oldest first, and the seq to pass as `after` next time."""
+    def events(
+        self, run_id: str, after: int = 0, limit: int | None = None
+    ) -> tuple[list[dict[str, Any]], int]:
+        """Events with seq > `after`, oldest first (at most `limit`), and the seq to pass as `after` next
+        time."""
         self.get(run_id)
         prefix = f"runs/{_check_id(run_id)}/events/"
         first_page = max(after, 0) // EVENTS_PER_PAGE
@@ -404,11 +416,14 @@ class RunStore:
             page = int(info.key[len(prefix) : -5])
             if page < first_page:
                 continue
+            if limit is not None and len(found) >= limit:
+                break
             try:
                 found += [e for e in json.loads(self.store.get_bytes(info.key)) if e["seq"] > after]
             except ObjectNotFound:
                 continue
         found.sort(key=lambda e: e["seq"])
+        found = found[:limit] if limit is not None else found
         return found, (found[-1]["seq"] if found else max(after, 0))
 
     def last_seq(self, run_id: str) -> int:
@@ -564,6 +579,7 @@ def prepare(
         promote=request.promote,
         request=stored_request,
         qa_version=qa_version,
+        metadata=request.metadata,
     )
     return Prepared(record=record, inputs=inputs)
 

@@ -29,7 +29,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from multiprocessing.connection import wait as wait_for
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -52,7 +52,7 @@ from adapters.runs import (
     prepare,
 )
 from storage import artifacts, new_version_id
-from storage.errors import PreconditionFailed, StoreError, StoreUnavailable
+from storage.errors import DomainNotFound, PreconditionFailed, StoreError, StoreUnavailable
 from storage.registry import DomainRegistry
 from storage.store import ObjectStore
 
@@ -100,10 +100,18 @@ class RunContext:
         self._progress: dict[str, Any] = {}
         self._flushed = time.monotonic()
         self._stage = ""
+        self._pace: tuple[float, int] | None = None  # (time, step) of the first step seen by this worker
+        # Called with each checkpoint (step, directory, trainer state); returns the adapter version it made.
+        self.on_checkpoint: Callable[[int, Path, "TrainerState"], str | None] | None = None
 
     @property
     def id(self) -> str:
         return self.record.id
+
+    @property
+    def latest(self) -> dict[str, float]:
+        """The metrics of the last step (flushed to the record or not)."""
+        return dict(self._progress.get("latest") or self.record.latest or {})
 
     def tick(self) -> None:
         if self.should_stop():
@@ -132,7 +140,7 @@ class RunContext:
 
     def step(self, step: int, latest: dict[str, float]) -> None:
         self._events.append({"time": now().isoformat(), "kind": "step", "step": step, **latest})
-        self._progress = {"step": step, "latest": latest}
+        self._progress = {"step": step, "latest": latest, "estimated_finish": self._estimate(step)}
         if self.on_progress is not None:
             self.on_progress("training", step, self.record.total_steps, latest)
         if time.monotonic() - self._flushed >= self.flush_s or step == self.record.total_steps:
@@ -142,6 +150,18 @@ class RunContext:
         """Forget step events and progress not flushed yet (the run resumes from before them)."""
         self._events = []
         self._progress = {}
+
+    def _estimate(self, step: int) -> datetime | None:
+        """When training should end, at the pace of the steps this worker took so far."""
+        clock = time.monotonic()
+        if self._pace is None:
+            self._pace = (clock, step)
+            return self.record.estimated_finish
+        started, first = self._pace
+        if step <= first or clock <= started:
+            return self.record.estimated_finish
+        per_step = (clock - started) / (step - first)
+        return now() + timedelta(seconds=per_step * (self.record.total_steps - step))
 
     def flush(self) -> None:
         if self._events:
@@ -182,8 +202,10 @@ class RunContext:
         for old in artifacts.list_versions(store, self.runs.indexes_prefix(self.id)):
             if old.version != referenced:
                 artifacts.delete_version(store, self.runs.indexes_prefix(self.id), old.version)
+        adapter_version = self.on_checkpoint(step, directory, state) if self.on_checkpoint else None
         self._events.append(
-            {"time": now().isoformat(), "kind": "checkpoint", "step": step, "version": manifest.version}
+            {"time": now().isoformat(), "kind": "checkpoint", "step": step, "version": manifest.version,
+             "adapter_version": adapter_version}
         )
         self._progress = {**self._progress, "checkpoint_step": step}
         self.flush()
@@ -239,6 +261,7 @@ class _Execution:
         self.attached: list[str] = []
         dev = ctx.runs.get_input(self.record.id, "eval.jsonl")
         self.dev = parse_qa_jsonl(dev) if dev else []
+        ctx.on_checkpoint = self._publish_checkpoint
 
     @property
     def domain(self) -> str:
@@ -452,6 +475,26 @@ class _Execution:
             version = self.start_version
         self.ctx.update(index_version=version)
         return version
+
+    def _publish_checkpoint(self, step: int, directory: Path, state: "TrainerState") -> str | None:
+        """A checkpoint's adapter set as an adapter version of the domain, which can be evaluated or promoted
+        like any other (its index: the domain index the checkpoint trained against, else the one the run
+        started from). The last step's is the run's own version, published with its evaluation."""
+        if step >= self.record.total_steps:
+            return None
+        index = state.index
+        manifest = self.adapters.publish(
+            self.domain,
+            directory / "adapters",
+            backbone_fingerprint=self.bb.fingerprint,
+            run_id=self.record.id,
+            metrics={"checkpoint": self.ctx.latest, "mode": self.request.mode},
+            parent=self.record.parent,
+            index_version=index["version"] if index.get("kind") == "domain" else index["start_version"],
+            lora=lora_metadata(self.hp.lora),
+            checkpoint_step=step,
+        )
+        return manifest.version
 
     def _publish(self, index_version: str) -> None:
         self.ctx.stage("publishing")
@@ -974,8 +1017,27 @@ class RunManager:
     def list(self, domain: str | None = None) -> list[RunInfo]:
         return [r.info() for r in self.runs.list() if domain is None or r.domain == domain]
 
-    def events(self, run_id: str, after: int = 0) -> tuple[list[dict], int]:
-        return self.runs.events(run_id, after)
+    def events(self, run_id: str, after: int = 0, limit: int = 100) -> tuple[list[dict], int, bool]:
+        """At most `limit` events after seq `after`, the seq to ask after next, and whether more follow."""
+        events, _ = self.runs.events(run_id, after, limit + 1)
+        page = events[:limit]
+        return page, (page[-1]["seq"] if page else max(after, 0)), len(events) > limit
+
+    def checkpoints(self, run_id: str) -> list[dict[str, Any]]:
+        """The adapter versions published at the run's checkpoints, newest first (its last step's version is
+        the run's `adapter_version`)."""
+        record = self.runs.get(run_id)
+        try:
+            versions = AdapterRegistry(self.runs.store).list(record.domain)
+        except DomainNotFound:  # deleted since
+            return []
+        found = [
+            {"step": m.metadata["checkpoint_step"], "created_at": m.created_at, "adapter_version": m.version,
+             "metrics": dict((m.metadata.get("metrics") or {}).get("checkpoint") or {})}
+            for m in versions
+            if m.metadata.get("run_id") == run_id and m.metadata.get("checkpoint_step") is not None
+        ]
+        return sorted(found, key=lambda c: c["step"], reverse=True)
 
     def cancel(self, run_id: str) -> RunInfo:
         """Cancel a run: a queued one at once, a running one at its worker's next micro-batch (the returned

@@ -81,6 +81,7 @@ def create_app(settings: Settings) -> Litestar:
             runs.list_runs,
             runs.get_run,
             runs.run_events,
+            runs.run_checkpoints,
             runs.cancel_run,
             operations.healthz,
             operations.readyz,

@@ -11,7 +11,7 @@ import pytest
 from adapters.runs import RunRequest, RunState, RunStore
 from adapters.worker import RunManager
 from storage import S3Store
-from tests.adapters.conftest import make_domain
+from tests.adapters.conftest import events_of, make_domain
 from tests.s3server import SeaweedS3
 
 TIMEOUT = 300
@@ -73,7 +73,7 @@ def test_a_store_outage_mid_run_pauses_the_run_which_then_resumes_from_its_check
 
         record = runs.get(running.id)
         assert record.crashes == 0  # waiting out an outage is not a crash
-        events = manager.events(running.id)[0]
+        events = events_of(manager, running.id)
         paused = next(e for e in events if e["kind"] == "state" and e["state"] == "queued"
                       and "store" in e.get("reason", ""))
         resumed = next(e for e in events if e["seq"] > paused["seq"] and e.get("resumed_from") is not None)

@@ -38,6 +38,7 @@ from ragadapt_client.errors import (
 from ragadapt_client.models import (
     AdapterVersion,
     Answer,
+    Checkpoint,
     DomainCreated,
     DomainInfo,
     Health,
@@ -66,6 +67,7 @@ __all__ = [
     "AsyncRun",
     "AuthenticationError",
     "BadRequestError",
+    "Checkpoint",
     "Client",
     "ConflictError",
     "DomainCreated",

@@ -17,6 +17,7 @@ from ragadapt_client.config import ClientConfig
 from ragadapt_client.endpoints import Call, Records
 from ragadapt_client.models import (
     Answer,
+    Checkpoint,
     DomainInfo,
     Health,
     Hyperparameters,
@@ -155,6 +156,16 @@ class Domains:
         """Return the domain to its previous live state (conditionally, like ``promote``)."""
         return self._client._send(endpoints.rollback(name, expected_etag))
 
+    def rebuild(self, name: str) -> Job:
+        """Build the domain's index again (from its live passages, or from the passages of a first build that
+        failed); ``.wait()`` on the returned job. ``ConflictError`` (build_in_progress) while one runs."""
+        return Job(self._client, self._client._send(endpoints.rebuild_domain(name)))
+
+    def delete(self, name: str) -> None:
+        """Delete the domain and every version of it. ``ConflictError`` (domain_in_use) while a run of it is
+        queued or running; deleting again finishes a deletion that was interrupted."""
+        self._client._send(endpoints.delete_domain(name))
+
 
 class Jobs:
     """Background jobs (ingest, rebuild)."""
@@ -187,11 +198,13 @@ class Runs:
         examples: Iterable[Mapping[str, Any] | BaseModel] | None = None,
         hyperparameters: Hyperparameters | Mapping[str, Any] | None = None,
         reconstruction: Mapping[str, Any] | None = None,
+        metadata: Mapping[str, str] | None = None,
     ) -> Run:
         """Queue a run training on the domain's QA ``split`` (default ``train``), on QA at a store ``uri``, or
-        on ``examples``. Unset hyperparameters take the server's defaults. ``.wait()`` on the returned run."""
+        on ``examples``. Unset hyperparameters take the server's defaults; ``metadata`` labels the run (at
+        most 16 strings, read back on it). ``.wait()`` on the returned run."""
         info = self._client._send(endpoints.create_run(domain, mode, promote, split, uri, examples,
-                                                       hyperparameters, reconstruction))
+                                                       hyperparameters, reconstruction, metadata))
         return Run(self._client, info)
 
     def get(self, run_id: str) -> RunInfo:
@@ -205,9 +218,14 @@ class Runs:
         """Ask a run to stop; raises ``ConflictError`` (run_finished) if it already finished."""
         return self._client._send(endpoints.cancel_run(run_id))
 
-    def events(self, run_id: str, after: int = 0) -> RunEvents:
-        """One page of the run's events after sequence number ``after``."""
-        return self._client._send(endpoints.run_events(run_id, after))
+    def events(self, run_id: str, after: int = 0, limit: int | None = None) -> RunEvents:
+        """One page of the run's events after sequence number ``after`` (at most ``limit``, by default the
+        server's 100); pass its ``next`` as ``after`` for the page that follows."""
+        return self._client._send(endpoints.run_events(run_id, after, limit))
+
+    def checkpoints(self, run_id: str) -> list[Checkpoint]:
+        """The run's checkpoints, newest first: adapter versions to evaluate or promote."""
+        return self._client._send(endpoints.run_checkpoints(run_id))
 
     def attach(self, run_id: str) -> Run:
         """A handle on an existing run, to ``wait()`` on it or follow its events."""
@@ -280,6 +298,10 @@ class Run:
         self.info = self._client.runs.cancel(self.id)
         return self.info
 
+    def checkpoints(self) -> list[Checkpoint]:
+        """The run's checkpoints so far, newest first."""
+        return self._client.runs.checkpoints(self.id)
+
     def wait(self, *, progress: bool = True, timeout: float | None = None, poll_interval: float = 0.5,
              max_poll_interval: float = 5.0) -> RunInfo:
         """Poll until the run finishes, showing steps and the latest loss in a progress bar, and return its
@@ -311,7 +333,7 @@ class Run:
                 self._after = event.seq  # a consumer that stops early resumes after what it saw
                 yield event
             self._after = page.next
-            if page.events:
+            if page.events or page.has_more:
                 continue
             if not follow or finished:
                 return

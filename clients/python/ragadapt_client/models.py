@@ -101,6 +101,8 @@ class RunInfo(_Model):
     promoted: bool = False
     latest: LatestStep = Field(default_factory=LatestStep)
     parent: str | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)  # the labels given when it was created
+    estimated_finish: datetime | None = None  # when training should end, at the pace of its recent steps
 
     @field_validator("latest", "metrics", mode="before")
     @classmethod
@@ -182,10 +184,22 @@ class RunEvent(_Model):
 
 
 class RunEvents(_Model):
-    """A page of events; pass ``next`` as ``after`` to get the events that follow."""
+    """A page of events; pass ``next`` as ``after`` to get the events that follow (``has_more``: some
+    already do)."""
 
     events: list[RunEvent] = Field(default_factory=list)
     next: int
+    has_more: bool = False
+
+
+class Checkpoint(_Model):
+    """A run's checkpoint: an adapter version of its domain that can be evaluated or promoted like any
+    other; ``metrics`` are those of the step it was taken at (loss, lr)."""
+
+    step: int
+    created_at: datetime | None = None
+    adapter_version: str
+    metrics: dict[str, float] = Field(default_factory=dict)
 
 
 class DomainCreated(_Model):
@@ -248,4 +262,5 @@ class Hyperparameters(_Model):
     max_index_staleness: int | None = None  # steps training runs ahead of a pending rebuild before it waits
     reconstruction_ratio: float | None = None  # share of examples that are sentence reconstructions
     seed: int | None = None
+    checkpoint_every: int | None = None  # steps between checkpoints, each an adapter version (checkpoints())
     lora: LoraSpecs | None = None
