@@ -923,6 +923,12 @@ class RunManager:
     def worker_pids(self) -> list[int]:
         return [w.process.pid for w in self._workers if w.process.pid is not None]
 
+    def scratch(self) -> tuple[list[Path], set[Path]]:
+        """The workers' scratch directories under the work directory, and those of the workers alive now."""
+        with self._lock:
+            alive = {worker_scratch(self.work_dir, w.token) for w in self._workers if w.process.is_alive()}
+        return list(self.work_dir.glob("worker-*")), alive
+
     @property
     def alive_workers(self) -> int:
         return sum(w.process.is_alive() for w in self._workers)

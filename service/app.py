@@ -77,6 +77,7 @@ def create_app(settings: Settings) -> Litestar:
             admin.rollback,
             admin.rebuild,
             admin.delete_domain,
+            admin.gc,
             runs.adapt_handler(settings.server.max_run_body_bytes),
             runs.list_runs,
             runs.get_run,

@@ -298,6 +298,15 @@ class Jobs:
         return sorted({local.record.domain for local in locals_
                        if local.record.kind == "ingest" and _info(local).state not in FINISHED})
 
+    def scratch(self) -> tuple[list[Path], set[Path]]:
+        """This server's job scratch directories, and those its jobs use now (for gc)."""
+        with self._lock:
+            held = list(self._local.values())
+        candidates = [*self._work_dir.glob("inputs/*"), *self._work_dir.glob("rebuilds/*")]
+        in_use = {self.input_dir(local.record.id) for local in held}
+        in_use |= {self._work_dir / "rebuilds" / local.record.domain for local in held}
+        return candidates, in_use
+
     def active_for(self, domain: str) -> list[JobRecord]:
         """Pending and running jobs of `domain` on any server (blocking: store reads)."""
         found = []

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from adapters.runs import QaExampleIn
 
 Retrieval = Literal["dense", "bm25", "hybrid"]
+# storage.registry.DOMAIN_NAME, stated in the schema (pydantic's `$` matches only at the very end).
+DOMAIN_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+DomainName = Annotated[str, StringConstraints(pattern=DOMAIN_PATTERN)]
 
 
 class _Request(BaseModel):
@@ -164,6 +167,14 @@ class RollbackRequest(_Request):
 
 class RebuildRequest(_Request):
     """POST /admin/domains/{d}/rebuild takes no options yet: an empty object or no body."""
+
+
+class GcRequest(_Request):
+    """POST /admin/gc: a dry run unless `dry_run` is false."""
+
+    dry_run: bool = True
+    keep_last: int = Field(5, ge=0, le=1000)  # newest versions of each kind kept per domain
+    domains: list[DomainName] | None = Field(None, max_length=1000)  # only these domains' versions
 
 
 # --- operations ---------------------------------------------------------------------------------------------

@@ -168,8 +168,11 @@ def delete_version(store: ObjectStore, prefix: str, version: str) -> None:
         store.delete(info.key)
 
 
-def delete_incomplete(store: ObjectStore, prefix: str, *, older_than: timedelta) -> list[str]:
-    """Delete versions that never got a manifest (failed publishes) and saw no write for ``older_than``.
+def delete_incomplete(
+    store: ObjectStore, prefix: str, *, older_than: timedelta, dry_run: bool = False
+) -> list[str]:
+    """Delete versions that never got a manifest (failed publishes) and saw no write for ``older_than``
+    (``dry_run``: only list them).
 
     The age guard keeps a publish that is still uploading from being swept away under it.
     """
@@ -180,8 +183,9 @@ def delete_incomplete(store: ObjectStore, prefix: str, *, older_than: timedelta)
             continue
         if max(info.last_modified for info in objects) >= cutoff:
             continue
-        for info in objects:
-            store.delete(info.key)
+        if not dry_run:
+            for info in objects:
+                store.delete(info.key)
         swept.append(version)
     return swept
 

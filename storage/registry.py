@@ -19,7 +19,7 @@ every artifact, and the record last: an interrupted deletion is finished by dele
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
@@ -378,29 +378,46 @@ class DomainRegistry:
     # -- retention ----------------------------------------------------------------------------------
 
     def gc(
-        self, domain: str, keep_last: int, *, incomplete_older_than: timedelta = timedelta(hours=1)
+        self,
+        domain: str,
+        keep_last: int,
+        *,
+        incomplete_older_than: timedelta = timedelta(hours=1),
+        protect: Iterable[str] = (),
+        dry_run: bool = False,
     ) -> list[str]:
         """Delete old versions; return them as ``"<kind>/<version>"``. Runs only when asked.
 
-        Per kind, keeps the newest ``keep_last`` complete versions plus every live or pinned one. History
-        entries are not protected: rolling back to a deleted one raises ``VersionNotFound``. Also sweeps
-        versions left without a manifest by failed publishes, once untouched for ``incomplete_older_than``.
-        Do not run it while promoting versions it might delete.
+        Per kind, keeps the newest ``keep_last`` complete versions, every live or pinned one, the versions in
+        ``protect`` (e.g. those a queued run starts from) and what the kept ones need: the index version a
+        kept adapter version names, the passages version of a kept index. History entries are not protected:
+        rolling back to a deleted one raises ``VersionNotFound``. Also sweeps versions left without a manifest
+        by failed publishes, once untouched for ``incomplete_older_than``. ``dry_run``: only say what would
+        go. Do not run it while promoting versions it might delete.
         """
         if keep_last < 0:
             raise ValueError("keep_last must be >= 0")
         pointer = self.live(domain)
-        protected = {version for version in (*pointer.versions().values(), *pointer.pinned) if version}
+        keep = {version for version in (*pointer.versions().values(), *pointer.pinned, *protect) if version}
         deleted = []
-        for kind in ArtifactKind:
+        # Adapters first: a kept adapter keeps its index, and a kept index its passages.
+        order = ((ArtifactKind.ADAPTERS, "index_version"), (ArtifactKind.INDEXES, "passages_version"),
+                 (ArtifactKind.PASSAGES, None))
+        for kind, needs in order:
             prefix = self.prefix(domain, kind)
-            versions = [manifest.version for manifest in artifacts.list_versions(self._store, prefix)]
-            recent = set(versions[-keep_last:]) if keep_last else set()
-            for version in versions:
-                if version not in recent and version not in protected:
-                    artifacts.delete_version(self._store, prefix, version)
-                    deleted.append(f"{kind}/{version}")
-            swept = artifacts.delete_incomplete(self._store, prefix, older_than=incomplete_older_than)
+            manifests = artifacts.list_versions(self._store, prefix)
+            recent = {manifest.version for manifest in manifests[-keep_last:]} if keep_last else set()
+            for manifest in manifests:
+                if manifest.version in recent or manifest.version in keep:
+                    if needs and manifest.metadata.get(needs):
+                        keep.add(manifest.metadata[needs])
+                    continue
+                if not dry_run:
+                    artifacts.delete_version(self._store, prefix, manifest.version)
+                deleted.append(f"{kind}/{manifest.version}")
+            swept = artifacts.delete_incomplete(
+                self._store, prefix, older_than=incomplete_older_than, dry_run=dry_run
+            )
             deleted.extend(f"{kind}/{version}" for version in swept)
         return deleted
 

@@ -25,8 +25,9 @@ from ..auth import admin_guard
 from ..errors import DomainInUse, InvalidPassages, InvalidRequest
 from ..problems import ProblemOperation, problem_responses
 from ..runtime import Runtime
-from ..schemas import (CreateDomainRequest, CreateDomainResponse, DomainInfo, JobInfo, PromoteRequest,
-                       RebuildRequest, Retrieval, RollbackRequest)
+from ..gc import GcReport, collect, sweep_scratch
+from ..schemas import (CreateDomainRequest, CreateDomainResponse, DomainInfo, GcRequest, JobInfo,
+                       PromoteRequest, RebuildRequest, Retrieval, RollbackRequest)
 from .domains import describe
 
 PASSAGES_FILE = "passages.jsonl"
@@ -288,3 +289,25 @@ async def rollback(name: FromPath[str], runtime: NamedDependency[Runtime],
     loaded = runtime.serving()
     await to_thread.run_sync(loaded.catalog.rollback, name, data.expected_etag if data is not None else None)
     return await to_thread.run_sync(describe, runtime, name)
+
+
+@post("/admin/gc", status_code=200, guards=[admin_guard], tags=["admin"], operation_id="collectGarbage",
+      summary="Delete old versions and what faults left behind (a dry run by default)",
+      operation_class=ProblemOperation, responses=problem_responses(401, 404, 413, 422, 503))
+async def gc(runtime: NamedDependency[Runtime], data: JSONBody[GcRequest | None] = None) -> GcReport:
+    """Keeps per domain the newest `keep_last` versions of each kind, the live and pinned ones, what they need
+    and what queued runs start from; see `service.gc`. With `domains`, only those domains' versions."""
+    request = data or GcRequest()
+    loaded = runtime.serving()
+
+    def run() -> GcReport:
+        report = collect(runtime.store, keep_last=request.keep_last, dry_run=request.dry_run,
+                         domains=request.domains)
+        if request.domains is None:
+            job_dirs, jobs_use = loaded.jobs.scratch()
+            worker_dirs, workers_use = runtime.runs.scratch()
+            report.scratch = sweep_scratch(runtime.settings.data_dir, [*job_dirs, *worker_dirs],
+                                           jobs_use | workers_use, request.dry_run)
+        return report
+
+    return await to_thread.run_sync(run)
