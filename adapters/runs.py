@@ -26,6 +26,7 @@ import json
 import math
 import os
 import socket
+import typing
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from enum import StrEnum
@@ -38,7 +39,7 @@ from adapters.qa import QaExample, QaSets, example_from_record, parse_qa_jsonl, 
 from storage import artifacts
 from storage.errors import DomainNotFound as StoreDomainNotFound
 from storage.errors import InvalidDomainName, InvalidKey, ObjectNotFound, PreconditionFailed
-from storage.registry import ArtifactKind, DomainRegistry
+from storage.registry import DOMAIN_PATTERN, ArtifactKind, DomainRegistry
 from storage.store import ObjectStore
 
 Mode = Literal["end2end", "generator_only", "retriever_only"]
@@ -74,8 +75,31 @@ class RunState(StrEnum):
 # --- the request --------------------------------------------------------------------------------------------
 
 
+def integral_floats(cls: type[BaseModel], data: Any) -> Any:
+    """A JSON number with a zero fraction is an integer (JSON Schema says so, and clients send 5.0): turn
+    those of int fields into ints before strict validation, which takes only ints there."""
+    if not isinstance(data, dict):
+        return data
+    fields = cls.model_fields
+    return {
+        name: int(value)
+        if isinstance(value, float) and value.is_integer() and name in fields and _takes_int(fields[name])
+        else value
+        for name, value in data.items()
+    }
+
+
+def _takes_int(field: Any) -> bool:
+    kinds = typing.get_args(field.annotation) or (field.annotation,)
+    return int in kinds and float not in kinds
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A request part: unknown fields and values of another JSON type ("5" for 5, "true" for true) are
+    errors, as the published JSON Schema states."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    _integral = model_validator(mode="before")(integral_floats)
 
 
 class LoraSpec(_Strict):
@@ -93,10 +117,13 @@ class LoraSettings(_Strict):
     generator: LoraSpec = LoraSpec()
 
 
+NonBlank = Annotated[str, StringConstraints(pattern=r"\S")]  # what adapters.qa takes for a question or answer
+
+
 class QaExampleIn(_Strict):
-    question: str
-    answers: list[str]
-    passage_ids: list[str] = Field(default_factory=list)
+    question: NonBlank
+    answers: list[NonBlank] = Field(min_length=1)
+    passage_ids: list[Annotated[str, StringConstraints(min_length=1)]] = Field(default_factory=list)
     split: str | None = None
     id: str | None = None
 
@@ -178,7 +205,7 @@ Metadata = Annotated[dict[MetadataKey, MetadataValue], Field(max_length=16)]
 class RunRequest(_Strict):
     """The body of `POST /admin/adapt`."""
 
-    domain: str
+    domain: str = Field(pattern=DOMAIN_PATTERN)
     mode: Mode = "end2end"
     promote: PromotePolicy = "if_better"
     train: QaSource = QaSource(split="train")

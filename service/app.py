@@ -23,6 +23,8 @@ from litestar import Litestar
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.plugins.pydantic import PydanticPlugin
 from litestar.types import Message, Scope
 
 from adapters import AdapterRegistry
@@ -36,6 +38,7 @@ from .adapter_cache import AdapterCache
 from .domains import DomainCatalog
 from .jobs import PASSAGES, Jobs
 from .metrics import Metrics
+from .openapi import ContractJsonPlugin
 from .problems import add_request_id, handle_exception
 from .requests import ServiceRequest
 from .run_checks import batch_passage_limit, host_memory
@@ -94,10 +97,14 @@ def create_app(settings: Settings) -> Litestar:
         before_send=[add_request_id, count_response],
         request_max_body_size=settings.server.max_body_bytes,
         request_class=ServiceRequest,
+        # Bodies are validated as strictly as their models say (Litestar would pass strict=False otherwise).
+        plugins=[PydanticPlugin(validate_strict=True)],
         logging_config=None,  # the CLI configures logging (plain or JSON)
         openapi_config=OpenAPIConfig(
             title="ragadapt", version="0.1.0",
-            description="One frozen RAG End2End backbone serving many knowledge domains."),
+            description="One frozen RAG End2End backbone serving many knowledge domains.",
+            path="/schema", render_plugins=[ContractJsonPlugin(api_keys=bool(settings.server.api_keys)),
+                                            SwaggerRenderPlugin()]),
     )
 
 

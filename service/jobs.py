@@ -136,7 +136,12 @@ class JobStore:
         """Read-modify-write job.json until the write wins. With `owner`, only while the job is held by it
         (None when it is not: another server took it over)."""
         for _ in range(20):
-            current = self.get(job_id)
+            try:
+                current = self.get(job_id)
+            except JobNotFound:
+                if owner is not None:  # its record is gone: nobody holds it any more
+                    return None
+                raise
             if owner is not None and current.owner != owner:
                 return None
             updated = change(current.model_copy(deep=True))
@@ -446,7 +451,9 @@ class Jobs:
             log.info("domain %s is ready: index %s live (job %s, %.1fs)", claimed.domain,
                      result.index_version, claimed.id, result.seconds)
 
-        local.rebuild = RebuildJob(spec, self._versions, self._work_dir / "rebuilds", on_success=on_success)
+        # A cancelled build (its domain is being deleted) has nothing to save: its worker gets 2 s to stop.
+        local.rebuild = RebuildJob(spec, self._versions, self._work_dir / "rebuilds", on_success=on_success,
+                                   cancel_grace_s=2.0)
         local.rebuild.start()
         log.info("job %s: %s of domain %s started%s", claimed.id, claimed.kind, claimed.domain,
                  " again after its server stopped" if crashed else "")

@@ -5,36 +5,37 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from adapters.runs import QaExampleIn
+from adapters.runs import QaExampleIn, integral_floats
+from storage.artifacts import VERSION_ID
+from storage.registry import DOMAIN_PATTERN
 
 Retrieval = Literal["dense", "bm25", "hybrid"]
-# storage.registry.DOMAIN_NAME, stated in the schema (pydantic's `$` matches only at the very end).
-DOMAIN_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 DomainName = Annotated[str, StringConstraints(pattern=DOMAIN_PATTERN)]
+NonBlank = Annotated[str, StringConstraints(pattern=r"\S")]  # holds more than whitespace
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A request body: unknown fields and values of another JSON type are errors, as the published JSON
+    Schema states (a number with a zero fraction still counts as an integer)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    _integral = model_validator(mode="before")(integral_floats)
 
 
 # --- asking -------------------------------------------------------------------------------------------------
 
 
 class AskRequest(_Request):
-    question: str = Field(min_length=1, max_length=4000)
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"question": "Which package ships the generator weights?", "top_k": 3, "max_new_tokens": 16}]})
+
+    question: NonBlank = Field(max_length=4000)
     top_k: int = Field(5, ge=1, le=20)
     max_new_tokens: int = Field(32, ge=1, le=256)
     retrieval: Retrieval | None = None  # None: the domain's setting
     return_passages: bool = True
-
-    @field_validator("question")
-    @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("the question is empty")
-        return value
 
 
 class PassageOut(BaseModel):
@@ -117,7 +118,7 @@ class DomainList(BaseModel):
 
 
 class PassageIn(_Request):
-    id: str = Field(min_length=1)
+    id: NonBlank
     title: str = ""
     text: str
 
@@ -125,10 +126,15 @@ class PassageIn(_Request):
 class CreateDomainRequest(_Request):
     """JSON form of POST /admin/domains; give the passages inline or as a store key / s3:// URI."""
 
-    name: str = Field(min_length=1, max_length=63)
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": [
+        {"required": ["passages_uri"], "properties": {"passages_uri": {"type": "string"}}},
+        {"required": ["passages"], "properties": {"passages": {"type": "array"}}},
+    ]})
+
+    name: DomainName
     description: str = ""
     passages_uri: str | None = None
-    passages: list[PassageIn] | None = None
+    passages: list[PassageIn] | None = Field(None, min_length=1)
     qa: list[QaExampleIn] | None = None  # becomes the domain's QA set (what adaptation runs train on)
     retrieval: Retrieval | None = None
 
@@ -136,8 +142,6 @@ class CreateDomainRequest(_Request):
     def _one_source(self) -> "CreateDomainRequest":
         if (self.passages_uri is None) == (self.passages is None):
             raise ValueError("give exactly one of passages_uri and passages")
-        if self.passages is not None and not self.passages:
-            raise ValueError("passages is empty")
         return self
 
 
@@ -157,7 +161,7 @@ class CreateDomainResponse(BaseModel):
 
 
 class PromoteRequest(_Request):
-    version: str = Field(min_length=1)
+    version: str = Field(pattern=f"^{VERSION_ID.pattern}$")  # an unknown one is 404 version_not_found
     expected_etag: str | None = None
 
 

@@ -43,6 +43,7 @@ from storage.store import ObjectStore
 
 # Matched whole (fullmatch): `$` alone would also accept a trailing newline.
 DOMAIN_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+DOMAIN_PATTERN = f"^{DOMAIN_NAME.pattern}$"  # for JSON Schema and pydantic, whose `$` is the very end
 HISTORY_LIMIT = 50
 _Model = TypeVar("_Model", bound=BaseModel)
 

@@ -13,7 +13,7 @@ from litestar import Request, Response, delete, get, post
 from litestar.datastructures import UploadFile
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from adapters.errors import InvalidQaSet
 from adapters.qa import QaExample, QaSets, parse_qa_jsonl
@@ -26,8 +26,8 @@ from ..errors import DomainInUse, InvalidPassages, InvalidRequest
 from ..problems import ProblemOperation, problem_responses
 from ..runtime import Runtime
 from ..gc import GcReport, collect, sweep_scratch
-from ..schemas import (CreateDomainRequest, CreateDomainResponse, DomainInfo, GcRequest, JobInfo,
-                       PromoteRequest, RebuildRequest, Retrieval, RollbackRequest)
+from ..schemas import (DOMAIN_PATTERN, CreateDomainRequest, CreateDomainResponse, DomainInfo, DomainName,
+                       GcRequest, JobInfo, PromoteRequest, RebuildRequest, Retrieval, RollbackRequest)
 from .domains import describe
 
 PASSAGES_FILE = "passages.jsonl"
@@ -58,7 +58,7 @@ _MULTIPART_SCHEMA = {
     "type": "object",
     "required": ["name", "passages"],
     "properties": {
-        "name": {"type": "string"},
+        "name": {"type": "string", "pattern": DOMAIN_PATTERN},
         "description": {"type": "string"},
         "retrieval": {"type": "string", "enum": ["dense", "bm25", "hybrid"]},
         "passages": {"type": "string", "format": "binary", "description": "JSONL: id, title, text per line"},
@@ -82,7 +82,7 @@ class _CreateDomainOperation(ProblemOperation):
 class _DomainFields(BaseModel):
     """The non-file fields of a multipart domain upload, validated like the JSON body."""
 
-    name: str = Field(min_length=1, max_length=63)
+    name: DomainName
     description: str = ""
     retrieval: Retrieval | None = None
 
@@ -246,7 +246,7 @@ async def rebuild(name: FromPath[str], runtime: NamedDependency[Runtime],
 
 @delete("/admin/domains/{name:str}", status_code=204, guards=[admin_guard], tags=["admin"],
         operation_id="deleteDomain", summary="Delete a domain and all its versions",
-        operation_class=ProblemOperation, responses=problem_responses(401, 404, 409, 503))
+        operation_class=ProblemOperation, responses=problem_responses(401, 404, 409, 422, 503))
 async def delete_domain(name: FromPath[str], runtime: NamedDependency[Runtime]) -> None:
     """Refused (`409 domain_in_use`) while an adaptation run of the domain is queued or running, or another
     server builds its index; a build running here is cancelled. Its live pointer goes first (nothing serves

@@ -13,7 +13,10 @@ from pydantic import BaseModel
 
 from adapters.runs import RunInfo, RunRequest, RunState
 
+from storage.registry import DOMAIN_NAME
+
 from ..auth import admin_guard
+from ..errors import InvalidRequest
 from ..problems import ProblemOperation, problem_responses
 from ..run_checks import check_batch_fits, check_lora_targets
 from ..runtime import Runtime
@@ -65,6 +68,8 @@ def adapt_handler(max_body_bytes: int):
      responses=problem_responses(401, 422, 503), **_ADMIN)
 async def list_runs(runtime: NamedDependency[Runtime],
                     domain: Annotated[str | None, QueryParameter(max_length=63)] = None) -> RunList:
+    if domain is not None and not DOMAIN_NAME.fullmatch(domain):
+        raise InvalidRequest(f"domain: {domain!r} is not a domain name (^{DOMAIN_NAME.pattern}$)")
     return RunList(runs=await to_thread.run_sync(runtime.runs.list, domain))
 
 

@@ -34,8 +34,6 @@ def test_unknown_domain_is_404_before_anything_is_stored(domain):
 @pytest.mark.parametrize(
     ("body", "why"),
     [
-        ({"train": {"examples": [{"question": "what is it", "answers": []}]}}, "answers"),
-        ({"train": {"examples": [{"question": "  ", "answers": ["x"]}]}}, "question"),
         ({"train": {"split": "nosuch"}}, "no training examples"),
         ({"train": {"uri": "uploads/missing.jsonl"}}, "names no object"),
         ({"mode": "generator_only", "hyperparameters": {"index_refresh_every": 10}}, "nothing to re-index"),
@@ -65,6 +63,13 @@ def test_shape_errors_fail_while_parsing_the_request():
         request(train={"split": "train", "uri": "x"})
     with pytest.raises(ValidationError):
         request(hyperparameters={"learning_rate": 1e-4})  # unknown fields are errors, not ignored
+    with pytest.raises(ValidationError, match="answers"):
+        request(train={"examples": [{"question": "what is it", "answers": []}]})
+    with pytest.raises(ValidationError, match="question"):
+        request(train={"examples": [{"question": "  ", "answers": ["x"]}]})
+    with pytest.raises(ValidationError, match="steps"):
+        request(hyperparameters={"steps": "10"})  # a value of another JSON type is not converted
+    assert request(hyperparameters={"steps": 10.0}).hyperparameters.steps == 10  # an integral number
 
 
 def test_a_valid_run_is_queued_with_frozen_inputs_and_its_steps_counted(domain):
