@@ -247,7 +247,10 @@ class Jobs:
             kind, source, index = "rebuild", None, None
         else:
             previous = self._record(record.build_job) if record.build_job else None
-            source = previous.input if previous is not None else None
+            if previous is not None:
+                source = previous.input
+            else:  # lost before it was recorded: its passages were stored first, under its id
+                source = self._jobs.key(record.build_job, PASSAGES) if record.build_job else None
             if source is None or not self._jobs.store.exists(source):
                 raise NothingToRebuild(f"the passages of domain {domain!r} are gone; delete it and create it "
                                        "again")

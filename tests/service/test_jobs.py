@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from storage import DomainRegistry, open_store
+from storage import DomainRegistry, new_version_id, open_store
 from tests.s3server import SeaweedS3
 from tests.service.support import ADMIN, TOPICS, ServerProcess, serve
 
@@ -185,3 +185,26 @@ def test_a_server_killed_during_ingest_resumes_the_job_after_a_restart(local_sto
             assert live["index_version"] == done["result"]["index_version"]
     finally:
         server.stop()
+
+
+def test_a_domain_whose_job_was_lost_before_it_was_recorded_says_so_and_is_rebuilt(local_store_settings,
+                                                                                    make_settings, tmp_path):
+    """What a server killed between creating a domain and recording its job leaves: the domain names a job
+    that does not exist, and the passages it was given are in the store."""
+    settings = make_settings(local_store_settings)
+    store = open_store(settings.store_config)
+    job_id = new_version_id()
+    passages = tmp_path / "passages.jsonl"
+    passages.write_text("".join(json.dumps(p) + "\n" for p in PASSAGES))
+    store.put_file(f"jobs/{job_id}/passages.jsonl", passages)
+    DomainRegistry(store).create_domain("toy", settings={"retrieval": "dense"}, build_job=job_id)
+    with serve(settings) as served, served.client() as client:
+        lost = client.post("/ask", params={"domain": "toy"}, json=ASK)
+        assert lost.status_code == 409 and lost.json()["code"] == "domain_build_failed"
+        assert "lost" in lost.json()["detail"]
+        rebuilt = client.post("/admin/domains/toy/rebuild", headers=ADMIN)
+        assert rebuilt.status_code == 202 and rebuilt.json()["kind"] == "ingest", rebuilt.text
+        done = _until("the rebuild", lambda: (j := _job(client, rebuilt.json()["id"]))["state"] in
+                      ("succeeded", "failed") and j)
+        assert done["state"] == "succeeded", done
+        assert _until("an answer", lambda: _answered(client, "toy"), 30)
