@@ -19,6 +19,7 @@ from ragadapt_client.models import (
     Answer,
     Checkpoint,
     DomainInfo,
+    GcReport,
     Health,
     Hyperparameters,
     JobInfo,
@@ -89,6 +90,12 @@ class Client:
     def ready(self) -> Readiness:
         """Readiness: backbone loaded and store reachable; raises ``ServiceUnavailableError`` otherwise."""
         return self._send(endpoints.ready())
+
+    def gc(self, *, apply: bool = False, keep_last: int | None = None,
+           domains: Iterable[str] | None = None) -> GcReport:
+        """Old versions (beyond the newest ``keep_last`` of each kind per domain, live and pinned ones kept)
+        and what faults left behind: what would go, or with ``apply`` what went. Admin token."""
+        return self._send(endpoints.gc(apply, keep_last, domains))
 
     def close(self) -> None:
         self._http.close()

@@ -23,6 +23,7 @@ from ragadapt_client.models import (
     Checkpoint,
     DomainCreated,
     DomainInfo,
+    GcReport,
     Health,
     Hyperparameters,
     JobInfo,
@@ -195,6 +196,12 @@ def promote(name: str, version: str, expected_etag: str | None) -> Call[DomainIn
 def rollback(name: str, expected_etag: str | None) -> Call[DomainInfo]:
     body = _without_none(dict(expected_etag=expected_etag))
     return Call("POST", f"/admin/domains/{_segment(name)}/rollback", _domain, json=body, admin=True)
+
+
+def gc(apply: bool, keep_last: int | None, domains: Iterable[str] | None) -> Call[GcReport]:
+    body = _without_none(dict(dry_run=not apply, keep_last=keep_last,
+                              domains=list(domains) if domains is not None else None))
+    return Call("POST", "/admin/gc", _model(GcReport), json=body, admin=True)
 
 
 def create_run(domain: str, mode: str, promote: str, split: str | None, uri: str | None,

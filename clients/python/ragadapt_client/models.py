@@ -202,6 +202,19 @@ class Checkpoint(_Model):
     metrics: dict[str, float] = Field(default_factory=dict)
 
 
+class GcReport(_Model):
+    """What a garbage collection deleted (in a dry run: would delete)."""
+
+    dry_run: bool
+    keep_last: int
+    versions: list[str] = Field(default_factory=list)  # "<domain>/<kind>/<version>"
+    runs: list[str] = Field(default_factory=list)  # runs whose leftovers went
+    failed_runs: list[str] = Field(default_factory=list)  # runs stuck validating, marked failed
+    job_inputs: list[str] = Field(default_factory=list)  # jobs whose stored passages went
+    domains: list[str] = Field(default_factory=list)  # domains whose interrupted deletion was finished
+    scratch: list[str] = Field(default_factory=list)  # the server's local scratch directories
+
+
 class DomainCreated(_Model):
     """``POST /admin/domains``: the ingest job building the new domain's passages and first index."""
 

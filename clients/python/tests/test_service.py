@@ -245,3 +245,9 @@ def test_a_domain_is_rebuilt_then_deleted(live_server):
             return caught.value
 
     assert asyncio.run(gone_again()).code == "domain_not_found"
+
+
+def test_gc_is_a_dry_run_unless_applied(live_server, tiny_domain, using):
+    report = using(live_server.url, lambda client: client.gc(keep_last=1000),
+                   admin_token=live_server.admin_token)
+    assert report.dry_run and report.keep_last == 1000 and report.versions == []
