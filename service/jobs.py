@@ -272,7 +272,7 @@ class Jobs:
         with self._lock:
             local = self._local.get(job_id)
         if local is not None:
-            return _info(local)
+            return _info(local, self._work_dir)
         return self._jobs.get(job_id).info()
 
     def not_ready(self, domain: str) -> Exception:
@@ -303,8 +303,9 @@ class Jobs:
         """Domains whose first index a job of this process is building."""
         with self._lock:
             locals_ = list(self._local.values())
-        return sorted({local.record.domain for local in locals_
-                       if local.record.kind == "ingest" and _info(local).state not in FINISHED})
+        building = [local for local in locals_ if local.record.kind == "ingest"]
+        return sorted({local.record.domain for local in building
+                       if _info(local, self._work_dir).state not in FINISHED})
 
     def scratch(self) -> tuple[list[Path], set[Path]]:
         """This server's job scratch directories, and those its jobs use now (for gc)."""
@@ -497,7 +498,7 @@ class Jobs:
                            encode=EncodeConfig(progress=False))
 
     def _write_progress(self, local: _Local) -> None:
-        info = _info(local)
+        info = _info(local, self._work_dir)
 
         def renew(record: JobRecord) -> JobRecord:
             record.progress = info.progress
@@ -604,8 +605,8 @@ def _ended(record: JobRecord, state: JobState, code: str | None, error: str | No
     return record
 
 
-def _info(local: _Local) -> JobInfo:
-    """A job held here, as its rebuild reports it now."""
+def _info(local: _Local, work_dir: Path) -> JobInfo:
+    """A job held here, as its rebuild reports it now (its error without the server's paths)."""
     record, rebuild = local.record, local.rebuild
     if rebuild is None or record.finished:
         return record.info()
@@ -618,7 +619,7 @@ def _info(local: _Local) -> JobInfo:
     if rebuild.status is RebuildState.FAILED and rebuild.error_code == "store_unavailable" or \
             rebuild.status is RebuildState.CANCELLED and local.stopping:
         state = "pending"  # to be started again
-    error = None if rebuild.error is None else f"{rebuild.error_code}: {rebuild.error}"
+    error = None if rebuild.error is None else f"{rebuild.error_code}: {_public(rebuild.error, work_dir)}"
     succeeded = rebuild.status is RebuildState.SUCCEEDED
     return JobInfo(id=record.id, kind=record.kind, domain=record.domain, state=state,
                    progress=1.0 if succeeded else round(fraction, 3), error=error,
