@@ -679,11 +679,11 @@ def _resolve_qa(
 
 
 def _read_object(store: ObjectStore, uri: str, what: str) -> bytes:
-    """A store key, or `s3://<bucket>/<key>` naming the store's own bucket (the one in `store.describe()`)."""
+    """A store key, or `s3://<bucket>/<key>` naming the store's own bucket (the one in `store.name()`)."""
     key = uri
     if uri.startswith("s3://"):
         bucket, _, key = uri[len("s3://") :].partition("/")
-        served = store.describe()
+        served = store.name()  # what clients may see: no server paths
         if not served.startswith(f"s3://{bucket}@"):
             raise InvalidRun(f"{what} uri {uri} names bucket {bucket!r}, which is not this store ({served})")
     try:

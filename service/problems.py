@@ -133,7 +133,10 @@ def _validation_errors(extra: Any) -> list[dict[str, str]]:
     errors = []
     for item in extra:
         if isinstance(item, dict) and "message" in item:
-            errors.append({"key": str(item.get("key", "")), "message": str(item["message"])})
+            key, message = str(item.get("key", "")), str(item["message"])
+            if message == repr(key):  # what Litestar says of a missing value
+                message = "a JSON body is required" if item.get("source") == "body" else "required"
+            errors.append({"key": key, "message": message})
     return errors
 
 

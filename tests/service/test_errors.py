@@ -60,6 +60,11 @@ def test_invalid_ask_bodies_are_422_invalid_request(client, body):
     _problem(client.post("/ask?domain=alpha", json=body), 422, "invalid_request")
 
 
+def test_a_missing_body_is_422_saying_so(client):
+    response = client.post("/ask?domain=alpha", headers={"content-type": "application/json"})
+    assert "a JSON body is required" in _problem(response, 422, "invalid_request")["detail"]
+
+
 def test_malformed_json_is_422_invalid_request(client):
     response = client.post("/ask?domain=alpha", content=b'{"question": ',
                            headers={"content-type": "application/json"})
@@ -225,6 +230,8 @@ def test_problems_and_readiness_name_no_server_paths(server, client):
         *(client.post("/admin/domains", headers=ADMIN, data={"name": "gamma"},
                       files={"passages": ("p.jsonl", upload)}).text for upload in uploads),
     ]
+    run_elsewhere = {"domain": "alpha", "promote": "never", "train": {"uri": "s3://other/train.jsonl"}}
+    bodies.append(client.post("/admin/adapt", headers=ADMIN, json=run_elsewhere).text)
     for body in bodies:
         assert str(root) not in body and "/tmp/" not in body, body
 
