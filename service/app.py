@@ -2,9 +2,10 @@
 
 Start-up order: open the store, its registries and the run manager; load the backbone in a thread (the event
 loop keeps answering `/healthz`, and `/readyz` says 503 until it is done); then build the adapter cache, the
-domain catalog (first read of every live pointer), the model worker and the job runner; start the run workers;
-create the demo domain if asked to and missing; finally poll live pointers every `poll_interval_s`. Shutdown
-reverses it. Nothing here is global: two apps in one process share nothing.
+domain catalog, the model worker and the job runner; read every live pointer and create the demo domain if
+asked to and missing (a store that is down delays both, not the start); say ready (`/readyz` lists the demo as
+building until its index is live); start the run workers; finally poll live pointers and move jobs along
+every `poll_interval_s`. Shutdown reverses it. Nothing here is global: two apps in one process share nothing.
 """
 
 from __future__ import annotations
