@@ -2,8 +2,9 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: install serve test bench
+.PHONY: install serve test bench prometheus
 
 install: $(VENV)/.installed
 
@@ -19,8 +20,14 @@ $(VENV)/.installed: pyproject.toml clients/python/pyproject.toml Makefile
 serve: install
 	$(BIN)/ragadapt serve
 
-test: install
+test: install prometheus
 	$(BIN)/pytest
+
+# The real Prometheus that tests/deploy/test_prometheus.py starts on loopback: the Debian package, installed
+# when missing (a clean CI machine).
+prometheus:
+	@command -v prometheus >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
 
 # Every benchmark, one after another (an hour or more on 2 CPU cores); each writes benchmarks/results/<name>.json
 # and a line in benchmarks/RESULTS.md.

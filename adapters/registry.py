@@ -42,9 +42,11 @@ class AdapterRegistry:
         parent: str | None = None,
         index_version: str | None = None,
         lora: Mapping[str, Any] | None = None,
+        checkpoint_step: int | None = None,
         progress: Callable[[str, int], None] | None = None,
     ) -> Manifest:
-        """Store an adapter set directory as a new version of ``domain``; returns its manifest."""
+        """Store an adapter set directory as a new version of ``domain``; returns its manifest.
+        ``checkpoint_step``: the version is the run's checkpoint at that step."""
         directory = Path(directory)
         missing = [
             f"{component}/{name}"
@@ -62,6 +64,8 @@ class AdapterRegistry:
             "index_version": index_version,
             "lora": dict(lora or {}),
         }
+        if checkpoint_step is not None:
+            metadata["checkpoint_step"] = checkpoint_step
         return self._domains.publish(domain, ArtifactKind.ADAPTERS, directory, metadata, progress=progress)
 
     def list(self, domain: str) -> list[Manifest]:

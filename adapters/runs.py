@@ -25,21 +25,21 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import socket
+import typing
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from enum import StrEnum
-from typing import Any, Callable, Literal
+from typing import Annotated, Any, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from adapters.errors import DomainNotFound, InvalidQaSet, InvalidRun, LeaseLost, RunNotFound
 from adapters.qa import QaExample, QaSets, example_from_record, parse_qa_jsonl, to_jsonl
 from storage import artifacts
 from storage.errors import DomainNotFound as StoreDomainNotFound
 from storage.errors import InvalidDomainName, InvalidKey, ObjectNotFound, PreconditionFailed
-from storage.registry import ArtifactKind, DomainRegistry
+from storage.registry import DOMAIN_PATTERN, ArtifactKind, DomainRegistry
 from storage.store import ObjectStore
 
 Mode = Literal["end2end", "generator_only", "retriever_only"]
@@ -52,10 +52,11 @@ MODE_COMPONENTS: dict[str, tuple[str, ...]] = {
     "retriever_only": ("question", "passage"),
 }
 DEFAULT_STEPS = 100
+SEED_MAX = 2**32 - 1
 DEFAULT_REFRESH_EVERY = 100
 EVENTS_PER_PAGE = 100
 QUEUE_PREFIX = "runs/queue/"
-RUN_ID = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{6}$")
+RUN_ID = artifacts.VERSION_ID  # run ids are version ids (new_version_id); matched whole
 
 
 class RunState(StrEnum):
@@ -74,15 +75,38 @@ class RunState(StrEnum):
 # --- the request --------------------------------------------------------------------------------------------
 
 
+def integral_floats(cls: type[BaseModel], data: Any) -> Any:
+    """A JSON number with a zero fraction is an integer (JSON Schema says so, and clients send 5.0): turn
+    those of int fields into ints before strict validation, which takes only ints there."""
+    if not isinstance(data, dict):
+        return data
+    fields = cls.model_fields
+    return {
+        name: int(value)
+        if isinstance(value, float) and value.is_integer() and name in fields and _takes_int(fields[name])
+        else value
+        for name, value in data.items()
+    }
+
+
+def _takes_int(field: Any) -> bool:
+    kinds = typing.get_args(field.annotation) or (field.annotation,)
+    return int in kinds and float not in kinds
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A request part: unknown fields and values of another JSON type ("5" for 5, "true" for true) are
+    errors, as the published JSON Schema states."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    _integral = model_validator(mode="before")(integral_floats)
 
 
 class LoraSpec(_Strict):
     """LoRA on one component. `targets` None: the architecture's attention Q/K/V projections."""
 
     r: int = Field(8, ge=1, le=256)
-    alpha: int = Field(16, ge=1)
+    alpha: int = Field(16, ge=1, le=4096)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     targets: list[str] | None = None
 
@@ -93,10 +117,13 @@ class LoraSettings(_Strict):
     generator: LoraSpec = LoraSpec()
 
 
+NonBlank = Annotated[str, StringConstraints(pattern=r"\S")]  # what adapters.qa takes for a question or answer
+
+
 class QaExampleIn(_Strict):
-    question: str
-    answers: list[str]
-    passage_ids: list[str] = Field(default_factory=list)
+    question: NonBlank
+    answers: list[NonBlank] = Field(min_length=1)
+    passage_ids: list[Annotated[str, StringConstraints(min_length=1)]] = Field(default_factory=list)
     split: str | None = None
     id: str | None = None
 
@@ -180,8 +207,8 @@ class Hyperparameters(_Strict):
     steps: int | None = Field(None, ge=1, le=1_000_000)  # optimizer steps; default DEFAULT_STEPS
     epochs: float | None = Field(None, gt=0, le=1000)  # instead of steps: passes over the QA examples
     lr: float = Field(1e-3, gt=0, le=1.0)
-    warmup_steps: int = Field(0, ge=0)
-    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_steps: int = Field(0, ge=0, le=1_000_000)
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
     max_grad_norm: float | None = Field(1.0, gt=0)
     batch_size: int = Field(4, ge=1, le=1024)
     grad_accumulation: int = Field(1, ge=1, le=1024)
@@ -213,7 +240,7 @@ class Hyperparameters(_Strict):
     # RAFT: how often a row's gold passage is among the k it trains on (else retrieval as it is).
     gold_passage_prob: float = Field(0.8, ge=0.0, le=1.0)
     query_side_only: bool = False  # LoRA on the question encoder only: the index never needs re-encoding
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)  # what every RNG the run seeds takes (numpy's is the narrowest)
     checkpoint_every: int = Field(50, ge=1)
     init: Literal["live", "base"] = "live"  # start from the domain's live adapter version, or from zero LoRA
     lora: LoraSettings | None = None  # None: the parent's settings when starting from it, else the defaults
@@ -229,10 +256,16 @@ class Hyperparameters(_Strict):
         return self
 
 
+# Free-form labels a client attaches to a run (and reads back): at most 16, as fine-tuning APIs allow.
+MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+MetadataValue = Annotated[str, StringConstraints(max_length=512)]
+Metadata = Annotated[dict[MetadataKey, MetadataValue], Field(max_length=16)]
+
+
 class RunRequest(_Strict):
     """The body of `POST /admin/adapt`."""
 
-    domain: str
+    domain: str = Field(pattern=DOMAIN_PATTERN)
     mode: Mode = "end2end"
     promote: PromotePolicy = "if_better"
     train: QaSource = QaSource(split="train", synthetic=SyntheticSource())
@@ -243,6 +276,7 @@ class RunRequest(_Strict):
     hyperparameters: Hyperparameters = Hyperparameters()
     # What `promote: if_better` requires a significant gain on (None: F1, or recall@5 for retriever_only).
     promote_metric: Literal["recall@5", "f1"] | None = None
+    metadata: Metadata = Field(default_factory=dict)
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -288,6 +322,8 @@ class RunInfo(BaseModel):
     parent: str | None = None  # the adapter version live when the run was submitted
     promote: PromotePolicy = "if_better"
     cancel_requested: bool = False
+    metadata: dict[str, str] = Field(default_factory=dict)
+    estimated_finish: datetime | None = None  # when training should end, at the pace of its recent steps
 
 
 class RunRecord(RunInfo):
@@ -387,7 +423,7 @@ class RunStore:
         records = []
         for info in self.store.list("runs/"):
             parts = info.key.split("/")
-            if len(parts) == 3 and parts[2] == "run.json" and RUN_ID.match(parts[1]):
+            if len(parts) == 3 and parts[2] == "run.json" and RUN_ID.fullmatch(parts[1]):
                 try:
                     records.append(self.get(parts[1]))
                 except RunNotFound:
@@ -463,8 +499,11 @@ class RunStore:
             last = seq
         return last
 
-    def events(self, run_id: str, after: int = 0) -> tuple[list[dict[str, Any]], int]:
-        """Events with seq > `after`, oldest first, and the seq to pass as `after` next time."""
+    def events(
+        self, run_id: str, after: int = 0, limit: int | None = None
+    ) -> tuple[list[dict[str, Any]], int]:
+        """Events with seq > `after`, oldest first (at most `limit`), and the seq to pass as `after` next
+        time."""
         self.get(run_id)
         prefix = f"runs/{_check_id(run_id)}/events/"
         first_page = max(after, 0) // EVENTS_PER_PAGE
@@ -473,11 +512,14 @@ class RunStore:
             page = int(info.key[len(prefix) : -5])
             if page < first_page:
                 continue
+            if limit is not None and len(found) >= limit:
+                break
             try:
                 found += [e for e in json.loads(self.store.get_bytes(info.key)) if e["seq"] > after]
             except ObjectNotFound:
                 continue
         found.sort(key=lambda e: e["seq"])
+        found = found[:limit] if limit is not None else found
         return found, (found[-1]["seq"] if found else max(after, 0))
 
     def last_seq(self, run_id: str) -> int:
@@ -516,7 +558,7 @@ class RunStore:
 
 
 def _check_id(run_id: str) -> str:
-    if not isinstance(run_id, str) or not RUN_ID.match(run_id):
+    if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id):
         raise RunNotFound(f"no run {run_id!r}")
     return run_id
 
@@ -640,6 +682,7 @@ def prepare(
         promote=request.promote,
         request=stored_request,
         qa_version=qa_version,
+        metadata=request.metadata,
     )
     return Prepared(record=record, inputs=inputs)
 
@@ -747,11 +790,11 @@ def _resolve_qa(
 
 
 def _read_object(store: ObjectStore, uri: str, what: str) -> bytes:
-    """A store key, or `s3://<bucket>/<key>` naming the store's own bucket (the one in `store.describe()`)."""
+    """A store key, or `s3://<bucket>/<key>` naming the store's own bucket (the one in `store.name()`)."""
     key = uri
     if uri.startswith("s3://"):
         bucket, _, key = uri[len("s3://") :].partition("/")
-        served = store.describe()
+        served = store.name()  # what clients may see: no server paths
         if not served.startswith(f"s3://{bucket}@"):
             raise InvalidRun(f"{what} uri {uri} names bucket {bucket!r}, which is not this store ({served})")
     try:

@@ -30,6 +30,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from multiprocessing.connection import wait as wait_for
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -52,7 +53,7 @@ from adapters.runs import (
     prepare,
 )
 from storage import artifacts, new_version_id
-from storage.errors import PreconditionFailed
+from storage.errors import DomainNotFound, PreconditionFailed, StoreError, StoreUnavailable
 from storage.registry import DomainRegistry
 from storage.store import ObjectStore
 
@@ -63,6 +64,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[str, int, int, dict], None]  # (stage, done, total, latest step metrics)
+SUBMIT_GRACE_S = 60.0  # a validating run with a queue marker older than this was queued by a submit that died
 
 
 # --- one run's link to its record ---------------------------------------------------------------------------
@@ -99,10 +101,18 @@ class RunContext:
         self._progress: dict[str, Any] = {}
         self._flushed = time.monotonic()
         self._stage = ""
+        self._pace: tuple[float, int] | None = None  # (time, step) of the first step seen by this worker
+        # Called with each checkpoint (step, directory, trainer state); returns the adapter version it made.
+        self.on_checkpoint: Callable[[int, Path, "TrainerState"], str | None] | None = None
 
     @property
     def id(self) -> str:
         return self.record.id
+
+    @property
+    def latest(self) -> dict[str, float]:
+        """The metrics of the last step (flushed to the record or not)."""
+        return dict(self._progress.get("latest") or self.record.latest or {})
 
     def tick(self) -> None:
         if self.should_stop():
@@ -131,11 +141,28 @@ class RunContext:
 
     def step(self, step: int, latest: dict[str, float]) -> None:
         self._events.append({"time": now().isoformat(), "kind": "step", "step": step, **latest})
-        self._progress = {"step": step, "latest": latest}
+        self._progress = {"step": step, "latest": latest, "estimated_finish": self._estimate(step)}
         if self.on_progress is not None:
             self.on_progress("training", step, self.record.total_steps, latest)
         if time.monotonic() - self._flushed >= self.flush_s or step == self.record.total_steps:
             self.flush()
+
+    def discard_pending(self) -> None:
+        """Forget step events and progress not flushed yet (the run resumes from before them)."""
+        self._events = []
+        self._progress = {}
+
+    def _estimate(self, step: int) -> datetime | None:
+        """When training should end, at the pace of the steps this worker took so far."""
+        clock = time.monotonic()
+        if self._pace is None:
+            self._pace = (clock, step)
+            return self.record.estimated_finish
+        started, first = self._pace
+        if step <= first or clock <= started:
+            return self.record.estimated_finish
+        per_step = (clock - started) / (step - first)
+        return now() + timedelta(seconds=per_step * (self.record.total_steps - step))
 
     def flush(self) -> None:
         if self._events:
@@ -176,8 +203,10 @@ class RunContext:
         for old in artifacts.list_versions(store, self.runs.indexes_prefix(self.id)):
             if old.version != referenced:
                 artifacts.delete_version(store, self.runs.indexes_prefix(self.id), old.version)
+        adapter_version = self.on_checkpoint(step, directory, state) if self.on_checkpoint else None
         self._events.append(
-            {"time": now().isoformat(), "kind": "checkpoint", "step": step, "version": manifest.version}
+            {"time": now().isoformat(), "kind": "checkpoint", "step": step, "version": manifest.version,
+             "adapter_version": adapter_version}
         )
         self._progress = {**self._progress, "checkpoint_step": step}
         self.flush()
@@ -233,6 +262,7 @@ class _Execution:
         self.attached: list[str] = []
         dev = ctx.runs.get_input(self.record.id, "eval.jsonl")
         self.dev = parse_qa_jsonl(dev) if dev else []
+        ctx.on_checkpoint = self._publish_checkpoint
 
     @property
     def domain(self) -> str:
@@ -500,6 +530,26 @@ class _Execution:
         self.ctx.update(index_version=version)
         return version
 
+    def _publish_checkpoint(self, step: int, directory: Path, state: "TrainerState") -> str | None:
+        """A checkpoint's adapter set as an adapter version of the domain, which can be evaluated or promoted
+        like any other (its index: the domain index the checkpoint trained against, else the one the run
+        started from). The last step's is the run's own version, published with its evaluation."""
+        if step >= self.record.total_steps:
+            return None
+        index = state.index
+        manifest = self.adapters.publish(
+            self.domain,
+            directory / "adapters",
+            backbone_fingerprint=self.bb.fingerprint,
+            run_id=self.record.id,
+            metrics={"checkpoint": self.ctx.latest, "mode": self.request.mode},
+            parent=self.record.parent,
+            index_version=index["version"] if index.get("kind") == "domain" else index["start_version"],
+            lora=lora_metadata(self.hp.lora),
+            checkpoint_step=step,
+        )
+        return manifest.version
+
     def _publish(self, index_version: str) -> None:
         self.ctx.stage("publishing")
         target = self.run_dir / "final"
@@ -609,6 +659,8 @@ def claim_next(runs: RunStore, owner: str, *, lease_s: float, max_crashes: int) 
 def _claimable(record: RunRecord) -> bool:
     if record.state == RunState.QUEUED:
         return True
+    if record.state == RunState.VALIDATING:  # queued, but its submit ended before it could say so
+        return record.created_at < now() - timedelta(seconds=SUBMIT_GRACE_S)
     if record.state != RunState.RUNNING:
         return False
     expired = record.lease_until is None or record.lease_until < now()
@@ -616,13 +668,14 @@ def _claimable(record: RunRecord) -> bool:
 
 
 def _claim(runs: RunStore, run_id: str, owner: str, lease_s: float, max_crashes: int) -> RunRecord | None:
-    crashed = False
+    crashed = submit_interrupted = False
 
     def take(record: RunRecord) -> RunRecord | None:
-        nonlocal crashed
+        nonlocal crashed, submit_interrupted
         if not _claimable(record):
             return None
         crashed = record.state == RunState.RUNNING  # its previous worker vanished without releasing it
+        submit_interrupted = record.state == RunState.VALIDATING
         if crashed:
             record.crashes += 1
             if record.crashes > max_crashes:
@@ -645,9 +698,11 @@ def _claim(runs: RunStore, run_id: str, owner: str, lease_s: float, max_crashes:
         return None
     if record.owner != owner:
         return None
+    interrupted = [{"kind": "state", "state": "queued", "reason": "its submit ended before it said so"}]
     runs.append_events(
         run_id,
         [
+            *(interrupted if submit_interrupted else []),
             {
                 "kind": "state",
                 "state": "running",
@@ -683,7 +738,10 @@ def requeue(
 
 
 def run_claimed(ctx: RunContext, workspace: Workspace) -> RunRecord:
-    """Execute a claimed run and settle its end state, whatever happens."""
+    """Execute a claimed run and settle its end state, whatever happens.
+
+    A store outage is not the run's fault: the run goes back to the queue once the store answers again and
+    resumes from its last checkpoint. Its end state is written when the store lets it through."""
     runs, run_id = ctx.runs, ctx.id
     try:
         return execute_run(ctx, workspace)
@@ -694,23 +752,53 @@ def run_claimed(ctx: RunContext, workspace: Workspace) -> RunRecord:
     except LeaseLost:
         log.warning("run %s was taken over by another worker; leaving it", run_id)
         raise
+    except StoreUnavailable as exc:
+        log.warning("run %s paused: %s", run_id, exc)
+        # The steps since the last flush are done again after the resume; their events are not written.
+        ctx.discard_pending()
+        reason = "the store was unavailable; resuming from the last checkpoint"
+        _when_store_answers(lambda: requeue(runs, run_id, reason=reason, owner=ctx.owner), ctx.should_stop,
+                            f"queueing run {run_id} again")
+        raise
     except RunCancelled:
-        _finish(ctx, RunState.CANCELLED, None, None)
+        _when_store_answers(lambda: _finish(ctx, RunState.CANCELLED, None, None), ctx.should_stop,
+                            f"recording that run {run_id} was cancelled")
         raise
     except KeyboardInterrupt:  # Ctrl-C on `ragadapt adapt`: the person stopped it
         _finish(ctx, RunState.CANCELLED, None, "interrupted from the keyboard")
         raise
     except Exception as exc:
         log.exception("run %s failed", run_id)
-        _finish(
-            ctx, RunState.FAILED, getattr(exc, "code", None) or "run_failed", f"{type(exc).__name__}: {exc}"
-        )
+        code, error = getattr(exc, "code", None) or "run_failed", f"{type(exc).__name__}: {exc}"
+        _when_store_answers(lambda: _finish(ctx, RunState.FAILED, code, error), ctx.should_stop,
+                            f"recording that run {run_id} failed")
         raise
     finally:
         shutil.rmtree(workspace.work_dir / "runs" / run_id, ignore_errors=True)
         if ctx.record.state.finished:
-            runs.dequeue(run_id)
-            runs.drop_artifacts(run_id)
+            try:
+                runs.dequeue(run_id)
+                runs.drop_artifacts(run_id)
+            except StoreError as exc:  # claim_next drops the marker of a finished run; gc sweeps the rest
+                log.warning("cleaning up after run %s failed: %s", run_id, exc)
+
+
+def _when_store_answers(action: Callable[[], object], should_stop: Callable[[], bool], what: str) -> None:
+    """Call `action` until the store lets it through, backing off from 1 s to 10 s between tries. A worker
+    told to stop gives up: the run's lease then runs out (or the next start finds its worker gone) and the
+    run is taken over."""
+    delay = 1.0
+    while True:
+        try:
+            action()
+            return
+        except StoreUnavailable as exc:
+            if should_stop():
+                log.warning("%s: gave up, the worker stops and the store is unavailable (%s)", what, exc)
+                return
+            log.warning("%s: the store is unavailable (%s); trying again in %.0fs", what, exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
 
 
 def _finish(ctx: RunContext, state: RunState, code: str | None, error: str | None) -> None:
@@ -762,15 +850,23 @@ def worker_main(
         torch.set_num_threads(spec.threads)
     runs = RunStore(_open(spec.store))
     owner = owner_token(spec.token)
-    workspace = Workspace(spec.backbone_config, Path(spec.work_dir) / f"worker-{spec.token}")
+    workspace = Workspace(spec.backbone_config, worker_scratch(spec.work_dir, spec.token))
     workspace.backbone()
 
     def should_stop() -> bool:
         return stop.is_set() or os.getppid() != parent_pid
 
+    delay = 0.0
     try:
         while not should_stop():
-            record = claim_next(runs, owner, lease_s=spec.lease_s, max_crashes=spec.max_crashes)
+            try:
+                record = claim_next(runs, owner, lease_s=spec.lease_s, max_crashes=spec.max_crashes)
+            except Exception:  # store down, an unreadable record: a worker outlives it and tries again
+                delay = min(max(delay * 2, 1.0), 30.0)
+                log.warning("claiming a run failed; trying again in %.0fs", delay, exc_info=True)
+                stop.wait(delay)
+                continue
+            delay = 0.0
             if record is None:
                 wake.wait(spec.poll_s)
                 wake.clear()
@@ -784,10 +880,16 @@ def worker_main(
         shutil.rmtree(workspace.work_dir, ignore_errors=True)
 
 
+def worker_scratch(work_dir: Path, token: str) -> Path:
+    """The local scratch directory of the worker process with `token` (removed when it ends or dies)."""
+    return Path(work_dir) / f"worker-{token}"
+
+
 @dataclass
 class _Worker:
     token: str
     process: multiprocessing.process.BaseProcess
+    started: float = field(default_factory=time.monotonic)
 
     @property
     def owner(self) -> str:
@@ -831,6 +933,7 @@ class RunManager:
         self._stop = self._context.Event()
         self._wake = self._context.Event()
         self._workers: list[_Worker] = []
+        self._quick_deaths = 0  # workers in a row that died within a minute of their start
         self._monitor: threading.Thread | None = None
         self._stopping = threading.Event()
         self._lock = threading.Lock()
@@ -838,14 +941,20 @@ class RunManager:
     # --- lifecycle ------------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Queue again the runs whose worker on this host is gone (a restart), then start the workers."""
+        """Queue again the runs whose worker on this host is gone (a restart), then start the workers. With
+        the store down, the workers take those runs over themselves once it is back."""
         with self._lock:
             if self._monitor is not None:
                 raise RuntimeError("RunManager already started")
-            for run_id in self.runs.active():
-                record = self.runs.get(run_id)
-                if record.state == RunState.RUNNING and owner_is_dead_here(record.owner):
-                    requeue(self.runs, run_id, reason="its worker is gone (restart); resuming", crashed=True)
+            try:
+                for run_id in self.runs.active():
+                    record = self.runs.get(run_id)
+                    if record.state == RunState.RUNNING and owner_is_dead_here(record.owner):
+                        requeue(self.runs, run_id, reason="its worker is gone (restart); resuming",
+                                crashed=True)
+            except StoreError as exc:
+                log.warning("could not queue again the runs of workers gone since the last start: %s", exc)
+            self._quick_deaths = 0
             self._stop.clear()
             self._stopping.clear()
             self._workers = [self._spawn() for _ in range(self.max_concurrent)]
@@ -877,6 +986,17 @@ class RunManager:
     def worker_pids(self) -> list[int]:
         return [w.process.pid for w in self._workers if w.process.pid is not None]
 
+    def scratch(self) -> tuple[list[Path], set[Path]]:
+        """The workers' scratch directories under the work directory, and those of the workers alive now."""
+        with self._lock:
+            alive = {worker_scratch(self.work_dir, w.token) for w in self._workers if w.process.is_alive()}
+        return list(self.work_dir.glob("worker-*")), alive
+
+    @property
+    def alive_workers(self) -> int:
+        return sum(w.process.is_alive() for w in self._workers)
+
+
     def _spawn(self) -> _Worker:
         token = secrets.token_hex(4)
         spec = WorkerSpec(
@@ -897,27 +1017,53 @@ class RunManager:
         log.info("started run worker %s (pid %s)", token, process.pid)
         return _Worker(token, process)
 
+    @property
+    def supervisor(self) -> str:
+        """"running"; "stopped" before start and after stop; "dead" when the thread that replaces dead workers
+        ended while it should run (nothing replaces a dead worker then: `/readyz` says so)."""
+        if self._monitor is None:
+            return "stopped"
+        return "running" if self._monitor.is_alive() else "dead"
+
     def _watch(self) -> None:
-        """Wait on the workers' sentinels; a worker that dies has its run queued again and is replaced."""
+        """Supervise the workers until stopped. Nothing may end this thread: a store outage or anything
+        unexpected is logged and the next round tries again."""
         while not self._stopping.is_set():
-            workers = list(self._workers)
-            wait_for([w.process.sentinel for w in workers], timeout=1.0)
+            try:
+                self._replace_dead_workers()
+            except Exception:
+                log.exception("supervising the run workers failed; trying again")
+                self._stopping.wait(1.0)
+
+    def _replace_dead_workers(self) -> None:
+        """Wait on the workers' sentinels; a worker that died has its scratch directory swept and its run
+        queued again, and is replaced (after a pause that grows while workers keep dying young)."""
+        workers = list(self._workers)
+        wait_for([w.process.sentinel for w in workers], timeout=1.0)
+        for worker in workers:
             if self._stopping.is_set():
                 return
-            for worker in workers:
-                if worker.process.is_alive():
-                    continue
-                worker.process.join(1)
-                code = worker.process.exitcode
-                log.error(
-                    "run worker %s (pid %s) died with exit code %s", worker.token, worker.process.pid, code
-                )
+            if worker.process.is_alive():
+                continue
+            worker.process.join(1)
+            code = worker.process.exitcode
+            log.error("run worker %s (pid %s) died with exit code %s", worker.token, worker.process.pid, code)
+            shutil.rmtree(worker_scratch(self.work_dir, worker.token), ignore_errors=True)
+            try:
                 self._release_runs_of(worker, f"worker pid {worker.process.pid} died (exit code {code})")
-                with self._lock:
-                    if self._stopping.is_set():
-                        return
-                    self._workers[self._workers.index(worker)] = self._spawn()
-                self._wake.set()
+            except StoreError as exc:  # its replacement takes its runs over once the store is back
+                log.warning("could not queue the runs of worker %s again: %s", worker.token, exc)
+            self._quick_deaths = self._quick_deaths + 1 if time.monotonic() - worker.started < 60 else 0
+            if self._quick_deaths > 1:
+                pause = min(2.0 ** (self._quick_deaths - 1), 60.0)
+                log.warning("run workers keep dying young; replacing this one in %.0fs", pause)
+                if self._stopping.wait(pause):
+                    return
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                self._workers[self._workers.index(worker)] = self._spawn()
+            self._wake.set()
 
     def _release_runs_of(self, worker: _Worker, reason: str) -> None:
         for run_id in self.runs.active():
@@ -940,8 +1086,27 @@ class RunManager:
     def list(self, domain: str | None = None) -> list[RunInfo]:
         return [r.info() for r in self.runs.list() if domain is None or r.domain == domain]
 
-    def events(self, run_id: str, after: int = 0) -> tuple[list[dict], int]:
-        return self.runs.events(run_id, after)
+    def events(self, run_id: str, after: int = 0, limit: int = 100) -> tuple[list[dict], int, bool]:
+        """At most `limit` events after seq `after`, the seq to ask after next, and whether more follow."""
+        events, _ = self.runs.events(run_id, after, limit + 1)
+        page = events[:limit]
+        return page, (page[-1]["seq"] if page else max(after, 0)), len(events) > limit
+
+    def checkpoints(self, run_id: str) -> list[dict[str, Any]]:
+        """The adapter versions published at the run's checkpoints, newest first (its last step's version is
+        the run's `adapter_version`)."""
+        record = self.runs.get(run_id)
+        try:
+            versions = AdapterRegistry(self.runs.store).list(record.domain)
+        except DomainNotFound:  # deleted since
+            return []
+        found = [
+            {"step": m.metadata["checkpoint_step"], "created_at": m.created_at, "adapter_version": m.version,
+             "metrics": dict((m.metadata.get("metrics") or {}).get("checkpoint") or {})}
+            for m in versions
+            if m.metadata.get("run_id") == run_id and m.metadata.get("checkpoint_step") is not None
+        ]
+        return sorted(found, key=lambda c: c["step"], reverse=True)
 
     def cancel(self, run_id: str) -> RunInfo:
         """Cancel a run: a queued one at once, a running one at its worker's next micro-batch (the returned
@@ -985,8 +1150,13 @@ def queue_run(
     try:
         for name, data in prepared.inputs.items():
             runs.put_input(run_id, name, data)
+        # The marker before the state: a crash between the two leaves a validating run with a marker, which
+        # claim_next takes after SUBMIT_GRACE_S (the other order left a queued run no worker could see).
+        runs.enqueue(run_id)
 
-        def queued(r: RunRecord) -> RunRecord:
+        def queued(r: RunRecord) -> RunRecord | None:
+            if r.state != RunState.VALIDATING:  # taken by a worker meanwhile
+                return None
             if owner is None:
                 r.state = RunState.QUEUED
             else:
@@ -994,7 +1164,6 @@ def queue_run(
             return r
 
         record = runs.update(run_id, queued)
-        runs.enqueue(run_id)
         runs.append_events(
             run_id,
             [

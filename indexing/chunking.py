@@ -52,7 +52,8 @@ class Document:
     title: str
     text: str
     keep_if_short: bool = False
-    source: str = ""  # "path:line" of the record, for error messages
+    source: str = ""  # the file of the record, for error messages
+    line: int | None = None  # the JSONL line of the record
 
 
 def chunk_document(document: Document, config: ChunkConfig = ChunkConfig()) -> list[Passage]:
@@ -165,21 +166,23 @@ def _read_jsonl(path: Path) -> Iterable[Document]:
                 title = ""
             if not isinstance(title, str):
                 raise MalformedPassages('"title" must be a string', path=str(path), line=number)
-            yield Document(doc_id, title, text, keep_if_short=True, source=f"{path}:{number}")
+            yield Document(doc_id, title, text, keep_if_short=True, source=str(path), line=number)
 
 
 def load_corpus(path: Path, config: ChunkConfig = ChunkConfig()) -> list[Passage]:
     """Read and chunk a corpus; MalformedPassages (with the line) or EmptyCorpus before anything is kept."""
     passages: list[Passage] = []
-    seen: dict[str, str] = {}
+    seen: dict[str, Document] = {}
     for document in read_documents(path):
         for passage in chunk_document(document, config):
-            if passage.id in seen:
-                raise MalformedPassages(
-                    f"duplicate passage id {passage.id!r} (first from {seen[passage.id]})",
-                    path=document.source or None,
-                )
-            seen[passage.id] = document.source
+            first = seen.get(passage.id)
+            if first is not None:
+                where = f"line {first.line}" if first.line is not None else "a passage"
+                if first.source != document.source:
+                    where += f" of {first.source}"
+                raise MalformedPassages(f"duplicate passage id {passage.id!r} (first on {where})",
+                                        path=document.source or None, line=document.line)
+            seen[passage.id] = document
             passages.append(passage)
     if not passages:
         raise EmptyCorpus(f"{path} holds no passage text")

@@ -35,6 +35,7 @@ class MalformedPassages(IndexingError):
     def __init__(self, message: str, *, path: str | None = None, line: int | None = None):
         where = ":".join(str(part) for part in (path, line) if part is not None)
         super().__init__(f"{where}: {message}" if where else message)
+        self.reason = message  # without the path: what a client that uploaded the file is told
         self.path = path
         self.line = line
 

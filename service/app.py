@@ -2,9 +2,10 @@
 
 Start-up order: open the store, its registries and the run manager; load the backbone in a thread (the event
 loop keeps answering `/healthz`, and `/readyz` says 503 until it is done); then build the adapter cache, the
-domain catalog (first read of every live pointer), the model worker and the job runner; start the run workers;
-create the demo domain if asked to and missing; finally poll live pointers every `poll_interval_s`. Shutdown
-reverses it. Nothing here is global: two apps in one process share nothing.
+domain catalog, the model worker and the job runner; read every live pointer and create the demo domain if
+asked to and missing (a store that is down delays both, not the start); say ready (`/readyz` lists the demo as
+building until its index is live); start the run workers; finally poll live pointers and move jobs along
+every `poll_interval_s`. Shutdown reverses it. Nothing here is global: two apps in one process share nothing.
 """
 
 from __future__ import annotations
@@ -23,20 +24,25 @@ from litestar import Litestar
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.plugins.pydantic import PydanticPlugin
 from litestar.types import Message, Scope
 
 from adapters import AdapterRegistry
 from adapters.worker import RunManager
 from backbone import Backbone
-from indexing import IndexConfig
+from indexing import IndexConfig, load_corpus, write_passages
 from indexing.versions import IndexVersions
-from storage import DomainExists, DomainNotFound, DomainRegistry, open_store
+from storage import DomainExists, DomainNotFound, DomainRegistry, PreconditionFailed, StoreError, open_store
 
 from .adapter_cache import AdapterCache
 from .domains import DomainCatalog
-from .jobs import Jobs
+from .jobs import PASSAGES, Jobs
 from .metrics import Metrics
+from .openapi import ContractJsonPlugin
 from .problems import add_request_id, handle_exception
+from .requests import ServiceRequest
+from .run_checks import batch_passage_limit, host_memory
 from .routes import admin, ask, domains, operations, runs
 from .runtime import Loaded, Runtime
 from .settings import Settings
@@ -73,10 +79,14 @@ def create_app(settings: Settings) -> Litestar:
             admin.get_job,
             admin.promote,
             admin.rollback,
-            runs.adapt_handler(settings.server.max_upload_bytes),
+            admin.rebuild,
+            admin.delete_domain,
+            admin.gc,
+            runs.adapt_handler(settings.server.max_run_body_bytes),
             runs.list_runs,
             runs.get_run,
             runs.run_events,
+            runs.run_checkpoints,
             runs.cancel_run,
             operations.healthz,
             operations.readyz,
@@ -87,10 +97,15 @@ def create_app(settings: Settings) -> Litestar:
         exception_handlers={Exception: handle_exception},
         before_send=[add_request_id, count_response],
         request_max_body_size=settings.server.max_body_bytes,
+        request_class=ServiceRequest,
+        # Bodies are validated as strictly as their models say (Litestar would pass strict=False otherwise).
+        plugins=[PydanticPlugin(validate_strict=True)],
         logging_config=None,  # the CLI configures logging (plain or JSON)
         openapi_config=OpenAPIConfig(
             title="ragadapt", version="0.1.0",
-            description="One frozen RAG End2End backbone serving many knowledge domains."),
+            description="One frozen RAG End2End backbone serving many knowledge domains.",
+            path="/schema", render_plugins=[ContractJsonPlugin(api_keys=bool(settings.server.api_keys)),
+                                            SwaggerRenderPlugin()]),
     )
 
 
@@ -136,58 +151,82 @@ async def _load(runtime: Runtime) -> None:
                              max_batch_rows=settings.server.max_batch_rows,
                              batch_wait_s=settings.server.batch_wait_ms / 1000,
                              retry_after_s=settings.server.retry_after_s)
-        jobs = Jobs(runtime.versions, backbone.config, settings.cache_dir / "jobs", runtime.metrics,
-                    on_live=catalog.refresh_domain)
-        await to_thread.run_sync(catalog.refresh)
+        jobs = Jobs(runtime.store, runtime.versions, backbone.config, backbone.fingerprint,
+                    settings.cache_dir / "jobs", runtime.metrics, on_live=catalog.refresh_domain,
+                    max_concurrent=settings.jobs.max_concurrent)
         worker.start()
     except Exception as exc:
         runtime.load_error = exc
         log.exception("the backbone failed to load; the server stays up but not ready")
         return
-    runtime.loaded = Loaded(backbone=backbone, cache=cache, catalog=catalog, worker=worker, jobs=jobs)
+    try:
+        await to_thread.run_sync(catalog.refresh)
+    except StoreError as exc:  # the poller reads the live pointers once the store answers
+        log.warning("the live pointers could not be read yet: %s", exc)
+    demo_pending = settings.demo.enabled
+    if demo_pending:  # before the server says ready, so /readyz lists the demo as building
+        demo_pending = not await _try_demo(runtime, jobs)
+    max_batch_passages = settings.runs.max_batch_passages or batch_passage_limit(
+        backbone, host_memory(), max(settings.runs.max_concurrent, 1))
+    runtime.loaded = Loaded(backbone=backbone, cache=cache, catalog=catalog, worker=worker, jobs=jobs,
+                            max_batch_passages=max_batch_passages)
     runtime.metrics.backbone_ready.set(1)
     runtime.metrics.backbone_load_seconds.set(backbone.load_seconds)
     log.info("ready: backbone %s, %d domains", backbone.fingerprint, len(catalog.names()))
     if settings.runs.max_concurrent > 0:
         # Started once serving is up: each worker process loads a backbone of its own.
         await to_thread.run_sync(runtime.runs.start)
-    if settings.demo.enabled:
-        try:
-            await to_thread.run_sync(_create_demo, runtime)
-        except Exception:
-            log.exception("the demo domain could not be created")
-    runtime.background.append(asyncio.create_task(_poll(runtime), name="poll-live-pointers"))
+    runtime.background.append(asyncio.create_task(_poll(runtime, demo_pending), name="poll-live-pointers"))
 
 
-async def _poll(runtime: Runtime) -> None:
+async def _poll(runtime: Runtime, demo_pending: bool) -> None:
+    """Every poll_interval_s: re-read live pointers, then move the background jobs along (resuming those of
+    a server that stopped), and create the demo domain if the store was down when the server started. The
+    store may be down for a while: keep serving what is loaded and try again."""
     loaded = runtime.serving()
     while True:
         await asyncio.sleep(runtime.settings.server.poll_interval_s)
-        try:
-            await to_thread.run_sync(loaded.catalog.refresh)
-            await to_thread.run_sync(loaded.jobs.sweep)
-        except Exception:  # the store may be down for a while; keep serving what is loaded and try again
-            log.warning("polling live pointers failed", exc_info=True)
+        for what, step in (("reading live pointers", loaded.catalog.refresh),
+                           ("running jobs", loaded.jobs.sweep)):
+            try:
+                await to_thread.run_sync(step)
+            except Exception:
+                log.warning("%s failed", what, exc_info=True)
+        if demo_pending:
+            demo_pending = not await _try_demo(runtime, loaded.jobs)
 
 
-def _create_demo(runtime: Runtime) -> None:
-    """Ingest the project's README and docs as the demo domain, unless the store already has it with an index.
+async def _try_demo(runtime: Runtime, jobs: Jobs) -> bool:
+    """Create the demo domain if needed; False when it could not be (the store is down): try again later."""
+    try:
+        await to_thread.run_sync(_create_demo, runtime, jobs)
+    except StoreError as exc:
+        log.warning("the demo domain could not be created yet: %s", exc)
+        return False
+    except Exception:
+        log.exception("the demo domain could not be created")
+    return True
 
-    A domain without a live index is what a first start stopped during the build leaves behind; it is built
-    again rather than left answering 503 forever."""
+
+def _create_demo(runtime: Runtime, jobs: Jobs) -> None:
+    """Ingest the project's README and docs as the demo domain, unless the store already has it with an index
+    or a job building one (a restart resumes that job). A demo whose build failed or was lost is built again
+    rather than left without an index."""
     demo = runtime.settings.demo
     try:
+        record = runtime.registry.get_domain(demo.domain)
+    except DomainNotFound:
+        record = None
+    if record is not None:
         if runtime.registry.live(demo.domain).index_version is not None:
             return
-        exists = True
-    except DomainNotFound:
-        exists = False
+        if record.build_job is not None and record.build_job in jobs.store.active():
+            return
     sources = [Path(source) for source in demo.sources if Path(source).exists()]
     if not sources:
         log.warning("demo domain %s not created: none of %s exists", demo.domain, demo.sources)
         return
-    jobs = runtime.serving().jobs
-    job_id, input_dir = jobs.input_dir()
+    job_id, input_dir = jobs.new_input()
     corpus = input_dir / "corpus"
     corpus.mkdir()
     for source in sources:
@@ -195,13 +234,21 @@ def _create_demo(runtime: Runtime) -> None:
             shutil.copytree(source, corpus / source.name, ignore=shutil.ignore_patterns(".*"))
         else:
             shutil.copy2(source, corpus / source.name)
+    passages = input_dir / PASSAGES
+    write_passages(load_corpus(corpus), passages)
+    shutil.rmtree(corpus)
+    key = jobs.store_input(job_id, passages)
     try:
-        if not exists:
-            runtime.registry.create_domain(demo.domain, demo.description, settings={"retrieval": "dense"})
-    except DomainExists:  # another replica is creating it
+        if record is None:
+            runtime.registry.create_domain(demo.domain, demo.description, settings={"retrieval": "dense"},
+                                           build_job=job_id)
+        else:
+            runtime.registry.update_domain(demo.domain, lambda d: d.model_copy(update={"build_job": job_id}))
+    except (DomainExists, PreconditionFailed):  # another replica is creating it
+        jobs.discard_input(job_id)
         shutil.rmtree(input_dir, ignore_errors=True)
         return
-    jobs.ingest(job_id, demo.domain, corpus, IndexConfig(retrieval="dense"))
+    jobs.create(job_id, "ingest", demo.domain, input=key, index=IndexConfig(retrieval="dense"))
     log.info("building the demo domain %s from %s (job %s)", demo.domain, ", ".join(map(str, sources)),
              job_id)
 

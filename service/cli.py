@@ -139,6 +139,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return evaluate(args, open_store(settings.store_config), backbone, settings.cache_dir / "eval")
 
 
+def cmd_gc(args: argparse.Namespace) -> int:
+    """Delete old versions and what faults left in the store (prints what, as JSON); a dry run without
+    --apply. A server's local scratch space is swept by its own POST /admin/gc, which knows what it uses."""
+    from storage import open_store
+
+    from .gc import collect
+    from .settings import Settings
+
+    store = open_store(Settings().store_config)
+    report = collect(store, keep_last=args.keep_last, dry_run=not args.apply, domains=args.domain or None)
+    print(report.model_dump_json(indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from adapters.cli import add_parsers
 
@@ -167,6 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--top-k", type=int, default=5)
     ask.add_argument("--max-new-tokens", type=int, default=32)
     ask.set_defaults(func=cmd_ask)
+
+    gc = sub.add_parser("gc", help="delete old versions and what faults left behind (dry run by default)")
+    gc.add_argument("--apply", action="store_true", help="delete (without it, only say what would go)")
+    gc.add_argument("--keep-last", type=int, default=5, help="newest versions of each kind kept per domain")
+    gc.add_argument("--domain", action="append", help="only this domain's versions (repeatable)")
+    gc.set_defaults(func=cmd_gc)
 
     add_parsers(sub)
     sub.choices["adapt"].set_defaults(func=cmd_adapt)

@@ -88,7 +88,7 @@ class DomainCatalog:
         serving = self._serving.get(domain)
         if serving is not None:
             return serving
-        if not isinstance(domain, str) or not DOMAIN_NAME.match(domain):
+        if not isinstance(domain, str) or not DOMAIN_NAME.fullmatch(domain):
             raise DomainNotFound(f"no domain named {domain!r}")
         missed = self._misses.get(domain)
         if missed is not None and time.monotonic() - missed < self._discover_every_s:
@@ -188,6 +188,10 @@ class DomainCatalog:
             # Handles no record names any more are dropped; requests still holding one keep it alive.
             self._handles = {key: h for key, h in self._handles.items() if key in live}
             self._publish()
+
+    def forget(self, domain: str) -> None:
+        """Stop serving a domain that was deleted (other replicas notice at their next discovery)."""
+        self._forget(domain)
 
     def _forget(self, domain: str) -> None:
         with self._write_lock:

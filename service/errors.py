@@ -55,6 +55,14 @@ class NotReady(ServiceError):
     retry_after = 5
 
 
+class RunWorkersDown(ServiceError):
+    """The thread that replaces dead run workers has ended: adaptation runs would stay queued."""
+
+    code = "run_workers_down"
+    status = 503
+    retry_after = 30
+
+
 class RequestTimeout(ServiceError):
     code = "request_timeout"
     status = 504
@@ -63,4 +71,32 @@ class RequestTimeout(ServiceError):
 class JobNotFound(ServiceError):
     code = "job_not_found"
     status = 404
+
+
+class DomainBuildFailed(ServiceError):
+    """The domain has no index because the job building it failed; rebuild or delete the domain."""
+
+    code = "domain_build_failed"
+    status = 409
+
+
+class BuildInProgress(ServiceError):
+    """A job is already building the domain's index."""
+
+    code = "build_in_progress"
+    status = 409
+
+
+class NothingToRebuild(ServiceError):
+    """Neither live passages nor the passages of the domain's last build are left to build from."""
+
+    code = "nothing_to_rebuild"
+    status = 409
+
+
+class DomainInUse(ServiceError):
+    """The domain cannot be deleted while an adaptation run or another server's build job uses it."""
+
+    code = "domain_in_use"
+    status = 409
 

@@ -100,6 +100,16 @@ class Metrics:
         self.backbone_ready = Gauge("ragadapt_backbone_ready", "1 once the backbone is loaded", registry=r)
         self.backbone_load_seconds = Gauge("ragadapt_backbone_load_seconds",
                                            "Seconds the backbone took to load", registry=r)
+        # Series of label values known in advance exist from the start at zero, so the first event is an
+        # increase rate() sees (a series born at 1 has rate 0, and a histogram quantile of it is NaN).
+        for kind in ("ingest", "rebuild"):
+            self.rebuild_seconds.labels(kind)
+        for tier in ("hot", "warm"):
+            self.adapter_hits.labels(tier)
+            self.adapter_misses.labels(tier)
+            self.adapter_evictions.labels(tier)
+        for result in ("ok", "error"):
+            self.adapter_loads.labels(result)
 
     # --- the bounded domain label ---------------------------------------------------------------------------
 

@@ -34,7 +34,11 @@ log = logging.getLogger(__name__)
 PROBLEM_TYPE = "https://ragadapt.dev/problems/"
 MEDIA_TYPE = "application/problem+json"
 REQUEST_ID_HEADER = "x-request-id"
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # matched whole
+_TOO_LARGE_HINTS = {
+    "/admin/adapt": "; send large training sets as train.uri (a store key) or as the domain's QA set "
+                    "(the qa file of POST /admin/domains)",
+}
 # The contract's codes for errors other packages name differently.
 _RENAMED = {"malformed_passages": "invalid_passages", "empty_corpus": "invalid_passages"}
 
@@ -45,7 +49,7 @@ def request_id(scope: Scope) -> str:
     found = state.get("request_id")
     if found is None:
         given = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"x-request-id"), None)
-        found = given if given is not None and _REQUEST_ID.match(given) else uuid.uuid4().hex
+        found = given if given is not None and _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         state["request_id"] = found
     return found
 
@@ -111,7 +115,9 @@ def _litestar(request: Request, exc: HTTPException) -> Response:
     if isinstance(exc, MethodNotAllowedException):
         return problem(request, 405, "method_not_allowed", exc.detail, headers=exc.headers)
     if isinstance(exc, RequestEntityTooLarge) or status == 413:
-        return problem(request, 413, "request_too_large", "the request body is larger than this server takes")
+        hint = _TOO_LARGE_HINTS.get(request.url.path, "")
+        return problem(request, 413, "request_too_large",
+                       f"the request body is larger than this server takes{hint}")
     if isinstance(exc, NotAuthorizedException):
         return problem(request, 401, "unauthorized", exc.detail, headers={"WWW-Authenticate": "Bearer"})
     if status >= 500:
@@ -127,7 +133,10 @@ def _validation_errors(extra: Any) -> list[dict[str, str]]:
     errors = []
     for item in extra:
         if isinstance(item, dict) and "message" in item:
-            errors.append({"key": str(item.get("key", "")), "message": str(item["message"])})
+            key, message = str(item.get("key", "")), str(item["message"])
+            if message == repr(key):  # what Litestar says of a missing value
+                message = "a JSON body is required" if item.get("source") == "body" else "required"
+            errors.append({"key": key, "message": message})
     return errors
 
 

@@ -34,6 +34,7 @@ class Loaded:
     catalog: DomainCatalog
     worker: ModelWorker
     jobs: Jobs
+    max_batch_passages: int  # generator rows a run's training step may hold on this host
 
 
 @dataclass

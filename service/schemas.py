@@ -3,35 +3,39 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from adapters.runs import QaExampleIn
+from adapters.runs import QaExampleIn, integral_floats
+from storage.artifacts import VERSION_ID
+from storage.registry import DOMAIN_PATTERN
 
 Retrieval = Literal["dense", "bm25", "hybrid"]
+DomainName = Annotated[str, StringConstraints(pattern=DOMAIN_PATTERN)]
+NonBlank = Annotated[str, StringConstraints(pattern=r"\S")]  # holds more than whitespace
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A request body: unknown fields and values of another JSON type are errors, as the published JSON
+    Schema states (a number with a zero fraction still counts as an integer)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    _integral = model_validator(mode="before")(integral_floats)
 
 
 # --- asking -------------------------------------------------------------------------------------------------
 
 
 class AskRequest(_Request):
-    question: str = Field(min_length=1, max_length=4000)
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"question": "Which package ships the generator weights?", "top_k": 3, "max_new_tokens": 16}]})
+
+    question: NonBlank = Field(max_length=4000)
     top_k: int = Field(5, ge=1, le=20)
     max_new_tokens: int = Field(32, ge=1, le=256)
     retrieval: Retrieval | None = None  # None: the domain's setting
     return_passages: bool = True
-
-    @field_validator("question")
-    @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("the question is empty")
-        return value
 
 
 class PassageOut(BaseModel):
@@ -103,7 +107,7 @@ class DomainInfo(BaseModel):
     metrics: dict[str, Any]  # of the live adapter version
     last_run: dict[str, Any] | None
     versions: DomainVersions
-    etag: str | None  # of the live pointer read; pass as `expected_etag` to promote/rollback only if unchanged
+    etag: str | None  # of the live pointer read: `expected_etag` promotes/rolls back only if it is unchanged
 
 
 class DomainList(BaseModel):
@@ -114,7 +118,7 @@ class DomainList(BaseModel):
 
 
 class PassageIn(_Request):
-    id: str = Field(min_length=1)
+    id: NonBlank
     title: str = ""
     text: str
 
@@ -122,10 +126,15 @@ class PassageIn(_Request):
 class CreateDomainRequest(_Request):
     """JSON form of POST /admin/domains; give the passages inline or as a store key / s3:// URI."""
 
-    name: str = Field(min_length=1, max_length=63)
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": [
+        {"required": ["passages_uri"], "properties": {"passages_uri": {"type": "string"}}},
+        {"required": ["passages"], "properties": {"passages": {"type": "array"}}},
+    ]})
+
+    name: DomainName
     description: str = ""
     passages_uri: str | None = None
-    passages: list[PassageIn] | None = None
+    passages: list[PassageIn] | None = Field(None, min_length=1)
     qa: list[QaExampleIn] | None = None  # becomes the domain's QA set (what adaptation runs train on)
     retrieval: Retrieval | None = None
 
@@ -133,8 +142,6 @@ class CreateDomainRequest(_Request):
     def _one_source(self) -> "CreateDomainRequest":
         if (self.passages_uri is None) == (self.passages is None):
             raise ValueError("give exactly one of passages_uri and passages")
-        if self.passages is not None and not self.passages:
-            raise ValueError("passages is empty")
         return self
 
 
@@ -154,12 +161,24 @@ class CreateDomainResponse(BaseModel):
 
 
 class PromoteRequest(_Request):
-    version: str = Field(min_length=1)
+    version: str = Field(pattern=f"^{VERSION_ID.pattern}$")  # an unknown one is 404 version_not_found
     expected_etag: str | None = None
 
 
 class RollbackRequest(_Request):
     expected_etag: str | None = None
+
+
+class RebuildRequest(_Request):
+    """POST /admin/domains/{d}/rebuild takes no options yet: an empty object or no body."""
+
+
+class GcRequest(_Request):
+    """POST /admin/gc: a dry run unless `dry_run` is false."""
+
+    dry_run: bool = True
+    keep_last: int = Field(5, ge=0, le=1000)  # newest versions of each kind kept per domain
+    domains: list[DomainName] | None = Field(None, max_length=1000)  # only these domains' versions
 
 
 # --- operations ---------------------------------------------------------------------------------------------
@@ -169,10 +188,20 @@ class Health(BaseModel):
     status: Literal["alive"]
 
 
+class RunWorkers(BaseModel):
+    """This process's adaptation-run workers: `supervisor` is "stopped" when it runs none."""
+
+    supervisor: Literal["running", "stopped"]
+    workers: int  # alive now
+    expected: int
+
+
 class Ready(BaseModel):
     status: Literal["ready"]
     backbone: str
     store: str
+    runs: RunWorkers
+    building: list[str]  # domains whose first index this server is building: they answer 503 until it is live
 
 
 class Problem(BaseModel):

@@ -66,6 +66,8 @@ class ServerSettings(BaseModel):
     api_keys: list[SecretStr] = Field(default_factory=list)  # empty: /ask is open
     max_body_bytes: int = Field(1_000_000, ge=1024)  # every request except uploads
     max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1024)  # POST /admin/domains (passages files)
+    # POST /admin/adapt: inline examples are read into memory; large training sets go by store key (train.uri)
+    max_run_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     request_timeout_s: float = Field(60.0, gt=0)
     queue_size: int = Field(256, ge=1)  # requests waiting for the model worker; more are refused (503)
     max_batch_rows: int = Field(16, ge=1)  # questions in flight (continuous batching), across domains
@@ -134,6 +136,14 @@ class RunSettings(BaseModel):
 
     max_concurrent: int = Field(1, ge=0)
     threads: int | None = Field(None, ge=1)  # torch threads of each worker (None: see Settings.thread_budget)
+    # Generator rows (batch_size x top_k) a training step may hold; None: estimated from the host's memory.
+    max_batch_passages: int | None = Field(None, ge=1)
+
+
+class JobSettings(BaseModel):
+    """Background jobs (ingesting and rebuilding domains): each encodes in a worker process of its own."""
+
+    max_concurrent: int = Field(2, ge=1)  # jobs this process runs at once; the others wait pending
 
 
 class Settings(BaseSettings):
@@ -146,6 +156,7 @@ class Settings(BaseSettings):
     cache: CacheSettings = CacheSettings()
     demo: DemoSettings = DemoSettings()
     runs: RunSettings = RunSettings()
+    jobs: JobSettings = JobSettings()
 
     @model_validator(mode="after")
     def _consistent(self) -> "Settings":
@@ -156,8 +167,8 @@ class Settings(BaseSettings):
             raise ValueError(f"{len(self.cache.pinned)} pinned domains need more than cache.hot_slots="
                              f"{self.cache.hot_slots} hot slots (one must stay free for other domains)")
         for name in [*self.cache.pinned, self.demo.domain]:
-            if not DOMAIN_NAME.match(name):
-                raise ValueError(f"domain name {name!r} must match {DOMAIN_NAME.pattern}")
+            if not DOMAIN_NAME.fullmatch(name):
+                raise ValueError(f"domain name {name!r} must match ^{DOMAIN_NAME.pattern}$")
         if self.server.max_batch_rows > self.server.queue_size:
             raise ValueError(f"server.max_batch_rows={self.server.max_batch_rows} exceeds "
                              f"server.queue_size={self.server.queue_size}: batches could never fill")

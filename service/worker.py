@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -54,6 +55,7 @@ class AskJob:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
     admitted: float = field(default_factory=time.perf_counter)
+    deadline: float = math.inf  # perf_counter time when its client stops waiting (gets 504)
     cancelled: bool = False  # the client gave up (timeout): skipped if queued, dropped if decoding
     done: bool = False  # answered (or failed) and its lease given back; worker thread only
     generating_since: float = 0.0
@@ -120,18 +122,32 @@ class ModelWorker:
     # --- admission (event loop) -----------------------------------------------------------------------------
 
     def submit(self, job: AskJob) -> None:
-        """Queue a job, or raise `Overloaded` at once when the queue is full (the caller answers 503).
+        """Queue a job, or raise `Overloaded` at once when the queue is full (the caller answers 503). A full
+        queue first drops the jobs nobody waits for any more (their clients got 504 or are about to).
 
         Once queued, the job's adapter lease belongs to the worker, which releases it when the job is done."""
         with self._cond:
             if not self._running:
                 raise NotReady("the model worker is not running")
             if len(self._queue) >= self.queue_size:
+                self._drop_expired()
+            if len(self._queue) >= self.queue_size:
                 raise Overloaded(f"{len(self._queue)} requests are already waiting; retry shortly",
                                  retry_after=self.retry_after_s)
             self._queue.append(job)
             self._metrics.queue_depth.set(len(self._queue))
             self._cond.notify()
+
+    def _drop_expired(self) -> None:
+        """Remove queued jobs whose client gave up or whose deadline passed (under the lock)."""
+        now = time.perf_counter()
+        expired = [job for job in self._queue if job.cancelled or job.deadline <= now]
+        if not expired:
+            return
+        self._queue = deque(job for job in self._queue if not (job.cancelled or job.deadline <= now))
+        self._metrics.queue_depth.set(len(self._queue))
+        for job in expired:
+            self._finish(job, TimeoutError("the client stopped waiting"))
 
     # --- the worker thread ----------------------------------------------------------------------------------
 

@@ -31,7 +31,8 @@ from storage.errors import (
 from storage.store import ObjectInfo, ObjectStore, check_key
 
 MANIFEST = "manifest.json"
-VERSION_ID = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{6}$")
+# Matched whole (fullmatch): `$` alone would also accept a trailing newline.
+VERSION_ID = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{6}")
 _CHUNK = 1 << 20
 
 
@@ -167,8 +168,11 @@ def delete_version(store: ObjectStore, prefix: str, version: str) -> None:
         store.delete(info.key)
 
 
-def delete_incomplete(store: ObjectStore, prefix: str, *, older_than: timedelta) -> list[str]:
-    """Delete versions that never got a manifest (failed publishes) and saw no write for ``older_than``.
+def delete_incomplete(
+    store: ObjectStore, prefix: str, *, older_than: timedelta, dry_run: bool = False
+) -> list[str]:
+    """Delete versions that never got a manifest (failed publishes) and saw no write for ``older_than``
+    (``dry_run``: only list them).
 
     The age guard keeps a publish that is still uploading from being swept away under it.
     """
@@ -179,8 +183,9 @@ def delete_incomplete(store: ObjectStore, prefix: str, *, older_than: timedelta)
             continue
         if max(info.last_modified for info in objects) >= cutoff:
             continue
-        for info in objects:
-            store.delete(info.key)
+        if not dry_run:
+            for info in objects:
+                store.delete(info.key)
         swept.append(version)
     return swept
 
@@ -191,13 +196,13 @@ def _scan(store: ObjectStore, prefix: str) -> dict[str, list[ObjectInfo]]:
     versions: dict[str, list[ObjectInfo]] = defaultdict(list)
     for info in store.list(base):
         version = info.key[len(base) :].partition("/")[0]
-        if VERSION_ID.match(version):
+        if VERSION_ID.fullmatch(version):
             versions[version].append(info)
     return versions
 
 
 def _check_version(version: str) -> str:
-    if not isinstance(version, str) or not VERSION_ID.match(version):
+    if not isinstance(version, str) or not VERSION_ID.fullmatch(version):
         raise VersionNotFound(f"{version!r} is not a version id (expected e.g. 20261121T211500Z-3f9a1c)")
     return version
 

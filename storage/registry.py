@@ -10,12 +10,16 @@ Key layout (indexing, adapters and the service rely on it exactly)::
 
 Every change to ``live.json`` is a compare-and-swap on its ETag, so of two concurrent promotions exactly one
 lands and the other gets ``PreconditionFailed`` (``version_conflict``) instead of silently overwriting it.
+``domain.json`` changes the same way (the job building the domain's index, deletion under way).
+
+Deleting a domain marks its record first (from then on it is not found), removes the live pointer, then
+every artifact, and the record last: an interrupted deletion is finished by deleting it again.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
@@ -37,7 +41,9 @@ from storage.errors import (
 )
 from storage.store import ObjectStore
 
-DOMAIN_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+# Matched whole (fullmatch): `$` alone would also accept a trailing newline.
+DOMAIN_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+DOMAIN_PATTERN = f"^{DOMAIN_NAME.pattern}$"  # for JSON Schema and pydantic, whose `$` is the very end
 HISTORY_LIMIT = 50
 _Model = TypeVar("_Model", bound=BaseModel)
 
@@ -51,12 +57,16 @@ class ArtifactKind(StrEnum):
 
 
 class Domain(BaseModel):
-    """The record stored in ``domains/<name>/domain.json``."""
+    """The record stored in ``domains/<name>/domain.json``. ``build_job``: the job that builds (or last built)
+    the domain's index; ``deleting``: a deletion is under way (the domain is not found any more)."""
 
     name: str
     created_at: datetime
     description: str = ""
     settings: dict[str, Any] = Field(default_factory=dict)
+    build_job: str | None = None
+    deleting: bool = False
+    etag: str | None = Field(default=None, exclude=True)
 
 
 class LiveState(BaseModel):
@@ -101,7 +111,12 @@ class DomainRegistry:
     # -- domains ------------------------------------------------------------------------------------
 
     def create_domain(
-        self, name: str, description: str = "", settings: Mapping[str, Any] | None = None
+        self,
+        name: str,
+        description: str = "",
+        settings: Mapping[str, Any] | None = None,
+        *,
+        build_job: str | None = None,
     ) -> Domain:
         """Register a new domain; ``DomainExists`` if the name is taken (decided by a create-only write)."""
         _check_name(name)
@@ -110,23 +125,85 @@ class DomainRegistry:
             created_at=datetime.now(UTC),
             description=description,
             settings=dict(settings or {}),
+            build_job=build_job,
         )
         try:
-            self._store.put_bytes(
+            info = self._store.put_bytes(
                 _domain_key(name), domain.model_dump_json(indent=2).encode(), if_none_match=True
             )
         except PreconditionFailed as exc:
+            try:
+                taken = self._read_domain(name)
+            except DomainNotFound:  # deleted meanwhile
+                raise DomainExists(f"domain {name!r} already exists") from exc
+            if taken.deleting:
+                raise DomainExists(f"domain {name!r} is being deleted; delete it again to finish") from exc
             raise DomainExists(f"domain {name!r} already exists") from exc
+        return domain.model_copy(update={"etag": info.etag})
+
+    def get_domain(self, name: str, *, deleting: bool = False) -> Domain:
+        """The domain record; ``DomainNotFound`` if there is none or it is being deleted (unless
+        ``deleting``)."""
+        domain = self._read_domain(name)
+        if domain.deleting and not deleting:
+            raise DomainNotFound(f"domain {name!r} is being deleted")
         return domain
 
-    def get_domain(self, name: str) -> Domain:
-        """The domain record; ``DomainNotFound`` if there is none."""
-        _check_name(name)
+    def update_domain(self, name: str, change: Callable[[Domain], Domain | None]) -> Domain:
+        """Compare-and-swap ``domain.json``: ``change`` gets the record read and returns the new one (None: no
+        change). ``PreconditionFailed`` (``version_conflict``) if another writer changed it meanwhile."""
+        current = self.get_domain(name)
+        updated = change(current.model_copy(deep=True))
+        if updated is None:
+            return current
         try:
-            data, _ = self._store.read(_domain_key(name))
-        except ObjectNotFound as exc:
-            raise DomainNotFound(f"domain {name!r} does not exist") from exc
-        return _parse(Domain, data, _domain_key(name))
+            info = self._store.put_bytes(
+                _domain_key(name), updated.model_dump_json(indent=2).encode(), if_match=current.etag
+            )
+        except PreconditionFailed as exc:
+            raise PreconditionFailed(
+                f"domain {name!r} was changed by another writer; read it again and retry"
+            ) from exc
+        return updated.model_copy(update={"etag": info.etag})
+
+    def delete_domain(self, name: str) -> None:
+        """Delete a domain: mark it deleted (it is not found from then on), remove its live pointer, every
+        artifact and record under it, and its record last. Deleting a domain whose deletion was interrupted
+        finishes it; ``DomainNotFound`` once there is nothing left."""
+        current = self._read_domain(name)
+        if not current.deleting:
+            marked = current.model_copy(update={"deleting": True})
+            try:
+                self._store.put_bytes(
+                    _domain_key(name), marked.model_dump_json(indent=2).encode(), if_match=current.etag
+                )
+            except PreconditionFailed as exc:
+                raise PreconditionFailed(
+                    f"domain {name!r} was changed while it was being deleted; try again"
+                ) from exc
+        self._store.delete(_live_key(name))
+        for kind in ArtifactKind:
+            prefix = self.prefix(name, kind)
+            for manifest in artifacts.list_versions(self._store, prefix):
+                artifacts.delete_version(self._store, prefix, manifest.version)
+        record = _domain_key(name)
+        for info in list(self._store.list(f"domains/{name}/")):
+            if info.key != record:
+                self._store.delete(info.key)
+        self._store.delete(record)
+
+    def deleting_domains(self) -> list[str]:
+        """Domains whose deletion was started but not finished (``gc`` finishes them)."""
+        names = []
+        for info in self._store.list("domains/"):
+            parts = info.key.split("/")
+            if len(parts) == 3 and parts[2] == "domain.json":
+                try:
+                    if self._read_domain(parts[1]).deleting:
+                        names.append(parts[1])
+                except DomainNotFound:
+                    continue
+        return names
 
     def list_domains(self) -> list[Domain]:
         """All domains, sorted by name."""
@@ -169,10 +246,12 @@ class DomainRegistry:
         return artifacts.list_versions(self._store, self.prefix(domain, kind))
 
     def read_manifest(self, domain: str, kind: ArtifactKind, version: str) -> Manifest:
-        """The manifest of one complete version; ``VersionNotFound`` otherwise."""
+        """The manifest of one complete version; ``VersionNotFound`` otherwise (``DomainNotFound`` when the
+        domain itself is missing)."""
         try:
             return artifacts.read_manifest(self._store, self.prefix(domain, kind), version)
         except VersionNotFound as exc:
+            self.get_domain(domain)
             raise VersionNotFound(f"domain {domain!r} has no complete {kind} version {version!r}") from exc
 
     def download(self, domain: str, kind: ArtifactKind, version: str, dest_dir: Path) -> Manifest:
@@ -300,33 +379,58 @@ class DomainRegistry:
     # -- retention ----------------------------------------------------------------------------------
 
     def gc(
-        self, domain: str, keep_last: int, *, incomplete_older_than: timedelta = timedelta(hours=1)
+        self,
+        domain: str,
+        keep_last: int,
+        *,
+        incomplete_older_than: timedelta = timedelta(hours=1),
+        protect: Iterable[str] = (),
+        dry_run: bool = False,
     ) -> list[str]:
         """Delete old versions; return them as ``"<kind>/<version>"``. Runs only when asked.
 
-        Per kind, keeps the newest ``keep_last`` complete versions plus every live or pinned one. History
-        entries are not protected: rolling back to a deleted one raises ``VersionNotFound``. Also sweeps
-        versions left without a manifest by failed publishes, once untouched for ``incomplete_older_than``.
-        Do not run it while promoting versions it might delete.
+        Per kind, keeps the newest ``keep_last`` complete versions, every live or pinned one, the versions in
+        ``protect`` (e.g. those a queued run starts from) and what the kept ones need: the index version a
+        kept adapter version names, the passages version of a kept index. History entries are not protected:
+        rolling back to a deleted one raises ``VersionNotFound``. Also sweeps versions left without a manifest
+        by failed publishes, once untouched for ``incomplete_older_than``. ``dry_run``: only say what would
+        go. Do not run it while promoting versions it might delete.
         """
         if keep_last < 0:
             raise ValueError("keep_last must be >= 0")
         pointer = self.live(domain)
-        protected = {version for version in (*pointer.versions().values(), *pointer.pinned) if version}
+        keep = {version for version in (*pointer.versions().values(), *pointer.pinned, *protect) if version}
         deleted = []
-        for kind in ArtifactKind:
+        # Adapters first: a kept adapter keeps its index, and a kept index its passages.
+        order = ((ArtifactKind.ADAPTERS, "index_version"), (ArtifactKind.INDEXES, "passages_version"),
+                 (ArtifactKind.PASSAGES, None))
+        for kind, needs in order:
             prefix = self.prefix(domain, kind)
-            versions = [manifest.version for manifest in artifacts.list_versions(self._store, prefix)]
-            recent = set(versions[-keep_last:]) if keep_last else set()
-            for version in versions:
-                if version not in recent and version not in protected:
-                    artifacts.delete_version(self._store, prefix, version)
-                    deleted.append(f"{kind}/{version}")
-            swept = artifacts.delete_incomplete(self._store, prefix, older_than=incomplete_older_than)
+            manifests = artifacts.list_versions(self._store, prefix)
+            recent = {manifest.version for manifest in manifests[-keep_last:]} if keep_last else set()
+            for manifest in manifests:
+                if manifest.version in recent or manifest.version in keep:
+                    if needs and manifest.metadata.get(needs):
+                        keep.add(manifest.metadata[needs])
+                    continue
+                if not dry_run:
+                    artifacts.delete_version(self._store, prefix, manifest.version)
+                deleted.append(f"{kind}/{manifest.version}")
+            swept = artifacts.delete_incomplete(
+                self._store, prefix, older_than=incomplete_older_than, dry_run=dry_run
+            )
             deleted.extend(f"{kind}/{version}" for version in swept)
         return deleted
 
     # -- internals ----------------------------------------------------------------------------------
+
+    def _read_domain(self, name: str) -> Domain:
+        _check_name(name)
+        try:
+            data, info = self._store.read(_domain_key(name))
+        except ObjectNotFound as exc:
+            raise DomainNotFound(f"domain {name!r} does not exist") from exc
+        return _parse(Domain, data, _domain_key(name)).model_copy(update={"etag": info.etag})
 
     def _complete(self, domain: str, kind: ArtifactKind, version: str) -> bool:
         try:
@@ -401,8 +505,8 @@ class DomainRegistry:
 
 
 def _check_name(name: str) -> str:
-    if not isinstance(name, str) or not DOMAIN_NAME.match(name):
-        raise InvalidDomainName(f"domain name {name!r} must match {DOMAIN_NAME.pattern}")
+    if not isinstance(name, str) or not DOMAIN_NAME.fullmatch(name):
+        raise InvalidDomainName(f"domain name {name!r} must match ^{DOMAIN_NAME.pattern}$")
     return name
 
 

@@ -42,7 +42,7 @@ from storage.errors import (
 )
 
 _CHUNK = 1 << 20
-_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")  # matched whole
 # S3 error codes that mean "your credentials or signature are wrong", as opposed to a missing object.
 _AUTH_CODES = frozenset(
     {
@@ -158,7 +158,11 @@ class ObjectStore(ABC):
 
     @abstractmethod
     def describe(self) -> str:
-        """Where the objects live, for logs and health output (no secrets)."""
+        """Where the objects live, for logs (no secrets)."""
+
+    def name(self) -> str:
+        """What the store is, for clients (health output, error details): no secrets and no server paths."""
+        return self.describe()
 
     @staticmethod
     def _check_range(offset: int, length: int | None) -> None:
@@ -209,7 +213,7 @@ class StoreConfig(BaseModel):
             raise ValueError(f"endpoint {self.endpoint!r} contradicts secure={self.secure}")
         if not self.access_key or self.secret_key is None:
             raise ValueError("the s3 store needs 'access_key' and 'secret_key'")
-        if not _BUCKET_NAME.match(self.bucket):
+        if not _BUCKET_NAME.fullmatch(self.bucket):
             raise ValueError(f"{self.bucket!r} is not a valid S3 bucket name")
         if self.connect_timeout <= 0 or self.read_timeout <= 0 or self.retries < 0:
             raise ValueError("timeouts must be positive and retries non-negative")
@@ -237,16 +241,19 @@ class LocalStore(ObjectStore):
                 directory.mkdir(parents=True, exist_ok=True)
             self._lock_path.touch(exist_ok=True)
         except OSError as exc:
-            raise StoreUnavailable(f"cannot use {self.describe()}: {exc}") from exc
+            raise StoreUnavailable(f"cannot use the local store: {exc.strerror}") from exc
 
     def describe(self) -> str:
         return f"local:{self._root}"
+
+    def name(self) -> str:
+        return "local"
 
     def ping(self) -> None:
         if not (
             self._objects.is_dir() and os.access(self._objects, os.W_OK) and os.access(self._tmp, os.W_OK)
         ):
-            raise StoreUnavailable(f"{self.describe()} is missing or not writable")
+            raise StoreUnavailable("the local store's directory is missing or not writable")
 
     # -- writes -------------------------------------------------------------------------------------
 
@@ -328,10 +335,10 @@ class LocalStore(ObjectStore):
         try:
             fh = open(path, "rb")
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
-            raise ObjectNotFound(f"object {key!r} not found in {self.describe()}") from exc
+            raise ObjectNotFound(f"object {key!r} not found in the store") from exc
         if not stat_mode.S_ISREG(os.fstat(fh.fileno()).st_mode):
             fh.close()
-            raise ObjectNotFound(f"object {key!r} not found in {self.describe()}")
+            raise ObjectNotFound(f"object {key!r} not found in the store")
         return fh
 
     @staticmethod
@@ -399,7 +406,7 @@ class LocalStore(ObjectStore):
                     os.replace(staged, path)
                 except (FileExistsError, NotADirectoryError, IsADirectoryError) as exc:
                     raise InvalidKey(
-                        f"object key {key!r} clashes with an existing object or prefix in {self.describe()}"
+                        f"object key {key!r} clashes with an existing object or prefix in the store"
                     ) from exc
                 os.replace(meta_name, meta)
                 leftovers.clear()

@@ -20,6 +20,26 @@ def tiny_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_backbone_settings(tiny_root):
+    """The service settings of the tiny random backbone the test servers load."""
+    from service.settings import BackboneSettings
+    from tests.models import tiny_backbone_config
+
+    config = tiny_backbone_config(tiny_root)
+    return BackboneSettings(question_encoder=config.question_encoder, passage_encoder=config.passage_encoder,
+                            generator=config.generator, cache_dir=config.cache_dir, dtype="float32",
+                            max_passage_tokens=48, max_answer_tokens=12)
+
+
+@pytest.fixture(scope="session")
+def direct_backbone(tiny_backbone_settings):
+    """A backbone of exactly the configuration the test servers load (answers must match it)."""
+    from backbone import Backbone
+
+    return Backbone.load(tiny_backbone_settings.config())
+
+
+@pytest.fixture(scope="session")
 def embedded_backbone():
     """The embedded default backbone, loaded once per session (converted GGUF cached across runs)."""
     from backbone import Backbone, embedded_default_config

@@ -9,11 +9,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from anyio import to_thread
-from litestar import Request, Response, get, post
+from litestar import Request, Response, delete, get, post
 from litestar.datastructures import UploadFile
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from adapters.errors import InvalidQaSet
 from adapters.qa import QaExample, QaSets, parse_qa_jsonl
@@ -22,11 +22,12 @@ from storage import InvalidKey
 from storage.store import check_key
 
 from ..auth import admin_guard
-from ..errors import InvalidPassages, InvalidRequest
+from ..errors import DomainInUse, InvalidPassages, InvalidRequest
 from ..problems import ProblemOperation, problem_responses
 from ..runtime import Runtime
-from ..schemas import (CreateDomainRequest, CreateDomainResponse, DomainInfo, JobInfo, PromoteRequest,
-                       Retrieval, RollbackRequest)
+from ..gc import GcReport, collect, sweep_scratch
+from ..schemas import (DOMAIN_PATTERN, CreateDomainRequest, CreateDomainResponse, DomainInfo, DomainName,
+                       GcRequest, JobInfo, PromoteRequest, RebuildRequest, Retrieval, RollbackRequest)
 from .domains import describe
 
 PASSAGES_FILE = "passages.jsonl"
@@ -57,7 +58,7 @@ _MULTIPART_SCHEMA = {
     "type": "object",
     "required": ["name", "passages"],
     "properties": {
-        "name": {"type": "string"},
+        "name": {"type": "string", "pattern": DOMAIN_PATTERN},
         "description": {"type": "string"},
         "retrieval": {"type": "string", "enum": ["dense", "bm25", "hybrid"]},
         "passages": {"type": "string", "format": "binary", "description": "JSONL: id, title, text per line"},
@@ -81,7 +82,7 @@ class _CreateDomainOperation(ProblemOperation):
 class _DomainFields(BaseModel):
     """The non-file fields of a multipart domain upload, validated like the JSON body."""
 
-    name: str = Field(min_length=1, max_length=63)
+    name: DomainName
     description: str = ""
     retrieval: Retrieval | None = None
 
@@ -94,9 +95,11 @@ def create_domain_handler(max_upload_bytes: int):
           tags=["admin"], operation_id="createDomain", summary="Create a domain and build its index")
     async def create_domain(request: Request,
                             runtime: NamedDependency[Runtime]) -> Response[CreateDomainResponse]:
-        """Ingestion and the first index build run as a background job (`GET /admin/jobs/{id}`)."""
-        loaded = runtime.serving()
-        job_id, input_dir = loaded.jobs.input_dir()
+        """Ingestion and the first index build run as a background job (`GET /admin/jobs/{id}`). The passages
+        go to the store first, then the domain is created naming its job, so a server that stops midway leaves
+        a domain that says why it has no index (and can be rebuilt or deleted), never one stuck building."""
+        jobs = runtime.serving().jobs
+        job_id, input_dir = jobs.new_input()
         try:
             fields = await _read_body(request, runtime, input_dir)
             passages = input_dir / PASSAGES_FILE
@@ -104,19 +107,25 @@ def create_domain_handler(max_upload_bytes: int):
             qa = await to_thread.run_sync(_read_qa, input_dir / QA_FILE)
             retrieval = fields.retrieval or "dense"
 
-            def create():
-                record = runtime.registry.create_domain(fields.name, fields.description,
-                                                        settings={"retrieval": retrieval})
+            def create() -> JobInfo:
+                key = jobs.store_input(job_id, passages)
+                try:
+                    record = runtime.registry.create_domain(
+                        fields.name, fields.description, settings={"retrieval": retrieval}, build_job=job_id)
+                except BaseException:
+                    jobs.discard_input(job_id)
+                    raise
                 if qa:
                     QaSets(runtime.store).publish(record.name, qa, source="POST /admin/domains")
-                return record
+                return jobs.create(job_id, "ingest", record.name, input=key,
+                                   index=IndexConfig(retrieval=retrieval))
 
-            record = await to_thread.run_sync(create)
-            job = loaded.jobs.ingest(job_id, record.name, passages, IndexConfig(retrieval=retrieval))
+            job = await to_thread.run_sync(create)
         except BaseException:
             shutil.rmtree(input_dir, ignore_errors=True)
             raise
-        return Response(CreateDomainResponse(job=job, domain=record.name), status_code=202)
+        (input_dir / QA_FILE).unlink(missing_ok=True)  # the passages stay for the job, if it starts here
+        return Response(CreateDomainResponse(job=job, domain=fields.name), status_code=202)
 
     return create_domain
 
@@ -183,8 +192,7 @@ def _fetch_uri(runtime: Runtime, uri: str, target: Path) -> None:
     if uri.startswith("s3://"):
         parts = urlsplit(uri)
         if config.backend != "s3" or parts.netloc != config.bucket:
-            raise InvalidRequest(f"passages_uri {uri} is not in this server's store "
-                                 f"({runtime.store.describe()})")
+            raise InvalidRequest(f"passages_uri {uri} is not in this server's store ({runtime.store.name()})")
         key = parts.path.lstrip("/")
     try:
         check_key(key)
@@ -204,13 +212,15 @@ def _read_qa(path: Path) -> list[QaExample]:
 
 
 def _check_passages(path: Path) -> None:
-    """Read and chunk the corpus once before anything is created, so a bad line is a 422 with its number."""
+    """Read and chunk the corpus once before anything is created, so a bad line is a 422 with its number.
+    The detail names the line, never where the server keeps the upload."""
     try:
         load_corpus(path)
     except MalformedPassages as exc:
-        raise InvalidPassages(str(exc), line=exc.line) from None
-    except EmptyCorpus as exc:
-        raise InvalidPassages(str(exc)) from None
+        where = f"line {exc.line}: " if exc.line is not None else ""
+        raise InvalidPassages(f"passages {where}{exc.reason}", line=exc.line) from None
+    except EmptyCorpus:
+        raise InvalidPassages("the passages hold no passage text") from None
 
 
 # --- jobs, promotion, rollback ------------------------------------------------------------------------------
@@ -220,7 +230,43 @@ def _check_passages(path: Path) -> None:
      summary="Follow a background job",
      operation_class=ProblemOperation, responses=problem_responses(401, 404, 503))
 async def get_job(job_id: FromPath[str], runtime: NamedDependency[Runtime]) -> JobInfo:
-    return runtime.serving().jobs.get(job_id)
+    return await to_thread.run_sync(runtime.serving().jobs.get, job_id)
+
+
+@post("/admin/domains/{name:str}/rebuild", status_code=202, guards=[admin_guard], tags=["admin"],
+      operation_id="rebuildDomain", summary="Build a domain's index again", operation_class=ProblemOperation,
+      responses=problem_responses(401, 404, 409, 413, 422, 503))
+async def rebuild(name: FromPath[str], runtime: NamedDependency[Runtime],
+                  data: JSONBody[RebuildRequest | None] = None) -> Response[JobInfo]:
+    """From the live passages with the live adapter's passage encoder; a domain whose first build failed is
+    built from the passages it was created with. `409 build_in_progress` while a job builds it."""
+    job = await to_thread.run_sync(runtime.serving().jobs.rebuild, name)
+    return Response(job, status_code=202)
+
+
+@delete("/admin/domains/{name:str}", status_code=204, guards=[admin_guard], tags=["admin"],
+        operation_id="deleteDomain", summary="Delete a domain and all its versions",
+        operation_class=ProblemOperation, responses=problem_responses(401, 404, 409, 422, 503))
+async def delete_domain(name: FromPath[str], runtime: NamedDependency[Runtime]) -> None:
+    """Refused (`409 domain_in_use`) while an adaptation run of the domain is queued or running, or another
+    server builds its index; a build running here is cancelled. Its live pointer goes first (nothing serves
+    it from then on), then its versions, then its record: deleting again finishes an interrupted deletion."""
+    loaded = runtime.serving()
+
+    def remove() -> None:
+        runtime.registry.get_domain(name, deleting=True)  # 404 for no domain; a deletion under way goes on
+        using = [run for run in runtime.runs.list(name) if not run.state.finished]
+        if using:
+            raise DomainInUse(f"run {using[0].id} of domain {name!r} is {using[0].state.value}; cancel it "
+                              "first (POST /admin/runs/{id}/cancel)")
+        elsewhere = loaded.jobs.cancel(name)
+        if elsewhere:
+            raise DomainInUse(f"job {elsewhere[0].id} is building domain {name!r} on another server")
+        runtime.registry.delete_domain(name)
+        loaded.catalog.forget(name)
+
+    await to_thread.run_sync(remove)
+
 
 
 @post("/admin/domains/{name:str}/promote", status_code=200, guards=[admin_guard], tags=["admin"],
@@ -243,3 +289,25 @@ async def rollback(name: FromPath[str], runtime: NamedDependency[Runtime],
     loaded = runtime.serving()
     await to_thread.run_sync(loaded.catalog.rollback, name, data.expected_etag if data is not None else None)
     return await to_thread.run_sync(describe, runtime, name)
+
+
+@post("/admin/gc", status_code=200, guards=[admin_guard], tags=["admin"], operation_id="collectGarbage",
+      summary="Delete old versions and what faults left behind (a dry run by default)",
+      operation_class=ProblemOperation, responses=problem_responses(401, 404, 413, 422, 503))
+async def gc(runtime: NamedDependency[Runtime], data: JSONBody[GcRequest | None] = None) -> GcReport:
+    """Keeps per domain the newest `keep_last` versions of each kind, the live and pinned ones, what they need
+    and what queued runs start from; see `service.gc`. With `domains`, only those domains' versions."""
+    request = data or GcRequest()
+    loaded = runtime.serving()
+
+    def run() -> GcReport:
+        report = collect(runtime.store, keep_last=request.keep_last, dry_run=request.dry_run,
+                         domains=request.domains)
+        if request.domains is None:
+            job_dirs, jobs_use = loaded.jobs.scratch()
+            worker_dirs, workers_use = runtime.runs.scratch()
+            report.scratch = sweep_scratch(runtime.settings.data_dir, [*job_dirs, *worker_dirs],
+                                           jobs_use | workers_use, request.dry_run)
+        return report
+
+    return await to_thread.run_sync(run)

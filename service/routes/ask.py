@@ -12,8 +12,6 @@ from litestar import post
 from litestar.di import NamedDependency
 from litestar.params import JSONBody, QueryParameter
 
-from indexing import IndexNotReady
-
 from ..auth import api_key_guard
 from ..errors import RequestTimeout
 from ..problems import ProblemOperation, problem_responses
@@ -41,14 +39,14 @@ async def ask(data: JSONBody[AskRequest], runtime: NamedDependency[Runtime],
         serving = loaded.catalog.find(domain) or await to_thread.run_sync(loaded.catalog.lookup, domain)
         if serving.error is not None:  # why this domain cannot be served, kept until a refresh fixes it
             raise serving.error.with_traceback(None)
-        if serving.index is None:
-            raise IndexNotReady(f"domain {domain!r} has no index yet; its first build may still be running")
+        if serving.index is None:  # its first build is under way (503) or failed (409), as its job says
+            raise await to_thread.run_sync(loaded.jobs.not_ready, domain)
         adapter = (domain, serving.adapter_version) if serving.adapter_version is not None else None
         loop = asyncio.get_running_loop()
         job = AskJob(question=data.question, domain=domain, adapter=adapter, index=serving.index,
                      top_k=data.top_k, max_new_tokens=data.max_new_tokens,
                      retrieval=data.retrieval or serving.default_retrieval, loop=loop,
-                     future=loop.create_future(), admitted=started)
+                     future=loop.create_future(), admitted=started, deadline=deadline)
         if adapter is not None:
             weights = loaded.cache.acquire(*adapter)  # the lease passes to the worker with the job
             try:

@@ -48,8 +48,10 @@ def tiny_backbone(tiny_config) -> Backbone:
     return Backbone.load(tiny_config)
 
 
-def make_domain(root: Path, config: BackboneConfig, backbone: Backbone, name: str = "toy") -> Domain:
-    store = LocalStore(root / "store")
+def make_domain(root: Path, config: BackboneConfig, backbone: Backbone, name: str = "toy",
+                store: ObjectStore | None = None) -> Domain:
+    """The domain on `store` (default: a LocalStore under `root`)."""
+    store = store if store is not None else LocalStore(root / "store")
     records = [
         {
             "id": f"{title.lower()}-{i}",
@@ -69,3 +71,12 @@ def make_domain(root: Path, config: BackboneConfig, backbone: Backbone, name: st
 @pytest.fixture
 def domain(tmp_path, tiny_config, tiny_backbone) -> Domain:
     return make_domain(tmp_path, tiny_config, tiny_backbone)
+
+
+def events_of(manager, run_id: str) -> list[dict]:
+    """Every event of a RunManager's run, page after page."""
+    found, after, more = [], 0, True
+    while more:
+        page, after, more = manager.events(run_id, after)
+        found += page
+    return found

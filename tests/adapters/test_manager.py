@@ -14,7 +14,7 @@ from adapters.registry import AdapterRegistry
 from adapters.runs import RunInfo, RunRequest, RunState, RunStore
 from adapters.worker import RunManager
 from storage import ArtifactKind, DomainRegistry
-from tests.adapters.conftest import make_domain
+from tests.adapters.conftest import events_of, make_domain
 
 TIMEOUT = 300
 # Small and quick on the tiny models: one example a step, two passages, four-token answers.
@@ -42,10 +42,6 @@ def wait(manager: RunManager, run_id: str, until, what: str) -> RunInfo:
 
 def finished(info: RunInfo) -> bool:
     return info.state.finished
-
-
-def events_of(manager: RunManager, run_id: str) -> list[dict]:
-    return manager.events(run_id)[0]
 
 
 def wait_for_switch(manager: RunManager, run_id: str) -> int:
@@ -188,3 +184,40 @@ def test_a_killed_worker_is_replaced_and_its_run_resumes_from_the_checkpoint(man
     after = [e["step"] for e in events if e["kind"] == "step" and e["seq"] > resumed["seq"]]
     assert after == list(range(resumed["resumed_from"] + 1, 61))
     assert runs.get(info.id).crashes == 1
+
+
+def test_checkpoints_are_adapter_versions_and_runs_carry_metadata_and_an_estimated_finish(
+    manager, shared_domain
+):
+    labels = {"team": "search", "ticket": "RAG-42"}
+    run = request(steps=40, checkpoint_every=10)
+    info = manager.submit(run.model_copy(update={"mode": "generator_only", "metadata": labels}))
+    assert info.metadata == labels and info.estimated_finish is None
+    midway = wait(manager, info.id, lambda i: 5 <= i.step < 40 and i.estimated_finish is not None, "a pace")
+    assert midway.estimated_finish > midway.created_at
+    done = wait(manager, info.id, finished, "the run to finish")
+    assert done.state == RunState.SUCCEEDED, done.error
+    assert done.metadata == labels and manager.list("toy")[0].metadata == labels
+
+    checkpoints = manager.checkpoints(info.id)
+    assert [c["step"] for c in checkpoints] == [30, 20, 10]  # the 40th is the run's own adapter version
+    adapters = AdapterRegistry(shared_domain.store)
+    start_index = DomainRegistry(shared_domain.store).live("toy").index_version
+    for checkpoint in checkpoints:
+        manifest = adapters.get("toy", checkpoint["adapter_version"])
+        assert manifest.metadata["run_id"] == info.id
+        assert manifest.metadata["checkpoint_step"] == checkpoint["step"]
+        assert manifest.metadata["index_version"] == start_index and checkpoint["metrics"]["loss"] > 0
+    assert done.adapter_version not in {c["adapter_version"] for c in checkpoints}
+    events = events_of(manager, info.id)
+    assert [e["adapter_version"] for e in events if e["kind"] == "checkpoint"][:3] == [
+        c["adapter_version"] for c in reversed(checkpoints)]
+
+    # Events come in pages that chain through `next`, none lost or repeated.
+    pages, after, more = [], 0, True
+    while more:
+        page, after, more = manager.events(info.id, after, limit=7)
+        assert len(page) <= 7 and (not more or len(page) == 7)
+        pages.append(page)
+    assert [e["seq"] for page in pages for e in page] == [e["seq"] for e in events] == list(
+        range(1, len(events) + 1))

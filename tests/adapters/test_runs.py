@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import threading
+from datetime import timedelta
 
 import pytest
 from pydantic import ValidationError
 
 from adapters.errors import DomainNotFound, InvalidRun, RunFinished
-from adapters.runs import EVENTS_PER_PAGE, RunRequest, RunState, RunStore
-from adapters.worker import RunManager, queue_run
+from adapters.runs import EVENTS_PER_PAGE, RunRequest, RunState, RunStore, now, prepare
+from adapters.worker import RunManager, claim_next, queue_run
+from storage import new_version_id
 
 
 def request(**body) -> RunRequest:
@@ -32,8 +34,6 @@ def test_unknown_domain_is_404_before_anything_is_stored(domain):
 @pytest.mark.parametrize(
     ("body", "why"),
     [
-        ({"train": {"examples": [{"question": "what is it", "answers": []}]}}, "answers"),
-        ({"train": {"examples": [{"question": "  ", "answers": ["x"]}]}}, "question"),
         ({"train": {"split": "nosuch"}}, "no training examples"),
         ({"train": {"uri": "uploads/missing.jsonl"}}, "names no object"),
         ({"mode": "generator_only", "hyperparameters": {"index_refresh_every": 10}}, "nothing to re-index"),
@@ -63,6 +63,13 @@ def test_shape_errors_fail_while_parsing_the_request():
         request(train={"split": "train", "uri": "x"})
     with pytest.raises(ValidationError):
         request(hyperparameters={"learning_rate": 1e-4})  # unknown fields are errors, not ignored
+    with pytest.raises(ValidationError, match="answers"):
+        request(train={"examples": [{"question": "what is it", "answers": []}]})
+    with pytest.raises(ValidationError, match="question"):
+        request(train={"examples": [{"question": "  ", "answers": ["x"]}]})
+    with pytest.raises(ValidationError, match="steps"):
+        request(hyperparameters={"steps": "10"})  # a value of another JSON type is not converted
+    assert request(hyperparameters={"steps": 10.0}).hyperparameters.steps == 10  # an integral number
 
 
 def test_a_valid_run_is_queued_with_frozen_inputs_and_its_steps_counted(domain):
@@ -80,6 +87,28 @@ def test_a_valid_run_is_queued_with_frozen_inputs_and_its_steps_counted(domain):
     assert record.request.train.uri == f"runs/{record.id}/inputs/train.jsonl"
     events, last = runs.events(record.id)
     assert [e["state"] for e in events] == ["validating", "queued"] and last == 2
+
+
+def test_a_submit_interrupted_after_its_queue_marker_is_taken_by_a_worker(domain):
+    """A submit writes the record (validating), the inputs, the queue marker, then the state queued. A crash
+    before the last write leaves a validating run with a marker; once older than a submit takes, it is run."""
+    runs = RunStore(domain.store)
+
+    def interrupted_submit(age: timedelta) -> str:
+        prepared = prepare(domain.store, request(), new_version_id())
+        record = runs.create(prepared.record.model_copy(update={"created_at": now() - age}))
+        for name, data in prepared.inputs.items():
+            runs.put_input(record.id, name, data)
+        runs.enqueue(record.id)
+        return record.id
+
+    stale, fresh = interrupted_submit(timedelta(minutes=5)), interrupted_submit(timedelta(0))
+    claimed = claim_next(runs, "test-worker", lease_s=30, max_crashes=2)
+    assert claimed is not None and claimed.id == stale and claimed.state == RunState.RUNNING
+    assert claim_next(runs, "test-worker", lease_s=30, max_crashes=2) is None  # a submit still under way
+    assert runs.get(fresh).state == RunState.VALIDATING
+    events, _ = runs.events(stale)
+    assert [e["state"] for e in events if e["kind"] == "state"] == ["queued", "running"]
 
 
 def test_cancelling_a_queued_run_ends_it_at_once_and_twice_is_409(domain, tiny_config, tmp_path):

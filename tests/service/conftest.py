@@ -4,25 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from backbone import Backbone
-from service.settings import BackboneSettings, Settings, StoreSettings
+from service.settings import Settings, StoreSettings
 from storage import ObjectStore, open_store
-from tests.models import tiny_backbone_config
 from tests.service.support import ADMIN_TOKEN, Direct
-
-
-@pytest.fixture(scope="session")
-def tiny_backbone_settings(tiny_root) -> BackboneSettings:
-    config = tiny_backbone_config(tiny_root)
-    return BackboneSettings(question_encoder=config.question_encoder, passage_encoder=config.passage_encoder,
-                            generator=config.generator, cache_dir=config.cache_dir, dtype="float32",
-                            max_passage_tokens=48, max_answer_tokens=12)
-
-
-@pytest.fixture(scope="session")
-def direct_backbone(tiny_backbone_settings) -> Backbone:
-    """A backbone of exactly the configuration the test servers load (answers must match it)."""
-    return Backbone.load(tiny_backbone_settings.config())
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -3,6 +3,10 @@ store, and answers computed by calling the backbone directly (what the service m
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -143,3 +147,73 @@ class Direct:
         hits = handle.search(query, [question], k=top_k, mode="dense")[0]
         return self.backbone.answer([question], [[h.passage for h in hits]], [[h.score for h in hits]], [key],
                                     max_new_tokens=max_new_tokens)[0].text
+
+
+class ServerProcess:
+    """`ragadapt serve` in a process of its own (so a test can kill it), configured through RAGADAPT_*
+    variables as an operator would; `settings` gives the tiny backbone, data directory and store."""
+
+    def __init__(self, settings: Settings, log: Path, **env: str):
+        self.settings = settings
+        self.log = log
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        backbone, store = settings.backbone, settings.store
+        self.env = {
+            **os.environ,
+            "RAGADAPT_DATA_DIR": str(settings.data_dir), "RAGADAPT_SERVER__HOST": "127.0.0.1",
+            "RAGADAPT_SERVER__PORT": str(self.port), "RAGADAPT_SERVER__ADMIN_TOKEN": ADMIN_TOKEN,
+            "RAGADAPT_SERVER__POLL_INTERVAL_S": "0.5", "RAGADAPT_DEMO__ENABLED": "false",
+            "RAGADAPT_RUNS__MAX_CONCURRENT": "0",
+            "RAGADAPT_BACKBONE__QUESTION_ENCODER": backbone.question_encoder,
+            "RAGADAPT_BACKBONE__PASSAGE_ENCODER": backbone.passage_encoder,
+            "RAGADAPT_BACKBONE__GENERATOR": backbone.generator,
+            "RAGADAPT_BACKBONE__CACHE_DIR": str(backbone.cache_dir),
+            "RAGADAPT_BACKBONE__DTYPE": backbone.dtype,
+            "RAGADAPT_BACKBONE__MAX_PASSAGE_TOKENS": str(backbone.max_passage_tokens),
+            "RAGADAPT_BACKBONE__MAX_ANSWER_TOKENS": str(backbone.max_answer_tokens),
+            "RAGADAPT_STORE__BACKEND": store.backend,
+            **({"RAGADAPT_STORE__ROOT": str(store.root)} if store.root else {}),
+            **env,
+        }
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 120.0) -> None:
+        with self.log.open("a") as out:
+            self.process = subprocess.Popen([str(Path(sys.executable).parent / "ragadapt"), "serve"],
+                                            env=self.env, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ragadapt serve exited with {self.process.returncode}:\n"
+                                   f"{self.log.read_text()[-4000:]}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"not ready after {timeout}s:\n{self.log.read_text()[-4000:]}")
+            time.sleep(0.1)
+
+    def kill(self) -> None:
+        """SIGKILL: what an OOM kill or a power cut looks like (child processes are left running)."""
+        self.process.kill()
+        self.process.wait(30)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60.0)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

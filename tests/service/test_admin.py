@@ -59,20 +59,25 @@ def test_upload_ingest_adapt_and_serve_the_promoted_adapter(store_settings, make
 
         run = client.post("/admin/adapt", headers=ADMIN, json={
             "domain": "toy", "mode": "generator_only", "promote": "always", "evaluation": None,
-            "hyperparameters": {"steps": 2, "batch_size": 2, "top_k": 2, "lr": 0.01}})
+            "metadata": {"purpose": "test"},
+            "hyperparameters": {"steps": 2, "batch_size": 2, "top_k": 2, "lr": 0.01, "checkpoint_every": 1}})
         assert run.status_code == 202, run.text
         run_id = run.json()["id"]
-        assert run.json()["state"] == "queued"
+        assert run.json()["state"] == "queued" and run.json()["metadata"] == {"purpose": "test"}
         assert run_id in [r["id"] for r in client.get("/admin/runs", headers=ADMIN).json()["runs"]]
 
         run = _until(client, f"/admin/runs/{run_id}",
                      lambda r: r["state"] in ("succeeded", "failed", "cancelled"))
         assert run["state"] == "succeeded" and run["promoted"], run
-        events = client.get(f"/admin/runs/{run_id}/events", headers=ADMIN, params={"after": 0}).json()
-        assert events["events"] and events["next"] == events["events"][-1]["seq"]
+        first = client.get(f"/admin/runs/{run_id}/events", headers=ADMIN, params={"limit": 2}).json()
+        assert len(first["events"]) == 2 and first["has_more"] and first["next"] == 2
+        events = client.get(f"/admin/runs/{run_id}/events", headers=ADMIN, params={"after": 2}).json()
+        assert events["events"][0]["seq"] == 3 and events["next"] == events["events"][-1]["seq"]
         later = client.get(f"/admin/runs/{run_id}/events", headers=ADMIN,
                            params={"after": events["next"]}).json()
-        assert later == {"events": [], "next": events["next"]}
+        assert later == {"events": [], "next": events["next"], "has_more": False}
+        checkpoints = client.get(f"/admin/runs/{run_id}/checkpoints", headers=ADMIN).json()["checkpoints"]
+        assert [c["step"] for c in checkpoints] == [1] and checkpoints[0]["adapter_version"]
         finished = client.post(f"/admin/runs/{run_id}/cancel", headers=ADMIN)
         assert finished.status_code == 409 and finished.json()["code"] == "run_finished"
 
@@ -86,6 +91,13 @@ def test_upload_ingest_adapt_and_serve_the_promoted_adapter(store_settings, make
             assert time.monotonic() < deadline, "the promoted adapter never came into service"
             time.sleep(0.3)
         assert client.get("/domains/toy").json()["last_run"]["id"] == run_id
+
+        # A checkpoint is an adapter version like any other: it can be promoted, and then it answers.
+        promoted = client.post("/admin/domains/toy/promote", headers=ADMIN,
+                               json={"version": checkpoints[0]["adapter_version"]})
+        assert promoted.status_code == 200, promoted.text
+        answer = client.post("/ask?domain=toy", json=ASK).json()
+        assert answer["adapter_version"] == checkpoints[0]["adapter_version"]
 
         unknown = client.post("/admin/adapt", headers=ADMIN, json={"domain": "nosuch"})
         assert unknown.status_code == 404 and unknown.json()["code"] == "domain_not_found"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -13,6 +14,7 @@ from backbone import Backbone
 from indexing.versions import IndexVersions
 from service.adapter_cache import AdapterCache
 from service.metrics import Metrics
+from service.errors import Overloaded
 from service.worker import AskJob, ModelWorker
 from storage import DomainRegistry, LocalStore
 from tests.service.support import QUESTIONS, ingest_domain, publish_adapter
@@ -57,13 +59,13 @@ def _run(worker: ModelWorker, cache: AdapterCache, rows: list[tuple[str, str | N
     return asyncio.run(main())
 
 
-def _worker(setup, *, hot_slots: int, max_batch_rows: int, batch_wait_s: float):
+def _worker(setup, *, hot_slots: int, max_batch_rows: int, batch_wait_s: float, queue_size: int = 16):
     """A model worker over the setup's backbone with a fresh adapter cache and metrics (not started)."""
     store, backbone, _, _, loader, tmp_path = setup
     metrics = Metrics()
     cache = AdapterCache(backbone, AdapterRegistry(store), tmp_path, loader, hot_slots=hot_slots,
                          warm_bytes=1 << 30, metrics=metrics)
-    worker = ModelWorker(backbone, cache, metrics, queue_size=16, max_batch_rows=max_batch_rows,
+    worker = ModelWorker(backbone, cache, metrics, queue_size=queue_size, max_batch_rows=max_batch_rows,
                          batch_wait_s=batch_wait_s)
     return worker, cache, metrics
 
@@ -194,6 +196,46 @@ def test_a_question_that_fails_to_start_leaves_those_in_flight_unharmed(setup, m
                                 max_new_tokens=200)[0]
     assert answered.answer.text == alone.text  # the failure beside it changed nothing
     assert later.answer.text  # and the worker still answers
+
+
+def test_requests_nobody_waits_for_give_their_queue_places_to_new_ones(setup):
+    """A full queue first drops the entries whose clients already got 504 (or whose time is up), instead of
+    refusing new requests until the worker reaches them."""
+    _, backbone, versions, handles, _, _ = setup
+    worker, cache, metrics = _worker(setup, hot_slots=2, max_batch_rows=1, batch_wait_s=0.0, queue_size=2)
+    alpha = ("alpha", versions["alpha"])
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        long = _job(loop, handles, QUESTIONS[0], "alpha", None, 600)
+        worker.submit(long)
+        while not long.generating_since:
+            await asyncio.sleep(0.001)
+        await asyncio.wrap_future(cache.acquire(*alpha))  # its lease passes to the worker with the job
+        gave_up = _job(loop, handles, QUESTIONS[1], "alpha", alpha, 3)
+        expired = _job(loop, handles, QUESTIONS[2], "alpha", None, 3)
+        worker.submit(gave_up)
+        worker.submit(expired)
+        with pytest.raises(Overloaded):
+            worker.submit(_job(loop, handles, QUESTIONS[3], "alpha", None, 3))
+        gave_up.cancelled = True  # what the HTTP layer does when it answers 504
+        expired.deadline = time.perf_counter()  # its 504 is due now
+        fresh = _job(loop, handles, QUESTIONS[4], "alpha", None, 3)
+        worker.submit(fresh)
+        assert worker.depth == 1
+        with pytest.raises(TimeoutError):
+            await expired.future
+        long.cancelled = True
+        return await fresh.future
+
+    saved, backbone.generator.eos_ids = backbone.generator.eos_ids, []  # rows end at their token budget only
+    worker.start()
+    try:
+        answered = asyncio.run(main())
+    finally:
+        worker.stop()
+        backbone.generator.eos_ids = saved
+    assert answered.hits and answered.timings["generate"] > 0  # the new request was answered
 
 
 @pytest.mark.parametrize("retrieval", ["hybrid", "bm25"])

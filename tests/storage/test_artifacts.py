@@ -35,7 +35,7 @@ def test_version_ids_sort_by_time():
     early = new_version_id(datetime(2026, 11, 21, 21, 15, 0, tzinfo=UTC))
     late = new_version_id(datetime(2026, 11, 21, 21, 15, 1, tzinfo=UTC))
 
-    assert early.startswith("20261121T211500Z-") and VERSION_ID.match(early)
+    assert early.startswith("20261121T211500Z-") and VERSION_ID.fullmatch(early)
     assert early < late
 
 

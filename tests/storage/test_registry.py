@@ -58,10 +58,11 @@ def test_domains_are_created_once_listed_and_read_back(registry):
         registry.get_domain("tax")
 
 
-@pytest.mark.parametrize("name", ["", "Law", "-law", "la w", "../law", "a" * 64, "law/x"])
+@pytest.mark.parametrize("name", ["", "Law", "-law", "la w", "../law", "a" * 64, "law/x", "law\n", "law\n\n"])
 def test_invalid_domain_names_are_refused(registry, name):
     with pytest.raises(InvalidDomainName):
         registry.create_domain(name)
+    assert registry.list_domains() == []
 
 
 def test_key_layout_is_the_documented_one(registry, law, payload):
@@ -116,6 +117,10 @@ def test_promote_refuses_versions_that_do_not_exist(registry, law, payload):
         registry.promote(law, adapter, index_version="20990101T000000Z-abcdef")
     with pytest.raises(VersionNotFound):
         registry.promote(law, index)  # an index version is not an adapter version
+    with pytest.raises(VersionNotFound):
+        registry.promote(law, adapter + "\n")  # an id is matched whole, a trailing newline included
+    with pytest.raises(DomainNotFound):
+        registry.promote("nosuch", adapter)  # the domain is what is missing, not the version
     assert registry.live(law).adapter_version is None
 
 
@@ -243,6 +248,31 @@ def test_gc_keeps_recent_live_and_pinned_versions(registry, law, payload):
     registry.unpin(law, adapters[1])
     assert registry.gc(law, keep_last=2) == [f"adapters/{adapters[1]}"]
     assert registry.gc(law, keep_last=2) == []
+
+
+def test_gc_keeps_what_kept_versions_need_and_a_dry_run_deletes_nothing(registry, law, payload):
+    passages = [_publish(registry, payload, ArtifactKind.PASSAGES) for _ in range(3)]
+    indexes = [registry.publish(law, ArtifactKind.INDEXES, {"x.bin": payload},
+                                {"passages_version": passages[0]}).version]
+    indexes += [_publish(registry, payload, ArtifactKind.INDEXES) for _ in range(2)]
+    adapters = [registry.publish(law, ArtifactKind.ADAPTERS, {"x.bin": payload},
+                                 {"index_version": indexes[0]}).version]
+    adapters += [_publish(registry, payload, ArtifactKind.ADAPTERS) for _ in range(2)]
+    protected = _publish(registry, payload, ArtifactKind.ADAPTERS)
+    adapters.append(_publish(registry, payload, ArtifactKind.ADAPTERS))
+    registry.promote(law, adapters[0])  # its index, and that index's passages, are live now
+    registry.set_live(law, index_version=indexes[2], expected_etag=registry.live(law).etag)
+
+    planned = registry.gc(law, keep_last=1, protect=[protected], dry_run=True)
+    assert sorted(planned) == sorted([f"adapters/{adapters[1]}", f"adapters/{adapters[2]}",
+                                      f"indexes/{indexes[1]}", f"passages/{passages[1]}"])
+    assert len(registry.list_versions(law, ArtifactKind.ADAPTERS)) == 5  # a dry run deletes nothing
+    assert registry.gc(law, keep_last=1, protect=[protected]) == planned
+    assert [m.version for m in registry.list_versions(law, ArtifactKind.ADAPTERS)] == [
+        adapters[0], protected, adapters[3]]
+    assert [m.version for m in registry.list_versions(law, ArtifactKind.INDEXES)] == [indexes[0], indexes[2]]
+    registry.rollback(law)  # back to adapters[0] with the index it names: both still there
+    assert registry.live(law).index_version == indexes[0]
 
 
 def test_rollback_to_a_collected_version_says_so(registry, law, payload):

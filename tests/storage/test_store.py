@@ -195,8 +195,12 @@ def test_ping_and_describe(store, tmp_path):
     store.ping()
     if isinstance(store, LocalStore):
         assert store.describe() == f"local:{tmp_path / 'store'}"
+        assert store.name() == "local"  # what clients see: no server path
+        with pytest.raises(ObjectNotFound) as caught:
+            store.get_bytes("missing")
+        assert str(tmp_path) not in str(caught.value)
     else:
-        assert store.describe().startswith("s3://test-")
+        assert store.describe().startswith("s3://test-") and store.name() == store.describe()
 
 
 def test_local_store_recomputes_the_etag_of_a_file_changed_behind_its_back(tmp_path):

@@ -17,7 +17,9 @@ from ragadapt_client.config import ClientConfig
 from ragadapt_client.endpoints import Call, Records
 from ragadapt_client.models import (
     Answer,
+    Checkpoint,
     DomainInfo,
+    GcReport,
     Health,
     Hyperparameters,
     JobInfo,
@@ -89,6 +91,12 @@ class AsyncClient:
         """Readiness: backbone loaded and store reachable; raises ``ServiceUnavailableError`` otherwise."""
         return await self._send(endpoints.ready())
 
+    async def gc(self, *, apply: bool = False, keep_last: int | None = None,
+           domains: Iterable[str] | None = None) -> GcReport:
+        """Old versions (beyond the newest ``keep_last`` of each kind per domain, live and pinned ones kept)
+        and what faults left behind: what would go, or with ``apply`` what went. Admin token."""
+        return await self._send(endpoints.gc(apply, keep_last, domains))
+
     async def close(self) -> None:
         await self._http.aclose()
 
@@ -155,6 +163,16 @@ class AsyncDomains:
         """Return the domain to its previous live state (conditionally, like ``promote``)."""
         return await self._client._send(endpoints.rollback(name, expected_etag))
 
+    async def rebuild(self, name: str) -> AsyncJob:
+        """Build the domain's index again (from its live passages, or from the passages of a first build that
+        failed); ``.wait()`` on the returned job. ``ConflictError`` (build_in_progress) while one runs."""
+        return AsyncJob(self._client, await self._client._send(endpoints.rebuild_domain(name)))
+
+    async def delete(self, name: str) -> None:
+        """Delete the domain and every version of it. ``ConflictError`` (domain_in_use) while a run of it is
+        queued or running; deleting again finishes a deletion that was interrupted."""
+        await self._client._send(endpoints.delete_domain(name))
+
 
 class AsyncJobs:
     """Background jobs (ingest, rebuild)."""
@@ -190,15 +208,17 @@ class AsyncRuns:
         synthetic: Mapping[str, Any] | bool = True,
         use_qa: bool = True,
         promote_metric: Literal["recall@5", "f1"] | None = None,
+        metadata: Mapping[str, str] | None = None,
     ) -> AsyncRun:
         """Queue a run training on the domain's QA ``split`` (default ``train``), on QA at a store ``uri``, or
         on ``examples``, plus ``synthetic`` data made from the domain's passages (``True``: the server's default,
         inverse-cloze pairs; a mapping such as ``{"generated": {"max_passages": 300}}``; ``False``: none).
         ``use_qa=False`` trains on synthetic data alone. ``promote_metric``: what ``if_better`` needs a
-        significant gain on. Unset hyperparameters take the server's defaults. ``.wait()`` on the returned run."""
+        significant gain on. Unset hyperparameters take the server's defaults; ``metadata`` labels the run (at
+        most 16 strings, read back on it). ``.wait()`` on the returned run."""
         info = await self._client._send(endpoints.create_run(domain, mode, promote, split, uri, examples,
                                                        hyperparameters, reconstruction, synthetic, use_qa,
-                                                       promote_metric))
+                                                       promote_metric, metadata))
         return AsyncRun(self._client, info)
 
     async def get(self, run_id: str) -> RunInfo:
@@ -212,9 +232,14 @@ class AsyncRuns:
         """Ask a run to stop; raises ``ConflictError`` (run_finished) if it already finished."""
         return await self._client._send(endpoints.cancel_run(run_id))
 
-    async def events(self, run_id: str, after: int = 0) -> RunEvents:
-        """One page of the run's events after sequence number ``after``."""
-        return await self._client._send(endpoints.run_events(run_id, after))
+    async def events(self, run_id: str, after: int = 0, limit: int | None = None) -> RunEvents:
+        """One page of the run's events after sequence number ``after`` (at most ``limit``, by default the
+        server's 100); pass its ``next`` as ``after`` for the page that follows."""
+        return await self._client._send(endpoints.run_events(run_id, after, limit))
+
+    async def checkpoints(self, run_id: str) -> list[Checkpoint]:
+        """The run's checkpoints, newest first: adapter versions to evaluate or promote."""
+        return await self._client._send(endpoints.run_checkpoints(run_id))
 
     async def attach(self, run_id: str) -> AsyncRun:
         """A handle on an existing run, to ``wait()`` on it or follow its events."""
@@ -287,6 +312,10 @@ class AsyncRun:
         self.info = await self._client.runs.cancel(self.id)
         return self.info
 
+    async def checkpoints(self) -> list[Checkpoint]:
+        """The run's checkpoints so far, newest first."""
+        return await self._client.runs.checkpoints(self.id)
+
     async def wait(self, *, progress: bool = True, timeout: float | None = None, poll_interval: float = 0.5,
              max_poll_interval: float = 5.0) -> RunInfo:
         """Poll until the run finishes, showing steps and the latest loss in a progress bar, and return its
@@ -318,7 +347,7 @@ class AsyncRun:
                 self._after = event.seq  # a consumer that stops early resumes after what it saw
                 yield event
             self._after = page.next
-            if page.events:
+            if page.events or page.has_more:
                 continue
             if not follow or finished:
                 return

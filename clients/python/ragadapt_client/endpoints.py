@@ -20,8 +20,10 @@ from pydantic import BaseModel
 
 from ragadapt_client.models import (
     Answer,
+    Checkpoint,
     DomainCreated,
     DomainInfo,
+    GcReport,
     Health,
     Hyperparameters,
     JobInfo,
@@ -82,8 +84,9 @@ class Call(Generic[T]):
     @property
     def idempotent(self) -> bool:
         """Safe to repeat once it reached the server: everything except the admin POSTs, which start jobs
-        and runs or move the live pointer. ``POST /ask`` only reads."""
-        return not (self.method == "POST" and self.path.startswith("/admin/"))
+        and runs or move the live pointer, and DELETEs, whose repeat would answer 404 for what went through.
+        ``POST /ask`` only reads."""
+        return not (self.method in ("POST", "DELETE") and self.path.startswith("/admin/"))
 
     def build(self, http: httpx.Client | httpx.AsyncClient, headers: dict[str, str],
               files: ExitStack) -> httpx.Request:
@@ -177,6 +180,14 @@ def get_job(job_id: str) -> Call[JobInfo]:
     return Call("GET", f"/admin/jobs/{_segment(job_id)}", _model(JobInfo), admin=True)
 
 
+def rebuild_domain(name: str) -> Call[JobInfo]:
+    return Call("POST", f"/admin/domains/{_segment(name)}/rebuild", _model(JobInfo), json={}, admin=True)
+
+
+def delete_domain(name: str) -> Call[None]:
+    return Call("DELETE", f"/admin/domains/{_segment(name)}", lambda response: None, admin=True)
+
+
 def promote(name: str, version: str, expected_etag: str | None) -> Call[DomainInfo]:
     body = _without_none(dict(version=version, expected_etag=expected_etag))
     return Call("POST", f"/admin/domains/{_segment(name)}/promote", _domain, json=body, admin=True)
@@ -187,11 +198,18 @@ def rollback(name: str, expected_etag: str | None) -> Call[DomainInfo]:
     return Call("POST", f"/admin/domains/{_segment(name)}/rollback", _domain, json=body, admin=True)
 
 
+def gc(apply: bool, keep_last: int | None, domains: Iterable[str] | None) -> Call[GcReport]:
+    body = _without_none(dict(dry_run=not apply, keep_last=keep_last,
+                              domains=list(domains) if domains is not None else None))
+    return Call("POST", "/admin/gc", _model(GcReport), json=body, admin=True)
+
+
 def create_run(domain: str, mode: str, promote: str, split: str | None, uri: str | None,
                examples: Iterable[Mapping[str, Any] | BaseModel] | None,
                hyperparameters: Hyperparameters | Mapping[str, Any] | None,
                reconstruction: Mapping[str, Any] | None, synthetic: Mapping[str, Any] | bool,
-               use_qa: bool, promote_metric: str | None) -> Call[RunInfo]:
+               use_qa: bool, promote_metric: str | None,
+               metadata: Mapping[str, str] | None = None) -> Call[RunInfo]:
     """Training data is one of: a split of the domain's QA (default ``train``), a store URI, or examples; plus
     synthetic data from the domain's passages (``True``: the server's default, a mapping: as given)."""
     given = [value is not None for value in (uri, examples)]
@@ -217,6 +235,8 @@ def create_run(domain: str, mode: str, promote: str, split: str | None, uri: str
         body["reconstruction"] = dict(reconstruction)
     if promote_metric is not None:
         body["promote_metric"] = promote_metric
+    if metadata is not None:
+        body["metadata"] = dict(metadata)
     return Call("POST", "/admin/adapt", _model(RunInfo), json=body, admin=True)
 
 
@@ -229,9 +249,14 @@ def get_run(run_id: str) -> Call[RunInfo]:
     return Call("GET", f"/admin/runs/{_segment(run_id)}", _model(RunInfo), admin=True)
 
 
-def run_events(run_id: str, after: int) -> Call[RunEvents]:
-    return Call("GET", f"/admin/runs/{_segment(run_id)}/events", _model(RunEvents),
-                params={"after": str(after)}, admin=True)
+def run_events(run_id: str, after: int, limit: int | None = None) -> Call[RunEvents]:
+    params = {"after": str(after), **({"limit": str(limit)} if limit is not None else {})}
+    return Call("GET", f"/admin/runs/{_segment(run_id)}/events", _model(RunEvents), params=params, admin=True)
+
+
+def run_checkpoints(run_id: str) -> Call[list[Checkpoint]]:
+    return Call("GET", f"/admin/runs/{_segment(run_id)}/checkpoints", _listed(Checkpoint, "checkpoints"),
+                admin=True)
 
 
 def cancel_run(run_id: str) -> Call[RunInfo]:

@@ -107,6 +107,8 @@ class RunInfo(_Model):
     promoted: bool = False
     latest: LatestStep = Field(default_factory=LatestStep)
     parent: str | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)  # the labels given when it was created
+    estimated_finish: datetime | None = None  # when training should end, at the pace of its recent steps
 
     @field_validator("latest", "metrics", mode="before")
     @classmethod
@@ -188,10 +190,35 @@ class RunEvent(_Model):
 
 
 class RunEvents(_Model):
-    """A page of events; pass ``next`` as ``after`` to get the events that follow."""
+    """A page of events; pass ``next`` as ``after`` to get the events that follow (``has_more``: some
+    already do)."""
 
     events: list[RunEvent] = Field(default_factory=list)
     next: int
+    has_more: bool = False
+
+
+class Checkpoint(_Model):
+    """A run's checkpoint: an adapter version of its domain that can be evaluated or promoted like any
+    other; ``metrics`` are those of the step it was taken at (loss, lr)."""
+
+    step: int
+    created_at: datetime | None = None
+    adapter_version: str
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class GcReport(_Model):
+    """What a garbage collection deleted (in a dry run: would delete)."""
+
+    dry_run: bool
+    keep_last: int
+    versions: list[str] = Field(default_factory=list)  # "<domain>/<kind>/<version>"
+    runs: list[str] = Field(default_factory=list)  # runs whose leftovers went
+    failed_runs: list[str] = Field(default_factory=list)  # runs stuck validating, marked failed
+    job_inputs: list[str] = Field(default_factory=list)  # jobs whose stored passages went
+    domains: list[str] = Field(default_factory=list)  # domains whose interrupted deletion was finished
+    scratch: list[str] = Field(default_factory=list)  # the server's local scratch directories
 
 
 class DomainCreated(_Model):
@@ -207,12 +234,22 @@ class Health(_Model):
     status: str
 
 
+class RunWorkers(_Model):
+    """The server's adaptation-run workers: ``supervisor`` is ``stopped`` when it trains none itself."""
+
+    supervisor: str
+    workers: int = 0  # alive now
+    expected: int = 0
+
+
 class Readiness(_Model):
     """``GET /readyz`` when ready; ``backbone`` is the loaded backbone's fingerprint."""
 
     status: str
     backbone: str | None = None
     store: str | None = None
+    runs: RunWorkers | None = None
+    building: list[str] = Field(default_factory=list)  # domains whose first index is still being built
 
 
 class LoraSpec(_Model):
@@ -255,4 +292,5 @@ class Hyperparameters(_Model):
     gold_passage_prob: float | None = None  # RAFT: how often a row's gold passage is among its k in training
     query_side_only: bool | None = None  # LoRA on the question encoder only: no re-indexing
     seed: int | None = None
+    checkpoint_every: int | None = None  # steps between checkpoints, each an adapter version (checkpoints())
     lora: LoraSpecs | None = None

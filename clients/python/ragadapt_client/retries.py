@@ -2,10 +2,11 @@
 
 Retried: 408, 429 and 5xx answers and broken connections, with exponential backoff and full jitter, or after
 the server's ``Retry-After`` when it sends one. Never retried once it reached the server: a non-idempotent
-admin call (``POST /admin/...``) -- a second ingest or run would be a second ingest or run. Such a call is
-retried only when the connection failed before the request went out. 409 is never retried: every 409 in the
-contract (``version_conflict``, ``domain_exists``, ...) reports a decision about state, and repeating the same
-request cannot change it; a lost ``version_conflict`` needs a fresh read of the domain first.
+admin call (``POST`` or ``DELETE /admin/...``) -- a second ingest or run would be a second ingest or run, a
+second deletion a 404. Such a call is retried only when the connection failed before the request went out.
+409 is never retried: every 409 in the contract (``version_conflict``, ``domain_exists``, ...) reports a
+decision about state, and repeating the same request cannot change it; a lost ``version_conflict`` needs a
+fresh read of the domain first.
 """
 
 from __future__ import annotations

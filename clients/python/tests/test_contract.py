@@ -17,6 +17,7 @@ RESPONSES = {
     models.AdapterVersion: "AdapterVersionInfo", models.IndexVersion: "IndexVersionInfo",
     models.JobInfo: "JobInfo", models.DomainCreated: "CreateDomainResponse", models.RunInfo: "RunInfo",
     models.RunEvents: "RunEvents", models.Health: "Health", models.Readiness: "Ready",
+    models.RunWorkers: "RunWorkers", models.Checkpoint: "Checkpoint", models.GcReport: "GcReport",
 }
 REQUESTS = {models.Hyperparameters: "Hyperparameters", models.LoraSpec: "LoraSpec",
             models.LoraSpecs: "LoraSettings"}
@@ -29,7 +30,8 @@ CALLS = [
     endpoints.get_job("j"), endpoints.promote("d", "v", None), endpoints.rollback("d", None),
     endpoints.create_run("d", "end2end", "if_better", None, None, None, None, None, True, True, "f1"),
     endpoints.list_runs(None), endpoints.get_run("r"), endpoints.run_events("r", 0),
-    endpoints.cancel_run("r"),
+    endpoints.run_events("r", 0, 10), endpoints.run_checkpoints("r"), endpoints.cancel_run("r"),
+    endpoints.rebuild_domain("d"), endpoints.delete_domain("d"), endpoints.gc(False, 3, ["d"]),
 ]
 
 

@@ -22,7 +22,7 @@ from ragadapt_client import (
 def test_health_and_readiness(live_server, using):
     assert using(live_server.url, lambda client: client.health()).status == "alive"
     ready = using(live_server.url, lambda client: client.ready())
-    assert ready.status == "ready" and ready.backbone and ready.store.startswith("local:")
+    assert ready.status == "ready" and ready.backbone and ready.store == "local"
 
 
 def test_created_domain_is_listed_with_its_live_index(live_server, tiny_domain, using):
@@ -149,12 +149,17 @@ def test_async_client_creates_a_domain_from_a_jsonl_file_and_asks_it(live_server
 def test_a_run_trains_promotes_and_serves_its_adapter(live_server, tiny_domain, capsys):
     with Client(live_server.url, admin_token=live_server.admin_token, api_key=live_server.api_key) as client:
         run = client.runs.create(tiny_domain, mode="generator_only", promote="always",
-                                 hyperparameters=TINY_RUN)
+                                 hyperparameters={**TINY_RUN, "checkpoint_every": 1}, metadata={"by": "sdk"})
         final = run.wait(progress=True, timeout=300, poll_interval=0.1, max_poll_interval=0.5)
         try:
-            assert final.state == "succeeded" and final.promoted
+            assert final.state == "succeeded" and final.promoted and final.metadata == {"by": "sdk"}
             assert final.step == final.total_steps == 2 and final.latest.loss is not None
             assert final.metrics.base is not None and final.metrics.final is not None
+            checkpoints = run.checkpoints()
+            assert [c.step for c in checkpoints] == [1] and checkpoints[0].adapter_version
+            assert client.runs.checkpoints(run.id) == checkpoints
+            page = client.runs.events(run.id, 0, limit=2)
+            assert [e.seq for e in page.events] == [1, 2] and page.next == 2 and page.has_more
             events = list(run.events())
             assert [e.seq for e in events] == list(range(1, len(events) + 1))
             assert [e.step for e in events if e.kind == "step"] == [1, 2]
@@ -213,3 +218,36 @@ def test_async_cancel_ends_a_long_run_as_cancelled(live_server, tiny_domain):
     assert error.code == "run_cancelled" and error.run.state == "cancelled"
     assert error.run.step < 100_000 and listed.state == "cancelled"
     assert events[-1].kind == "state" and events[-1].state == "cancelled"
+
+
+def test_a_domain_is_rebuilt_then_deleted(live_server):
+    with Client(live_server.url, admin_token=live_server.admin_token, api_key=live_server.api_key) as client:
+        first = client.domains.create("short-lived", PASSAGES).wait(progress=False, timeout=300,
+                                                                    poll_interval=0.1)
+        job = client.domains.rebuild("short-lived")
+        assert job.info.kind == "rebuild"
+        with pytest.raises(ConflictError) as caught:
+            client.domains.rebuild("short-lived")
+        assert caught.value.code == "build_in_progress"
+        again = job.wait(progress=False, timeout=300, poll_interval=0.1)
+        assert again.result["index_version"] != first.result["index_version"]
+        assert client.domains.get("short-lived").live.index_version == again.result["index_version"]
+        assert client.domains.delete("short-lived") is None
+        with pytest.raises(NotFoundError):
+            client.domains.get("short-lived")
+
+    async def gone_again():
+        async with AsyncClient(live_server.url, admin_token=live_server.admin_token) as client:
+            await (await client.domains.create("short-lived", PASSAGES)).wait(progress=False, timeout=300)
+            await client.domains.delete("short-lived")
+            with pytest.raises(NotFoundError) as caught:
+                await client.domains.delete("short-lived")
+            return caught.value
+
+    assert asyncio.run(gone_again()).code == "domain_not_found"
+
+
+def test_gc_is_a_dry_run_unless_applied(live_server, tiny_domain, using):
+    report = using(live_server.url, lambda client: client.gc(keep_last=1000),
+                   admin_token=live_server.admin_token)
+    assert report.dry_run and report.keep_last == 1000 and report.versions == []
