@@ -147,7 +147,9 @@ def figures(report: EvalReport, base: EvalReport | None) -> dict:
     return out
 
 
-def run_domain(domain: str, modes: list[str], args, backbone: Backbone, config, work: Path) -> dict:
+def run_domain(domain: str, modes: list[str], args, backbone: Backbone, config, work: Path, save) -> dict:
+    """Measure `modes` on one domain; `save(update)` merges each finished part into the results file, so a
+    piece that fails late keeps what it measured. Returns the domain's entry as saved last."""
     root = work / domain
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
@@ -174,7 +176,8 @@ def run_domain(domain: str, modes: list[str], args, backbone: Backbone, config, 
             index_version = adapters.get(domain, adapter_version).metadata["index_version"]
             key = f"bench-{adapter_version}"
             target = root / "eval" / adapter_version
-            adapters.fetch(domain, adapter_version, target, expected_fingerprint=backbone.fingerprint)
+            if not target.exists():  # closed_book_ft and generator_only share one version
+                adapters.fetch(domain, adapter_version, target, expected_fingerprint=backbone.fingerprint)
             backbone.load_adapter_set(key, target)
         try:
             handle = versions.open(
@@ -196,25 +199,27 @@ def run_domain(domain: str, modes: list[str], args, backbone: Backbone, config, 
                 backbone.remove_adapter_set(key)
 
     base = evaluated(None)
-    results: dict = {
-        "passages": sum(1 for _ in passages_file.open()),
-        "train": len(train),
-        "dev": len(dev),
-        "ingest_s": round(ingest_s, 1),
-        "bm25_recall_at_5": base.recall_at(5, "bm25"),
-        "bm25_recall_at_5_ci": base.recall_ci["bm25"]["5"],
-        "modes": {},
-        "runs": {},
-    }
+    measured: dict = {}
     if "base" in modes:
-        results["modes"]["base"] = figures(base, None)
+        measured["base"] = figures(base, None)
     if "bm25" in modes:
-        results["modes"]["bm25"] = {
+        measured["bm25"] = {
             "recall_at_5": base.recall_at(5, "bm25"),
             "recall_at_5_ci": base.recall_ci["bm25"]["5"],
             "recall_at_1": base.recall_at(1, "bm25"),
             "recall_at_20": base.recall_at(20, "bm25"),
         }
+    entry = save(
+        {
+            "passages": sum(1 for _ in passages_file.open()),
+            "train": len(train),
+            "dev": len(dev),
+            "ingest_s": round(ingest_s, 1),
+            "bm25_recall_at_5": base.recall_at(5, "bm25"),
+            "bm25_recall_at_5_ci": base.recall_ci["bm25"]["5"],
+            "modes": measured,
+        }
+    )
     for run in dict.fromkeys(RUN_MODES[m] for m in modes if m in RUN_MODES):
         request = run_request(run, domain, args)
         started = time.perf_counter()
@@ -227,7 +232,7 @@ def run_domain(domain: str, modes: list[str], args, backbone: Backbone, config, 
         events, _ = RunStore(store).events(info.id)
         steps = [e for e in events if e["kind"] == "step"]
         data = next((e for e in events if e["kind"] == "data"), {})
-        results["runs"][run] = {
+        run_result = {
             "run_id": info.id,
             "seconds": round(seconds, 1),
             "total_steps": info.total_steps,
@@ -237,16 +242,15 @@ def run_domain(domain: str, modes: list[str], args, backbone: Backbone, config, 
             "last_loss": steps[-1]["loss"] if steps else None,
             "hyperparameters": request.hyperparameters.model_dump(exclude_none=True, exclude={"lora"}),
         }
-        print(f"{domain} {run}: {results['runs'][run]}", flush=True)
+        print(f"{domain} {run}: {run_result}", flush=True)
+        entry = save({"runs": {run: run_result}})
         for mode in [m for m in modes if RUN_MODES.get(m) == run]:
             report = evaluated(info.adapter_version, closed_book=mode == "closed_book_ft")
-            results["modes"][mode] = figures(report, base)
-            print(
-                f"{domain} {mode}: {json.dumps({k: v for k, v in results['modes'][mode].items() if k != 'samples'})}",
-                flush=True,
-            )
+            entry = save({"modes": {mode: figures(report, base)}})
+            shown = {k: v for k, v in entry["modes"][mode].items() if k != "samples"}
+            print(f"{domain} {mode}: {json.dumps(shown)}", flush=True)
     shutil.rmtree(root, ignore_errors=True)
-    return results
+    return entry
 
 
 def plot(domains: dict, path: Path) -> None:
@@ -347,15 +351,27 @@ def main() -> None:
     )
     for domain in args.domain or DOMAINS:
         piece_started = time.perf_counter()
-        result = run_domain(domain, modes, args, backbone, config, args.work_dir)
+
+        def save(update: dict, domain: str = domain) -> dict:
+            with _locked(path.with_suffix(".lock")):  # pieces may run side by side, one per core
+                data = json.loads(path.read_text()) if path.exists() else {"benchmark": "knowledge"}
+                entry = data.setdefault("domains", {}).setdefault(
+                    domain, {"modes": {}, "runs": {}, "pieces": []}
+                )
+                for key, value in update.items():
+                    if key in ("modes", "runs"):
+                        entry[key].update(value)
+                    else:
+                        entry[key] = value
+                path.write_text(json.dumps(data, indent=2) + "\n")
+                return entry
+
+        run_domain(domain, modes, args, backbone, config, args.work_dir, save)
         minutes = round((time.perf_counter() - piece_started) / 60, 1)
-        with _locked(path.with_suffix(".lock")):  # pieces may run side by side, one per core
-            domains = json.loads(path.read_text()).get("domains", {}) if path.exists() else {}
-            entry = domains.setdefault(domain, {"modes": {}, "runs": {}, "pieces": []})
-            entry["modes"].update(result.pop("modes"))
-            entry["runs"].update(result.pop("runs"))
+        with _locked(path.with_suffix(".lock")):
+            domains = json.loads(path.read_text())["domains"]
+            entry = domains[domain]
             entry["pieces"].append({**settings, "modes": modes, "minutes": minutes})
-            entry.update(result)
             note = {"note": "the settings of each piece (one domain, some modes) are in domains.<d>.pieces"}
             record("knowledge", note, domains, _summary(domain, entry, modes), results_key="domains")
             plot(domains, RESULTS_DIR / "knowledge.png")
