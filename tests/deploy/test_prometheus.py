@@ -83,10 +83,25 @@ def prometheus(service, tmp_path_factory):
                 log_tail = (root / "prometheus.log").read_text()[-3000:]
                 raise RuntimeError(f"prometheus did not start:\n{log_tail}")
             time.sleep(0.2)
+        # Ready is not scraped: Prometheus applies its first target list a few seconds after start-up, and a
+        # histogram whose first sample already counts the ingest never shows that ingest in a rate.
+        while not _scraped(url):
+            if process.poll() is not None or time.monotonic() > deadline:
+                log_tail = (root / "prometheus.log").read_text()[-3000:]
+                raise RuntimeError(f"prometheus never scraped the service:\n{log_tail}")
+            time.sleep(0.2)
         yield url
     finally:
         process.terminate()
         process.wait(30)
+
+
+def _scraped(url: str) -> bool:
+    try:
+        result = httpx.get(f"{url}/api/v1/query", params={"query": "up"}, timeout=2).json()["data"]["result"]
+    except (httpx.TransportError, KeyError, ValueError):
+        return False
+    return any(sample["value"][1] == "1" for sample in result)
 
 
 @pytest.fixture(scope="module")
