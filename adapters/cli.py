@@ -283,18 +283,29 @@ def add_parsers(subparsers) -> None:
         ("gold-passage-prob", float),
     ):
         adapt_parser.add_argument(f"--{flag}", type=kind, default=None)
-    adapt_parser.add_argument("--query-side-only", action="store_true", default=None,
-                              help="LoRA on the question encoder only: no re-indexing")
+    adapt_parser.add_argument(
+        "--query-side-only",
+        action="store_true",
+        default=None,
+        help="LoRA on the question encoder only: no re-indexing",
+    )
     adapt_parser.add_argument("--promote-metric", choices=["recall@5", "f1"], default=None)
     synthetic = adapt_parser.add_argument_group("synthetic training data from the domain's passages")
     synthetic.add_argument("--no-synthetic", action="store_true", help="train on the QA examples alone")
     synthetic.add_argument("--no-ict", action="store_true", help="no inverse-cloze pairs")
-    synthetic.add_argument("--generate-questions", type=int, default=None, metavar="PASSAGES",
-                           help="generate questions about this many passages (round-trip filtered, cached)")
-    synthetic.add_argument("--synthetic-ratio", type=float, default=None,
-                           help="share of QA rows drawn from generated questions")
-    synthetic.add_argument("--passages-only", action="store_true",
-                           help="train on synthetic data alone, no QA examples")
+    synthetic.add_argument(
+        "--generate-questions",
+        type=int,
+        default=None,
+        metavar="PASSAGES",
+        help="generate questions about this many passages (round-trip filtered, cached)",
+    )
+    synthetic.add_argument(
+        "--synthetic-ratio", type=float, default=None, help="share of QA rows drawn from generated questions"
+    )
+    synthetic.add_argument(
+        "--passages-only", action="store_true", help="train on synthetic data alone, no QA examples"
+    )
     adapt_parser.add_argument("--lora-r", type=int, default=None, help="LoRA rank of all three components")
     adapt_parser.add_argument("--lora-alpha", type=int, default=None)
     adapt_parser.add_argument("--init", choices=["live", "base"], default=None)

@@ -205,8 +205,13 @@ class RunContext:
                 artifacts.delete_version(store, self.runs.indexes_prefix(self.id), old.version)
         adapter_version = self.on_checkpoint(step, directory, state) if self.on_checkpoint else None
         self._events.append(
-            {"time": now().isoformat(), "kind": "checkpoint", "step": step, "version": manifest.version,
-             "adapter_version": adapter_version}
+            {
+                "time": now().isoformat(),
+                "kind": "checkpoint",
+                "step": step,
+                "version": manifest.version,
+                "adapter_version": adapter_version,
+            }
         )
         self._progress = {**self._progress, "checkpoint_step": step}
         self.flush()
@@ -277,8 +282,13 @@ class _Execution:
                 index_version = self.ctx.record.index_version or self._index(trainer)
                 if self.dev and self.ctx.record.metrics.get("final") is None:
                     final = self._evaluate(self.key, self._open_index(index_version), None, "final")
-                    self.ctx.update(metrics={**self.ctx.record.metrics, "final": final,
-                                             "improvement": self._improvement(final)})
+                    self.ctx.update(
+                        metrics={
+                            **self.ctx.record.metrics,
+                            "final": final,
+                            "improvement": self._improvement(final),
+                        }
+                    )
                 self._publish(index_version)
             return self._finish()
         finally:
@@ -442,8 +452,14 @@ class _Execution:
             pairs = qa_pairs(train, passages) + qa_pairs(generated, passages, "generated")
             if synthetic is not None and synthetic.ict is not None:
                 ict = synthetic.ict
-                pairs += ict_pairs(passages, seed=hp.seed, keep_sentence=ict.keep_sentence,
-                                   min_words=ict.min_words, max_words=ict.max_words, limit=ict.max_pairs)
+                pairs += ict_pairs(
+                    passages,
+                    seed=hp.seed,
+                    keep_sentence=ict.keep_sentence,
+                    min_words=ict.min_words,
+                    max_words=ict.max_words,
+                    limit=ict.max_pairs,
+                )
         total_steps = record.total_steps
         if not (train or generated or sentences) and hp.retriever_steps:
             # Generated questions were asked for and none passed the round trip: no joint phase to run.
@@ -453,8 +469,14 @@ class _Execution:
                 self.ctx.event("phase", name="joint", skipped="no QA examples: none given, none generated")
         if resume is None:
             kinds = Counter(pair.kind for pair in pairs)
-            self.ctx.event("data", examples=len(train), generated=len(generated), sentences=len(sentences),
-                           retriever_steps=hp.retriever_steps or 0, pairs=dict(sorted(kinds.items())))
+            self.ctx.event(
+                "data",
+                examples=len(train),
+                generated=len(generated),
+                sentences=len(sentences),
+                retriever_steps=hp.retriever_steps or 0,
+                pairs=dict(sorted(kinds.items())),
+            )
         self.ctx.update(started_at=self.ctx.record.started_at or now())
         self.ctx.stage("training", resume.state.step if resume else 0, total_steps)
         refresher = (
@@ -498,9 +520,12 @@ class _Execution:
         found = cache.find(self.domain, identity)
         if found is None:
             self.ctx.stage("generating questions")
-            base = self._open_index(base_index_version(self.bb, self.versions, self.domain, work_dir=self.run_dir))
-            found = generate_questions(self.bb, passages, train, base, config, tick=self.ctx.tick,
-                                       progress=self.ctx.progress)
+            base = self._open_index(
+                base_index_version(self.bb, self.versions, self.domain, work_dir=self.run_dir)
+            )
+            found = generate_questions(
+                self.bb, passages, train, base, config, tick=self.ctx.tick, progress=self.ctx.progress
+            )
             cache.put(self.domain, identity, found)
             self.ctx.event("generated", passages=min(len(passages), config.max_passages), kept=len(found))
         return found
@@ -590,7 +615,8 @@ class _Execution:
 def _without_outcomes(metrics: dict) -> dict:
     """Run metrics without the reports' per-question outcomes (what an adapter version's manifest keeps)."""
     return {
-        name: {k: v for k, v in value.items() if k != "per_question"} if name in ("base", "final") and value
+        name: {k: v for k, v in value.items() if k != "per_question"}
+        if name in ("base", "final") and value
         else value
         for name, value in metrics.items()
     }
@@ -709,7 +735,7 @@ def _claim(runs: RunStore, run_id: str, owner: str, lease_s: float, max_crashes:
                 "owner": owner,
                 "after_crash": crashed,
                 "checkpoint_step": record.checkpoint_step,
-            }
+            },
         ],
     )
     return record
@@ -757,12 +783,18 @@ def run_claimed(ctx: RunContext, workspace: Workspace) -> RunRecord:
         # The steps since the last flush are done again after the resume; their events are not written.
         ctx.discard_pending()
         reason = "the store was unavailable; resuming from the last checkpoint"
-        _when_store_answers(lambda: requeue(runs, run_id, reason=reason, owner=ctx.owner), ctx.should_stop,
-                            f"queueing run {run_id} again")
+        _when_store_answers(
+            lambda: requeue(runs, run_id, reason=reason, owner=ctx.owner),
+            ctx.should_stop,
+            f"queueing run {run_id} again",
+        )
         raise
     except RunCancelled:
-        _when_store_answers(lambda: _finish(ctx, RunState.CANCELLED, None, None), ctx.should_stop,
-                            f"recording that run {run_id} was cancelled")
+        _when_store_answers(
+            lambda: _finish(ctx, RunState.CANCELLED, None, None),
+            ctx.should_stop,
+            f"recording that run {run_id} was cancelled",
+        )
         raise
     except KeyboardInterrupt:  # Ctrl-C on `ragadapt adapt`: the person stopped it
         _finish(ctx, RunState.CANCELLED, None, "interrupted from the keyboard")
@@ -770,8 +802,11 @@ def run_claimed(ctx: RunContext, workspace: Workspace) -> RunRecord:
     except Exception as exc:
         log.exception("run %s failed", run_id)
         code, error = getattr(exc, "code", None) or "run_failed", f"{type(exc).__name__}: {exc}"
-        _when_store_answers(lambda: _finish(ctx, RunState.FAILED, code, error), ctx.should_stop,
-                            f"recording that run {run_id} failed")
+        _when_store_answers(
+            lambda: _finish(ctx, RunState.FAILED, code, error),
+            ctx.should_stop,
+            f"recording that run {run_id} failed",
+        )
         raise
     finally:
         shutil.rmtree(workspace.work_dir / "runs" / run_id, ignore_errors=True)
@@ -950,8 +985,9 @@ class RunManager:
                 for run_id in self.runs.active():
                     record = self.runs.get(run_id)
                     if record.state == RunState.RUNNING and owner_is_dead_here(record.owner):
-                        requeue(self.runs, run_id, reason="its worker is gone (restart); resuming",
-                                crashed=True)
+                        requeue(
+                            self.runs, run_id, reason="its worker is gone (restart); resuming", crashed=True
+                        )
             except StoreError as exc:
                 log.warning("could not queue again the runs of workers gone since the last start: %s", exc)
             self._quick_deaths = 0
@@ -996,7 +1032,6 @@ class RunManager:
     def alive_workers(self) -> int:
         return sum(w.process.is_alive() for w in self._workers)
 
-
     def _spawn(self) -> _Worker:
         token = secrets.token_hex(4)
         spec = WorkerSpec(
@@ -1019,7 +1054,7 @@ class RunManager:
 
     @property
     def supervisor(self) -> str:
-        """"running"; "stopped" before start and after stop; "dead" when the thread that replaces dead workers
+        """ "running"; "stopped" before start and after stop; "dead" when the thread that replaces dead workers
         ended while it should run (nothing replaces a dead worker then: `/readyz` says so)."""
         if self._monitor is None:
             return "stopped"
@@ -1101,8 +1136,12 @@ class RunManager:
         except DomainNotFound:  # deleted since
             return []
         found = [
-            {"step": m.metadata["checkpoint_step"], "created_at": m.created_at, "adapter_version": m.version,
-             "metrics": dict((m.metadata.get("metrics") or {}).get("checkpoint") or {})}
+            {
+                "step": m.metadata["checkpoint_step"],
+                "created_at": m.created_at,
+                "adapter_version": m.version,
+                "metrics": dict((m.metadata.get("metrics") or {}).get("checkpoint") or {}),
+            }
             for m in versions
             if m.metadata.get("run_id") == run_id and m.metadata.get("checkpoint_step") is not None
         ]

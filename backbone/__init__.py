@@ -8,7 +8,21 @@ from .model import Answer, AdapterSetWeights, Answering, Backbone, SupportingPas
 from .rag import normalize_answer
 
 __all__ = [
-    "COMPONENTS", "AdapterSetConfig", "AdapterSetWeights", "AdapterExists", "AdapterLoadError", "Answer", "Answering",
-    "Backbone", "BackboneConfig", "BackboneError", "LoraConfig", "ModelLoadError", "Passage",
-    "SupportingPassage", "UnknownAdapter", "embedded_default_config", "normalize_answer",
+    "COMPONENTS",
+    "AdapterSetConfig",
+    "AdapterSetWeights",
+    "AdapterExists",
+    "AdapterLoadError",
+    "Answer",
+    "Answering",
+    "Backbone",
+    "BackboneConfig",
+    "BackboneError",
+    "LoraConfig",
+    "ModelLoadError",
+    "Passage",
+    "SupportingPassage",
+    "UnknownAdapter",
+    "embedded_default_config",
+    "normalize_answer",
 ]

@@ -45,8 +45,13 @@ def peft_config(model_type: str, lora: LoraConfig) -> PeftLoraConfig:
 
 def _signature(config: PeftLoraConfig) -> tuple:
     """What must match for an injected slot to take another adapter's tensors by plain copy."""
-    return (config.r, tuple(sorted(config.target_modules)), bool(config.use_rslora),
-            tuple(sorted((config.rank_pattern or {}).items())), tuple(sorted((config.alpha_pattern or {}).items())))
+    return (
+        config.r,
+        tuple(sorted(config.target_modules)),
+        bool(config.use_rslora),
+        tuple(sorted((config.rank_pattern or {}).items())),
+        tuple(sorted((config.alpha_pattern or {}).items())),
+    )
 
 
 class AdapterHost:

@@ -59,8 +59,17 @@ class _Entry:
 
 
 class AdapterCache:
-    def __init__(self, backbone: Backbone, registry: AdapterRegistry, scratch_dir: Path, loader: Executor, *,
-                 hot_slots: int, warm_bytes: int, metrics: Metrics):
+    def __init__(
+        self,
+        backbone: Backbone,
+        registry: AdapterRegistry,
+        scratch_dir: Path,
+        loader: Executor,
+        *,
+        hot_slots: int,
+        warm_bytes: int,
+        metrics: Metrics,
+    ):
         self._backbone = backbone
         self._registry = registry
         self._scratch = Path(scratch_dir)
@@ -138,7 +147,7 @@ class AdapterCache:
             hot = [e for e in self._entries.values() if e.hot and e.id not in wanted]
             excess = len(hot) + len(wanted) - self.hot_slots
             # Unpinned sets go first, least recently used first; pinned ones only if nothing else makes room.
-            victims = sorted(hot, key=lambda e: (e.id in self._pinned, e.last_used))[:max(excess, 0)]
+            victims = sorted(hot, key=lambda e: (e.id in self._pinned, e.last_used))[: max(excess, 0)]
             for entry in victims:
                 entry.hot = False
             for entry in to_attach:
@@ -179,8 +188,9 @@ class AdapterCache:
         started = time.perf_counter()
         directory = Path(tempfile.mkdtemp(prefix=f"adapter-{domain}-", dir=self._scratch))
         try:
-            self._registry.fetch(domain, version, directory / "set",
-                                 expected_fingerprint=self._backbone.fingerprint)
+            self._registry.fetch(
+                domain, version, directory / "set", expected_fingerprint=self._backbone.fingerprint
+            )
             weights = Backbone.read_adapter_set(directory / "set")
         except BaseException as exc:
             self._metrics.adapter_loads.labels("error").inc()
@@ -195,8 +205,13 @@ class AdapterCache:
         seconds = time.perf_counter() - started
         self._metrics.adapter_loads.labels("ok").inc()
         self._metrics.adapter_load_seconds.observe(seconds)
-        log.info("adapter %s@%s loaded from the store in %.0f ms (%.1f MB)", domain, version, seconds * 1000,
-                 weights.nbytes / 1e6)
+        log.info(
+            "adapter %s@%s loaded from the store in %.0f ms (%.1f MB)",
+            domain,
+            version,
+            seconds * 1000,
+            weights.nbytes / 1e6,
+        )
         with self._lock:
             entry.weights = weights
             self._trim_warm()
@@ -208,8 +223,10 @@ class AdapterCache:
         loaded = [e for e in self._entries.values() if e.weights is not None]
         total = sum(e.nbytes for e in loaded)
         if total > self.warm_bytes:
-            evictable = sorted((e for e in loaded if not e.leases and not e.hot and e.id not in self._pinned),
-                               key=lambda e: e.last_used)
+            evictable = sorted(
+                (e for e in loaded if not e.leases and not e.hot and e.id not in self._pinned),
+                key=lambda e: e.last_used,
+            )
             for entry in evictable:
                 if total <= self.warm_bytes:
                     break

@@ -58,8 +58,17 @@ class Serving:
 
 
 class DomainCatalog:
-    def __init__(self, registry: DomainRegistry, versions: IndexVersions, cache: AdapterCache,
-                 backbone: Backbone, metrics: Metrics, *, pinned: list[str], discover_every_s: float = 10.0):
+    def __init__(
+        self,
+        registry: DomainRegistry,
+        versions: IndexVersions,
+        cache: AdapterCache,
+        backbone: Backbone,
+        metrics: Metrics,
+        *,
+        pinned: list[str],
+        discover_every_s: float = 10.0,
+    ):
         self._registry = registry
         self._versions = versions
         self._cache = cache
@@ -135,20 +144,40 @@ class DomainCatalog:
                 error = None
             except Exception as exc:
                 if current is not None and current.error is None:
-                    log.warning("domain %s: live pointer moved to adapter %s / index %s, which cannot be "
-                                "loaded (%s); still serving adapter %s / index %s", domain,
-                                pointer.adapter_version, pointer.index_version, exc, current.adapter_version,
-                                current.index_version)
+                    log.warning(
+                        "domain %s: live pointer moved to adapter %s / index %s, which cannot be "
+                        "loaded (%s); still serving adapter %s / index %s",
+                        domain,
+                        pointer.adapter_version,
+                        pointer.index_version,
+                        exc,
+                        current.adapter_version,
+                        current.index_version,
+                    )
                     return current
                 log.warning("domain %s cannot be served: %s", domain, exc)
                 index, error = None, exc
-            serving = Serving(domain, record.description, record.settings.get("retrieval"),
-                              pointer.adapter_version, index, pointer, error)
+            serving = Serving(
+                domain,
+                record.description,
+                record.settings.get("retrieval"),
+                pointer.adapter_version,
+                index,
+                pointer,
+                error,
+            )
             self._install(serving)
-            if current is None or current.adapter_version != serving.adapter_version \
-                    or current.index_version != serving.index_version:
-                log.info("domain %s serves adapter %s / index %s", domain, serving.adapter_version or "base",
-                         serving.index_version or "none")
+            if (
+                current is None
+                or current.adapter_version != serving.adapter_version
+                or current.index_version != serving.index_version
+            ):
+                log.info(
+                    "domain %s serves adapter %s / index %s",
+                    domain,
+                    serving.adapter_version or "base",
+                    serving.index_version or "none",
+                )
             return serving
 
     def promote(self, domain: str, version: str, expected_etag: str | None = None) -> Serving:
@@ -156,8 +185,10 @@ class DomainCatalog:
         manifest = self._registry.read_manifest(domain, ArtifactKind.ADAPTERS, version)
         trained_on = manifest.metadata.get("backbone_fingerprint")
         if trained_on != self._backbone.fingerprint:
-            raise AdapterIncompatible(f"adapter {domain}/{version} was trained on backbone {trained_on!r}, "
-                                      f"but this server runs {self._backbone.fingerprint!r}")
+            raise AdapterIncompatible(
+                f"adapter {domain}/{version} was trained on backbone {trained_on!r}, "
+                f"but this server runs {self._backbone.fingerprint!r}"
+            )
         self._cache.prefetch(domain, version).result()
         index_version = manifest.metadata.get("index_version")
         if index_version:
@@ -175,8 +206,12 @@ class DomainCatalog:
         with self._write_lock:
             handle = self._handles.get((domain, version))
         if handle is None:
-            handle = self._versions.open(domain, version, embedding_dim=self._backbone.embedding_dim,
-                                         fingerprint=self._backbone.fingerprint)
+            handle = self._versions.open(
+                domain,
+                version,
+                embedding_dim=self._backbone.embedding_dim,
+                fingerprint=self._backbone.fingerprint,
+            )
             with self._write_lock:
                 handle = self._handles.setdefault((domain, version), handle)
         return handle
@@ -207,8 +242,11 @@ class DomainCatalog:
         self._metrics.set_known_domains(self._serving)
         for serving in self._serving.values():
             self._metrics.set_live(serving.domain, serving.adapter_version, serving.index_version)
-        self._cache.set_pinned((s.domain, s.adapter_version) for s in self._serving.values()
-                               if s.domain in self._pinned and s.adapter_version is not None)
+        self._cache.set_pinned(
+            (s.domain, s.adapter_version)
+            for s in self._serving.values()
+            if s.domain in self._pinned and s.adapter_version is not None
+        )
 
     def _domain_lock(self, domain: str) -> threading.Lock:
         with self._write_lock:

@@ -99,4 +99,3 @@ class DomainInUse(ServiceError):
 
     code = "domain_in_use"
     status = 409
-

@@ -49,8 +49,14 @@ class GcReport(BaseModel):
     scratch: list[str]  # local scratch directories, relative to the data directory
 
 
-def collect(store: ObjectStore, *, keep_last: int, dry_run: bool = True, domains: Iterable[str] | None = None,
-            incomplete_older_than: timedelta = timedelta(hours=1)) -> GcReport:
+def collect(
+    store: ObjectStore,
+    *,
+    keep_last: int,
+    dry_run: bool = True,
+    domains: Iterable[str] | None = None,
+    incomplete_older_than: timedelta = timedelta(hours=1),
+) -> GcReport:
     """Collect the store (blocking). `domains`: only those (their versions); None: all, and the run, job and
     deletion leftovers too."""
     registry, runs = DomainRegistry(store), RunStore(store)
@@ -63,11 +69,24 @@ def collect(store: ObjectStore, *, keep_last: int, dry_run: bool = True, domains
     names = list(domains) if domains is not None else [domain.name for domain in registry.list_domains()]
     versions = []
     for name in names:
-        deleted = registry.gc(name, keep_last, incomplete_older_than=incomplete_older_than,
-                              protect=in_use[name], dry_run=dry_run)
+        deleted = registry.gc(
+            name,
+            keep_last,
+            incomplete_older_than=incomplete_older_than,
+            protect=in_use[name],
+            dry_run=dry_run,
+        )
         versions += [f"{name}/{entry}" for entry in deleted]
-    report = GcReport(dry_run=dry_run, keep_last=keep_last, versions=versions, runs=[], failed_runs=[],
-                      job_inputs=[], domains=[], scratch=[])
+    report = GcReport(
+        dry_run=dry_run,
+        keep_last=keep_last,
+        versions=versions,
+        runs=[],
+        failed_runs=[],
+        job_inputs=[],
+        domains=[],
+        scratch=[],
+    )
     if domains is not None:
         return report
     report.runs = _run_leftovers(runs, records, dry_run, incomplete_older_than)
@@ -96,8 +115,9 @@ def sweep_scratch(data_dir: Path, candidates: Iterable[Path], in_use: set[Path],
     return swept
 
 
-def _run_leftovers(runs: RunStore, records: list[RunRecord], dry_run: bool,
-                   older_than: timedelta) -> list[str]:
+def _run_leftovers(
+    runs: RunStore, records: list[RunRecord], dry_run: bool, older_than: timedelta
+) -> list[str]:
     by_run = defaultdict(list)
     for info in runs.store.list("runs/"):
         parts = info.key.split("/")
@@ -127,8 +147,11 @@ def _stuck_submits(runs: RunStore, records: list[RunRecord], dry_run: bool) -> l
     """Validating runs without a queue marker, older than any submit takes: nothing will ever queue them."""
     queued = set(runs.active())
     cutoff = datetime.now(timezone.utc) - timedelta(seconds=SUBMIT_GRACE_S)
-    stuck = [record.id for record in records if record.state == RunState.VALIDATING
-             and record.id not in queued and record.created_at < cutoff]
+    stuck = [
+        record.id
+        for record in records
+        if record.state == RunState.VALIDATING and record.id not in queued and record.created_at < cutoff
+    ]
 
     def fail(record: RunRecord) -> RunRecord | None:
         if record.state != RunState.VALIDATING:
@@ -144,8 +167,9 @@ def _stuck_submits(runs: RunStore, records: list[RunRecord], dry_run: bool) -> l
     return stuck
 
 
-def _job_inputs(store: ObjectStore, registry: DomainRegistry, dry_run: bool,
-                older_than: timedelta) -> list[str]:
+def _job_inputs(
+    store: ObjectStore, registry: DomainRegistry, dry_run: bool, older_than: timedelta
+) -> list[str]:
     """Stored passages of finished jobs, except those of a domain's current build job, which a domain whose
     first build failed is rebuilt from (also when the job itself was lost before it was recorded). Passages
     written lately may belong to a domain being created: they stay `older_than`."""
@@ -174,4 +198,3 @@ def _job_inputs(store: ObjectStore, registry: DomainRegistry, dry_run: bool,
             store.delete(info.key)
         swept.append(parts[1])
     return swept
-

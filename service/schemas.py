@@ -28,8 +28,13 @@ class _Request(BaseModel):
 
 
 class AskRequest(_Request):
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {"question": "Which package ships the generator weights?", "top_k": 3, "max_new_tokens": 16}]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"question": "Which package ships the generator weights?", "top_k": 3, "max_new_tokens": 16}
+            ]
+        }
+    )
 
     question: NonBlank = Field(max_length=4000)
     top_k: int = Field(5, ge=1, le=20)
@@ -126,10 +131,15 @@ class PassageIn(_Request):
 class CreateDomainRequest(_Request):
     """JSON form of POST /admin/domains; give the passages inline or as a store key / s3:// URI."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": [
-        {"required": ["passages_uri"], "properties": {"passages_uri": {"type": "string"}}},
-        {"required": ["passages"], "properties": {"passages": {"type": "array"}}},
-    ]})
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "oneOf": [
+                {"required": ["passages_uri"], "properties": {"passages_uri": {"type": "string"}}},
+                {"required": ["passages"], "properties": {"passages": {"type": "array"}}},
+            ]
+        },
+    )
 
     name: DomainName
     description: str = ""

@@ -77,8 +77,17 @@ class AskResult:
 
 
 class ModelWorker:
-    def __init__(self, backbone: Backbone, cache: AdapterCache, metrics: Metrics, *, queue_size: int,
-                 max_batch_rows: int, batch_wait_s: float, retry_after_s: int = 1):
+    def __init__(
+        self,
+        backbone: Backbone,
+        cache: AdapterCache,
+        metrics: Metrics,
+        *,
+        queue_size: int,
+        max_batch_rows: int,
+        batch_wait_s: float,
+        retry_after_s: int = 1,
+    ):
         self._backbone = backbone
         self._cache = cache
         self._metrics = metrics
@@ -132,8 +141,10 @@ class ModelWorker:
             if len(self._queue) >= self.queue_size:
                 self._drop_expired()
             if len(self._queue) >= self.queue_size:
-                raise Overloaded(f"{len(self._queue)} requests are already waiting; retry shortly",
-                                 retry_after=self.retry_after_s)
+                raise Overloaded(
+                    f"{len(self._queue)} requests are already waiting; retry shortly",
+                    retry_after=self.retry_after_s,
+                )
             self._queue.append(job)
             self._metrics.queue_depth.set(len(self._queue))
             self._cond.notify()
@@ -260,8 +271,11 @@ class ModelWorker:
             t = time.perf_counter()
             try:
                 results = handle.search(embeddings[rows], [batch[i].question for i in rows], k=k, mode=mode)
-                doc_scores = ([[hit.score for hit in hits] for hits in results] if mode == "dense"
-                              else _dense_scores(handle, embeddings[rows], results, k))
+                doc_scores = (
+                    [[hit.score for hit in hits] for hits in results]
+                    if mode == "dense"
+                    else _dense_scores(handle, embeddings[rows], results, k)
+                )
             except Exception as exc:  # e.g. RetrievalModeUnavailable: fails these rows only
                 for i in rows:
                     self._finish(batch[i], exc)
@@ -277,10 +291,13 @@ class ModelWorker:
         now = time.perf_counter()
         for job in answerable:
             job.generating_since = now
-        tickets = answering.add([job.question for job in answerable],
-                                [[hit.passage for hit in job.hits] for job in answerable],
-                                [job.doc_scores for job in answerable], [job.key for job in answerable],
-                                [job.max_new_tokens for job in answerable])
+        tickets = answering.add(
+            [job.question for job in answerable],
+            [[hit.passage for hit in job.hits] for job in answerable],
+            [job.doc_scores for job in answerable],
+            [job.key for job in answerable],
+            [job.max_new_tokens for job in answerable],
+        )
         in_flight.update(zip(tickets, answerable))
 
     def _step(self, answering, in_flight: dict[int, AskJob]) -> None:
@@ -296,8 +313,9 @@ class ModelWorker:
             self._finish(job, AskResult(answer, job.hits, dict(job.timings), tokens))
 
 
-def _dense_scores(handle: IndexHandle, queries: np.ndarray, results: list[list[Hit]],
-                  k: int) -> list[list[float]]:
+def _dense_scores(
+    handle: IndexHandle, queries: np.ndarray, results: list[list[Hit]], k: int
+) -> list[list[float]]:
     """The query-passage dot products of BM25 or fused hits, which is what the generator's document posterior
     (RAG's p(z|x)) is made for; fused and BM25 scores are on other scales. A hit outside the dense top `depth`
     gets the depth-th dot product, an upper bound of its own."""

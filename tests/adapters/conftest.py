@@ -48,8 +48,13 @@ def tiny_backbone(tiny_config) -> Backbone:
     return Backbone.load(tiny_config)
 
 
-def make_domain(root: Path, config: BackboneConfig, backbone: Backbone, name: str = "toy",
-                store: ObjectStore | None = None) -> Domain:
+def make_domain(
+    root: Path,
+    config: BackboneConfig,
+    backbone: Backbone,
+    name: str = "toy",
+    store: ObjectStore | None = None,
+) -> Domain:
     """The domain on `store` (default: a LocalStore under `root`)."""
     store = store if store is not None else LocalStore(root / "store")
     records = [

@@ -106,7 +106,8 @@ def test_a_run_refreshes_its_index_mid_run_survives_a_restart_and_succeeds(
     )  # none lost or repeated
     switched = [e for e in events if e["kind"] == "rebuild" and e["state"] == "switched"]
     assert switched and all(
-        e["started_step"] < e["step"] <= e["started_step"] + 40 and e["started_step"] % 50 == 0 for e in switched
+        e["started_step"] < e["step"] <= e["started_step"] + 40 and e["started_step"] % 50 == 0
+        for e in switched
     )
     assert {e["phase"] for e in events if e["kind"] == "eval"} == {"base", "final"}
     assert [e["step"] for e in events if e["kind"] == "checkpoint"] == [stopped.checkpoint_step, steps]
@@ -211,7 +212,8 @@ def test_checkpoints_are_adapter_versions_and_runs_carry_metadata_and_an_estimat
     assert done.adapter_version not in {c["adapter_version"] for c in checkpoints}
     events = events_of(manager, info.id)
     assert [e["adapter_version"] for e in events if e["kind"] == "checkpoint"][:3] == [
-        c["adapter_version"] for c in reversed(checkpoints)]
+        c["adapter_version"] for c in reversed(checkpoints)
+    ]
 
     # Events come in pages that chain through `next`, none lost or repeated.
     pages, after, more = [], 0, True
@@ -219,5 +221,8 @@ def test_checkpoints_are_adapter_versions_and_runs_carry_metadata_and_an_estimat
         page, after, more = manager.events(info.id, after, limit=7)
         assert len(page) <= 7 and (not more or len(page) == 7)
         pages.append(page)
-    assert [e["seq"] for page in pages for e in page] == [e["seq"] for e in events] == list(
-        range(1, len(events) + 1))
+    assert (
+        [e["seq"] for page in pages for e in page]
+        == [e["seq"] for e in events]
+        == list(range(1, len(events) + 1))
+    )

@@ -74,8 +74,12 @@ def test_shape_errors_fail_while_parsing_the_request():
 
 def test_a_valid_run_is_queued_with_frozen_inputs_and_its_steps_counted(domain):
     runs = RunStore(domain.store)
-    record = queue_run(runs, request(hyperparameters={"epochs": 2, "batch_size": 2, "retriever_batch_size": 8,
-                                                      "retriever_epochs": 2}))
+    record = queue_run(
+        runs,
+        request(
+            hyperparameters={"epochs": 2, "batch_size": 2, "retriever_batch_size": 8, "retriever_epochs": 2}
+        ),
+    )
     assert record.state == RunState.QUEUED
     # The retriever phase: 2 epochs of 24 pairs (20 inverse-cloze ones, 4 questions with gold), 8 a step; then
     # the joint phase: 2 epochs of 4 training examples, 2 a step.

@@ -25,9 +25,15 @@ def server(tmp_path_factory):
 
 
 def _request(steps: int) -> RunRequest:
-    return RunRequest.model_validate({
-        "domain": "toy", "mode": "generator_only", "promote": "never", "evaluation": None,
-        "hyperparameters": {"steps": steps, "batch_size": 1, "top_k": 2, "checkpoint_every": 10}})
+    return RunRequest.model_validate(
+        {
+            "domain": "toy",
+            "mode": "generator_only",
+            "promote": "never",
+            "evaluation": None,
+            "hyperparameters": {"steps": steps, "batch_size": 1, "top_k": 2, "checkpoint_every": 10},
+        }
+    )
 
 
 def _wait(what: str, until, timeout: float = TIMEOUT):
@@ -44,7 +50,8 @@ def _wait(what: str, until, timeout: float = TIMEOUT):
 
 
 def test_a_store_outage_mid_run_pauses_the_run_which_then_resumes_from_its_checkpoint(
-        server, tmp_path, tiny_config, tiny_backbone):
+    server, tmp_path, tiny_config, tiny_backbone
+):
     config = server.store_config()
     store = S3Store(config)
     make_domain(tmp_path, tiny_config, tiny_backbone, store=store)
@@ -67,15 +74,19 @@ def test_a_store_outage_mid_run_pauses_the_run_which_then_resumes_from_its_check
         done = _wait("the run to finish", lambda: (r := manager.get(running.id)).state.finished and r)
         assert done.state == RunState.SUCCEEDED, done.error
         assert done.step == 400 and done.adapter_version is not None
-        second = _wait("the queued run to finish",
-                       lambda: (r := manager.get(waiting.id)).state.finished and r)
+        second = _wait(
+            "the queued run to finish", lambda: (r := manager.get(waiting.id)).state.finished and r
+        )
         assert second.state == RunState.SUCCEEDED, second.error
 
         record = runs.get(running.id)
         assert record.crashes == 0  # waiting out an outage is not a crash
         events = events_of(manager, running.id)
-        paused = next(e for e in events if e["kind"] == "state" and e["state"] == "queued"
-                      and "store" in e.get("reason", ""))
+        paused = next(
+            e
+            for e in events
+            if e["kind"] == "state" and e["state"] == "queued" and "store" in e.get("reason", "")
+        )
         resumed = next(e for e in events if e["seq"] > paused["seq"] and e.get("resumed_from") is not None)
         assert resumed["resumed_from"] == paused["resumes_from"] >= 10
         steps = [e["step"] for e in events if e["kind"] == "step" and e["seq"] > resumed["seq"]]

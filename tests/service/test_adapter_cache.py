@@ -17,8 +17,9 @@ from tests.service.support import publish_adapter
 def published(tmp_path, direct_backbone):
     store = LocalStore(tmp_path / "store")
     DomainRegistry(store).create_domain("alpha")
-    versions = [publish_adapter(store, direct_backbone, "alpha", seed, tmp_path / "adapters")
-                for seed in (1, 2, 3)]
+    versions = [
+        publish_adapter(store, direct_backbone, "alpha", seed, tmp_path / "adapters") for seed in (1, 2, 3)
+    ]
     return store, versions
 
 
@@ -51,8 +52,9 @@ def test_concurrent_requests_load_a_version_once(published, direct_backbone, tmp
         cache.release("alpha", versions[0])
 
 
-def test_warm_tier_evicts_least_recently_used_but_never_a_leased_set(published, direct_backbone, tmp_path,
-                                                                     loader):
+def test_warm_tier_evicts_least_recently_used_but_never_a_leased_set(
+    published, direct_backbone, tmp_path, loader
+):
     store, versions = published
     probe, _ = _cache(store, direct_backbone, tmp_path, loader)
     one_set = probe.prefetch("alpha", versions[0]).result().nbytes
@@ -84,15 +86,17 @@ def test_pinned_versions_stay_warm(published, direct_backbone, tmp_path, loader)
     assert cache.state()["warm"] == [f"alpha@{versions[0]}"]
 
 
-def test_an_adapter_of_another_backbone_is_refused_and_retried_later(published, direct_backbone, tmp_path,
-                                                                     loader):
+def test_an_adapter_of_another_backbone_is_refused_and_retried_later(
+    published, direct_backbone, tmp_path, loader
+):
     store, _ = published
     directory = tmp_path / "foreign"
     direct_backbone.add_adapter_set("foreign")
     direct_backbone.save_adapter_set("foreign", directory)
     direct_backbone.remove_adapter_set("foreign")
-    version = AdapterRegistry(store).publish("alpha", directory,
-                                             backbone_fingerprint="0123456789abcdef").version
+    version = (
+        AdapterRegistry(store).publish("alpha", directory, backbone_fingerprint="0123456789abcdef").version
+    )
     cache, metrics = _cache(store, direct_backbone, tmp_path, loader)
     for attempt in (1, 2):
         future = cache.acquire("alpha", version)

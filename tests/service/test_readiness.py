@@ -30,8 +30,10 @@ def test_readyz_reports_the_run_workers_and_a_dead_supervisor(local_store_settin
         scratch = worker_scratch(settings.cache_dir / "runs", runs._workers[0].token)
         (scratch / "runs" / "some-run").mkdir(parents=True, exist_ok=True)
         os.kill(victim, signal.SIGKILL)
-        _until("a new worker", lambda: runs.worker_pids() and runs.worker_pids()[0] != victim
-               and runs.alive_workers == 1)
+        _until(
+            "a new worker",
+            lambda: runs.worker_pids() and runs.worker_pids()[0] != victim and runs.alive_workers == 1,
+        )
         assert not scratch.exists()
         assert client.get("/readyz").json()["runs"]["workers"] == 1
 

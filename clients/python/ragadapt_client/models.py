@@ -280,7 +280,9 @@ class Hyperparameters(_Model):
     index_refresh_every: int | None = None  # steps between asynchronous index rebuilds (End2End)
     max_index_staleness: int | None = None  # steps training runs ahead of a pending rebuild before it waits
     reconstruction_ratio: float | None = None  # share of examples that are sentence reconstructions
-    retriever_steps: int | None = None  # the retriever phase (contrastive, encoders only) before the joint one
+    retriever_steps: int | None = (
+        None  # the retriever phase (contrastive, encoders only) before the joint one
+    )
     retriever_epochs: float | None = None  # instead of retriever_steps: passes over the retrieval pairs
     retriever_batch_size: int | None = None
     retriever_lr: float | None = None
