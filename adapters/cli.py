@@ -16,8 +16,9 @@ import argparse
 import json
 import secrets
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 from adapters.errors import InvalidRun
 from adapters.qa import QaSets, parse_qa_jsonl
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 
 def adapt(
     store: ObjectStore,
-    backbone_config: "BackboneConfig",
+    backbone_config: BackboneConfig,
     request: RunRequest,
     work_dir: Path,
     *,
@@ -60,7 +61,7 @@ def adapt(
 
 def resume(
     store: ObjectStore,
-    backbone_config: "BackboneConfig",
+    backbone_config: BackboneConfig,
     run_id: str,
     work_dir: Path,
     *,
@@ -132,7 +133,7 @@ def _execute(
 
 def evaluate_modes(
     store: ObjectStore,
-    backbone: "Backbone",
+    backbone: Backbone,
     domain: str,
     *,
     split: str = "dev",
@@ -142,7 +143,7 @@ def evaluate_modes(
     max_new_tokens: int = 32,
     work_dir: Path,
     progress: bool = True,
-) -> list[tuple[str, "EvalReport"]]:
+) -> list[tuple[str, EvalReport]]:
     """Evaluate configurations of `domain` on `split` of its QA set, one report per mode.
 
     A mode is `base` (the base backbone over a base-encoder index), `live` (what the domain serves), a run
@@ -397,12 +398,12 @@ def request_from_args(args: argparse.Namespace) -> RunRequest:
             hp[name] = value
     if args.lora_r is not None or args.lora_alpha is not None:
         spec = {k: v for k, v in (("r", args.lora_r), ("alpha", args.lora_alpha)) if v is not None}
-        hp["lora"] = {c: spec for c in ("question", "passage", "generator")}
+        hp["lora"] = dict.fromkeys(("question", "passage", "generator"), spec)
     return RunRequest.model_validate(body)
 
 
 def cmd_adapt(
-    args: argparse.Namespace, store: ObjectStore, backbone_config: "BackboneConfig", work_dir: Path
+    args: argparse.Namespace, store: ObjectStore, backbone_config: BackboneConfig, work_dir: Path
 ) -> int:
     progress = not args.no_progress
     if args.resume:
@@ -413,7 +414,7 @@ def cmd_adapt(
     return 0 if info.state == RunState.SUCCEEDED else 1
 
 
-def cmd_eval(args: argparse.Namespace, store: ObjectStore, backbone: "Backbone", work_dir: Path) -> int:
+def cmd_eval(args: argparse.Namespace, store: ObjectStore, backbone: Backbone, work_dir: Path) -> int:
     from adapters.evaluation import format_differences, format_table
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]

@@ -21,9 +21,10 @@ import hashlib
 import json
 import tempfile
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from adapters.errors import DomainNotFound, InvalidQaSet
 from storage import artifacts

@@ -27,10 +27,11 @@ import math
 import os
 import socket
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Annotated, Any, Callable, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
@@ -137,7 +138,7 @@ class IctSettings(_Strict):
     max_pairs: int | None = Field(None, ge=1)  # a seeded sample of at most this many (None: every passage)
 
     @model_validator(mode="after")
-    def _words(self) -> "IctSettings":
+    def _words(self) -> IctSettings:
         if self.min_words > self.max_words:
             raise ValueError("min_words must not exceed max_words")
         return self
@@ -172,7 +173,7 @@ class QaSource(_Strict):
     synthetic: SyntheticSource | None = None
 
     @model_validator(mode="after")
-    def _one_source(self) -> "QaSource":
+    def _one_source(self) -> QaSource:
         given = [name for name in ("split", "uri", "examples") if getattr(self, name) is not None]
         if len(given) > 1 or (not given and self.synthetic is None):
             raise ValueError(f"give one of split, uri or examples, and/or synthetic (got {given or 'none'})")
@@ -195,7 +196,7 @@ class ReconstructionSource(_Strict):
     max_words: int = Field(48, ge=2)
 
     @model_validator(mode="after")
-    def _at_most_one(self) -> "ReconstructionSource":
+    def _at_most_one(self) -> ReconstructionSource:
         if self.uri is not None and self.sentences is not None:
             raise ValueError("give uri or sentences, not both")
         if self.min_words > self.max_words:
@@ -217,8 +218,8 @@ class Hyperparameters(_Strict):
     index_refresh_every: int | None = Field(
         None, ge=1
     )  # steps; default DEFAULT_REFRESH_EVERY when re-indexable
-    # Bounded staleness: a refresh that has not landed this many steps after it started makes training wait for
-    # it. None: never wait (RAG End2End's behaviour); on a slow host the index may then trail far behind.
+    # Bounded staleness: a refresh that has not landed this many steps after it started makes training wait
+    # for it. None: never wait (RAG End2End's behaviour); on a slow host the index may then trail far behind.
     max_index_staleness: int | None = Field(None, ge=1)
     reconstruction_ratio: float = Field(0.0, ge=0.0, lt=1.0)  # share of examples that are reconstructions
     # The retriever phase (before the joint one): encoders only, the contrastive loss over retrieval pairs
@@ -250,7 +251,7 @@ class Hyperparameters(_Strict):
     eval_max_new_tokens: int = Field(32, ge=1, le=256)
 
     @model_validator(mode="after")
-    def _steps_or_epochs(self) -> "Hyperparameters":
+    def _steps_or_epochs(self) -> Hyperparameters:
         if self.steps is not None and self.epochs is not None:
             raise ValueError("give steps or epochs, not both")
         return self
@@ -342,7 +343,7 @@ class RunRecord(RunInfo):
 
 
 def now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def owner_token(token: str) -> str:

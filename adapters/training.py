@@ -38,9 +38,10 @@ import logging
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 
@@ -248,8 +249,8 @@ class Trainer:
 
     Steps 1..`retriever_steps` are the retriever phase (the contrastive loss over `pairs`, encoders only); the
     rest are the joint phase (RAG End2End over QA rows from `examples` and `generated`, and reconstruction
-    rows from `sentences`). Between the two the index is refreshed with the trained passage encoder, so the joint
-    phase retrieves with what the retriever phase learned.
+    rows from `sentences`). Between the two the index is refreshed with the trained passage encoder, so the
+    joint phase retrieves with what the retriever phase learned.
     """
 
     def __init__(
@@ -299,7 +300,8 @@ class Trainer:
         self.state = resume.state if resume is not None else (state or TrainerState())
         self._permutations: dict[tuple[str, int], list[int]] = {}
         self._checkpointed = self.state.step if resume is not None else -1
-        # The lexical half of hard-negative mining: the dense index changes with each refresh, BM25 never does.
+        # The lexical half of hard-negative mining: the dense index changes with each refresh, BM25 never
+        # does.
         self._bm25: Bm25Index | None = None
         self._bm25_ids = [p.id for p in index.passages]
         if self.retriever_steps > self.state.step and self.hp.hard_negatives:
@@ -507,7 +509,7 @@ class Trainer:
             return passages
         if any(p.id in row.gold for p in passages):
             return passages
-        return passages[:-1] + [self.passages[rng.choice(row.gold)]]
+        return [*passages[:-1], self.passages[rng.choice(row.gold)]]
 
     def _encode_passages(self, passages: list[Passage]) -> torch.Tensor:
         if "passage" in self.request.components:

@@ -18,6 +18,7 @@ micro-batches. Nothing live changes unless the run reaches promotion.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import multiprocessing.synchronize
@@ -29,11 +30,12 @@ import socket
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from multiprocessing.connection import wait as wait_for
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from adapters.errors import LeaseLost, RunCancelled, RunFinished, RunInterrupted, RunNotFound
 from adapters.qa import parse_qa_jsonl
@@ -58,8 +60,8 @@ from storage.registry import DomainRegistry
 from storage.store import ObjectStore
 
 if TYPE_CHECKING:
-    from backbone import Backbone, BackboneConfig
     from adapters.training import TrainerState
+    from backbone import Backbone, BackboneConfig
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +105,7 @@ class RunContext:
         self._stage = ""
         self._pace: tuple[float, int] | None = None  # (time, step) of the first step seen by this worker
         # Called with each checkpoint (step, directory, trainer state); returns the adapter version it made.
-        self.on_checkpoint: Callable[[int, Path, "TrainerState"], str | None] | None = None
+        self.on_checkpoint: Callable[[int, Path, TrainerState], str | None] | None = None
 
     @property
     def id(self) -> str:
@@ -193,7 +195,7 @@ class RunContext:
         )
         return manifest.version
 
-    def checkpoint(self, step: int, directory: Path, state: "TrainerState") -> None:
+    def checkpoint(self, step: int, directory: Path, state: TrainerState) -> None:
         """Publish a checkpoint directory, then drop older checkpoints and mid-run indexes it no longer
         needs."""
         store, prefix = self.runs.store, self.runs.checkpoints_prefix(self.id)
@@ -224,11 +226,11 @@ class RunContext:
 class Workspace:
     """What a run executes with: the backbone (per quantization), local scratch, a cache of index versions."""
 
-    backbone_config: "BackboneConfig"
+    backbone_config: BackboneConfig
     work_dir: Path
-    backbones: dict[str, "Backbone"] = field(default_factory=dict)  # loaded ones, by quantization
+    backbones: dict[str, Backbone] = field(default_factory=dict)  # loaded ones, by quantization
 
-    def backbone(self, quantize: str = "none") -> "Backbone":
+    def backbone(self, quantize: str = "none") -> Backbone:
         if quantize not in self.backbones:
             from adapters.training import backbone_for
 
@@ -555,7 +557,7 @@ class _Execution:
         self.ctx.update(index_version=version)
         return version
 
-    def _publish_checkpoint(self, step: int, directory: Path, state: "TrainerState") -> str | None:
+    def _publish_checkpoint(self, step: int, directory: Path, state: TrainerState) -> str | None:
         """A checkpoint's adapter set as an adapter version of the domain, which can be evaluated or promoted
         like any other (its index: the domain index the checkpoint trained against, else the one the run
         started from). The last step's is the run's own version, published with its evaluation."""
@@ -837,10 +839,8 @@ def _when_store_answers(action: Callable[[], object], should_stop: Callable[[], 
 
 
 def _finish(ctx: RunContext, state: RunState, code: str | None, error: str | None) -> None:
-    try:
+    with contextlib.suppress(LeaseLost, PreconditionFailed):
         ctx.flush()
-    except (LeaseLost, PreconditionFailed):
-        pass
     ctx.event("state", state=state.value, **({"error": error, "code": code} if error else {}))
     ctx.update(state=state, finished_at=now(), error=error, error_code=code)
 
@@ -853,7 +853,7 @@ class WorkerSpec:
     """What a worker process needs, picklable."""
 
     store: Any  # an ObjectStore that pickles (LocalStore), or a storage.StoreConfig
-    backbone_config: "BackboneConfig"
+    backbone_config: BackboneConfig
     work_dir: Path
     token: str
     lease_s: float
@@ -937,7 +937,7 @@ class RunManager:
     def __init__(
         self,
         store: ObjectStore,
-        backbone_config: "BackboneConfig",
+        backbone_config: BackboneConfig,
         work_dir: Path,
         *,
         max_concurrent: int = 1,
@@ -1054,8 +1054,8 @@ class RunManager:
 
     @property
     def supervisor(self) -> str:
-        """ "running"; "stopped" before start and after stop; "dead" when the thread that replaces dead workers
-        ended while it should run (nothing replaces a dead worker then: `/readyz` says so)."""
+        """`running`; `stopped` before start and after stop; `dead` when the thread that replaces dead
+        workers ended while it should run (nothing replaces a dead worker then: `/readyz` says so)."""
         if self._monitor is None:
             return "stopped"
         return "running" if self._monitor.is_alive() else "dead"

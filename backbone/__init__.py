@@ -4,15 +4,15 @@ from .config import COMPONENTS, AdapterSetConfig, BackboneConfig, LoraConfig
 from .errors import AdapterExists, AdapterLoadError, BackboneError, ModelLoadError, UnknownAdapter
 from .generator import Passage
 from .loading import embedded_default_config
-from .model import Answer, AdapterSetWeights, Answering, Backbone, SupportingPassage
+from .model import AdapterSetWeights, Answer, Answering, Backbone, SupportingPassage
 from .rag import normalize_answer
 
 __all__ = [
     "COMPONENTS",
-    "AdapterSetConfig",
-    "AdapterSetWeights",
     "AdapterExists",
     "AdapterLoadError",
+    "AdapterSetConfig",
+    "AdapterSetWeights",
     "Answer",
     "Answering",
     "Backbone",

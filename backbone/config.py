@@ -60,8 +60,8 @@ class BackboneConfig:
     """Where the frozen backbone comes from and how it runs.
 
     Model references are HF model ids or local directories; `generator_gguf_file` names a GGUF file inside the
-    generator directory, converted once to safetensors under `cache_dir`. `allow_hub=False` (the default) makes
-    every load local-only, so no code path reaches a model hub.
+    generator directory, converted once to safetensors under `cache_dir`. `allow_hub=False` (the default)
+    makes every load local-only, so no code path reaches a model hub.
     """
 
     question_encoder: str

@@ -61,7 +61,7 @@ class _GrowingLayer(DynamicLayer):
         """Keep these rows and the columns from `first_column` on."""
         self._reset(self.keys[rows, :, first_column:], self.values[rows, :, first_column:])
 
-    def join(self, other: "_GrowingLayer", length: int) -> None:
+    def join(self, other: _GrowingLayer, length: int) -> None:
         """Append `other`'s rows below these, both left-padded to `length` columns."""
         self._reset(
             torch.cat([_left_pad(self.keys, length), _left_pad(other.keys, length)]),
@@ -110,7 +110,7 @@ class _Batch:
         for layer in self.cache.layers:
             layer.select(rows, first)
 
-    def join(self, other: "_Batch") -> None:
+    def join(self, other: _Batch) -> None:
         length = max(self.mask.shape[1], other.mask.shape[1])
         for mine, theirs in zip(self.cache.layers, other.cache.layers):
             mine.join(theirs, length)
@@ -131,7 +131,7 @@ class Decoding:
     a row fails loudly (UnknownAdapter) rather than run under another adapter if its own was detached mid-way.
     """
 
-    def __init__(self, generator: "Generator"):
+    def __init__(self, generator: Generator):
         self._generator = generator
         self._batch: _Batch | None = None
         self._finished: list[tuple[int, Generation]] = []
@@ -240,7 +240,7 @@ class WholeBatchDecoding:
     """`Decoding`'s interface over transformers' `generate`, for models whose cache rows cannot be joined
     (seq2seq, sliding-window or linear attention): each `add` decodes its rows to the end at once."""
 
-    def __init__(self, generator: "Generator"):
+    def __init__(self, generator: Generator):
         self._generator = generator
         self._finished: list[tuple[int, Generation]] = []
         self._tickets = itertools.count()

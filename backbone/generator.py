@@ -19,7 +19,10 @@ from .decoding import Decoding, WholeBatchDecoding, supports_continuous
 from .loading import converted_gguf_dir, hub_kwargs, resolve_reference
 from .lora import AdapterHost
 
-SYSTEM_PROMPT = "Answer the question from the passage. Reply with the shortest exact phrase from the passage, nothing else."
+SYSTEM_PROMPT = (
+    "Answer the question from the passage. "
+    "Reply with the shortest exact phrase from the passage, nothing else."
+)
 RECONSTRUCT_PROMPT = "Reconstruct a sentence stated in the passage."
 CLOSED_BOOK_PROMPT = "Answer the question. Reply with the shortest exact phrase, nothing else."
 # The control token of RAG End2End's input reconstruction: it replaces the question.
@@ -60,7 +63,7 @@ class Generator:
         self.eos_ids = self._eos_ids()
 
     @classmethod
-    def load(cls, config: BackboneConfig, dtype: torch.dtype, device: torch.device) -> "Generator":
+    def load(cls, config: BackboneConfig, dtype: torch.dtype, device: torch.device) -> Generator:
         if config.generator_gguf_file:
             source, kwargs = str(converted_gguf_dir(config)), {"local_files_only": True}
         else:
@@ -84,7 +87,7 @@ class Generator:
             ids.add(end_of_turn)
         return sorted(i for i in ids if i is not None)
 
-    # --- prompts -------------------------------------------------------------------------------------------------
+    # --- prompts --------------------------------------------------------------------------------------------
 
     def clip(self, text: str, max_tokens: int) -> str:
         ids = self.tokenizer(text, add_special_tokens=False).input_ids
@@ -130,7 +133,7 @@ class Generator:
         shown = "".join(f"{u}\n{a}\n\n" for u, a in turns)
         return f"{instruction}\n\n{shown}{user}\n"
 
-    # --- likelihood ----------------------------------------------------------------------------------------------
+    # --- likelihood -----------------------------------------------------------------------------------------
 
     def target_logprobs(self, sources: list[str], targets: list[str], adapters: list[str] | None):
         """Per-token log p(target | source) -> (logprobs [batch, T], mask [batch, T]).
@@ -145,7 +148,7 @@ class Generator:
     def _target_ids(self, targets: list[str]) -> list[list[int]]:
         max_len = self.config.max_answer_tokens
         return [
-            self.tokenizer(t, add_special_tokens=False).input_ids[: max_len - 1] + [self.eos_ids[-1]]
+            [*self.tokenizer(t, add_special_tokens=False).input_ids[: max_len - 1], self.eos_ids[-1]]
             for t in targets
         ]
 
@@ -192,11 +195,11 @@ class Generator:
         )
         return logprobs * mask, mask
 
-    # --- decoding ------------------------------------------------------------------------------------------------
+    # --- decoding -------------------------------------------------------------------------------------------
 
     def decoding(self) -> Decoding | WholeBatchDecoding:
-        """A greedy decoding that rows can join and leave between steps (continuous batching) where the model's
-        cache allows it; otherwise one that decodes each added group to the end at once."""
+        """A greedy decoding that rows can join and leave between steps (continuous batching) where the
+        model's cache allows it; otherwise one that decodes each added group to the end at once."""
         if self.kind == "causal" and supports_continuous(self.host.base.config):
             return Decoding(self)
         return WholeBatchDecoding(self)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
@@ -60,9 +60,9 @@ class AdapterHost:
     The PeftModel wrapper is made lazily with the first adapter, so a backbone without adapters runs the plain
     model. Every forward names an adapter per row (BASE for none); the base weights never change.
 
-    Adapters live in slots (physical PEFT adapters). Injecting a slot walks the whole module tree (about a second
-    for the embedded default), so a removed adapter's slot is kept free and the next adapter of the same shape is
-    attached by copying its tensors in (milliseconds), as S-LoRA and vLLM reuse their LoRA slots.
+    Adapters live in slots (physical PEFT adapters). Injecting a slot walks the whole module tree (about a
+    second for the embedded default), so a removed adapter's slot is kept free and the next adapter of the
+    same shape is attached by copying its tensors in (milliseconds), as S-LoRA and vLLM reuse LoRA slots.
     """
 
     def __init__(self, model: nn.Module):
@@ -131,8 +131,8 @@ class AdapterHost:
         if missing or unexpected or mismatched:
             self._free.append(slot)
             raise AdapterLoadError(
-                f"adapter {name!r} does not fit this model: {len(missing)} missing, {len(unexpected)} unexpected "
-                f"and {len(mismatched)} mis-shaped tensors"
+                f"adapter {name!r} does not fit this model: {len(missing)} missing, "
+                f"{len(unexpected)} unexpected and {len(mismatched)} mis-shaped tensors"
             )
         with torch.no_grad():
             for key, param in tensors.items():
@@ -196,7 +196,8 @@ class AdapterHost:
     @contextmanager
     def mixed_training(self, names: list[str]) -> Iterator[list[nn.Parameter]]:
         """Train adapters through mixed-batch forwards: the base stays in eval mode (PEFT's rule for per-row
-        adapters); only the adapters' own dropout runs in training mode and only their weights get gradients."""
+        adapters); only the adapters' own dropout runs in training mode and only their weights get
+        gradients."""
         self._require(*names)
         params = [p for name in names for p in self.parameters(name)]
         slots = self.slots_of(names)

@@ -1,4 +1,4 @@
-"""The frozen RAG End2End backbone: question encoder, passage encoder and generator, with named adapter sets."""
+"""The frozen RAG End2End backbone: question and passage encoders and a generator, with named adapter sets."""
 
 from __future__ import annotations
 
@@ -74,10 +74,10 @@ class Backbone:
         self.shared_encoder = question.host is passage.host
         self._sets: dict[str, AdapterSetConfig | None] = {}
 
-    # --- loading -------------------------------------------------------------------------------------------------
+    # --- loading --------------------------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, config: BackboneConfig) -> "Backbone":
+    def load(cls, config: BackboneConfig) -> Backbone:
         from .loading import pick_device, pick_dtype
 
         started = time.perf_counter()
@@ -114,7 +114,7 @@ class Backbone:
             return self.config.score_scale
         return 20.0 if self.passage.pooling.normalize else 1.0
 
-    # --- adapter sets --------------------------------------------------------------------------------------------
+    # --- adapter sets ---------------------------------------------------------------------------------------
 
     @property
     def adapter_sets(self) -> list[str]:
@@ -209,7 +209,7 @@ class Backbone:
     def trainable_parameters(self, key: str) -> dict[str, list[torch.nn.Parameter]]:
         return {c: self._hosts()[c].parameters(self._name(c, key)) for c in COMPONENTS}
 
-    # --- encoding ------------------------------------------------------------------------------------------------
+    # --- encoding -------------------------------------------------------------------------------------------
 
     def _keys(self, adapters: list[str | None] | str | None, n: int) -> list[str | None]:
         return list(adapters) if isinstance(adapters, list) else [adapters] * n
@@ -234,7 +234,7 @@ class Backbone:
             self.config.max_passage_tokens,
         )
 
-    # --- RAG loss ------------------------------------------------------------------------------------------------
+    # --- RAG loss -------------------------------------------------------------------------------------------
 
     def rag_loss(
         self,
@@ -247,12 +247,12 @@ class Backbone:
         train: tuple[str, ...] = COMPONENTS,
         question_embeddings: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The RAG End2End marginal loss for n questions with k retrieved passages each, under adapter set `key`.
+        """The RAG End2End marginal loss of n questions, k retrieved passages each, under adapter set `key`.
 
-        The passages are re-encoded by the passage encoder here, so its LoRA receives gradients through the doc
-        scores. A question None is a reconstruction example (control token instead of a question; the target is a
-        domain sentence). `question_embeddings` [n, dim] stands in for the question encoder when given
-        (reconstruction inputs have no question to encode). Call under a `training` scope.
+        The passages are re-encoded by the passage encoder here, so its LoRA receives gradients through the
+        doc scores. A question None is a reconstruction example (control token instead of a question; the
+        target is a domain sentence). `question_embeddings` [n, dim] stands in for the question encoder when
+        given (reconstruction inputs have no question to encode). Call under a `training` scope.
         """
         n, k = len(questions), len(passages[0])
         flat = [p for row in passages for p in row]
@@ -287,9 +287,9 @@ class Backbone:
         per-row adapter forwards; the generator trains as the active adapter (so checkpointing can apply)."""
         return _TrainingScope(self, key, components, checkpointing)
 
-    # --- answering -----------------------------------------------------------------------------------------------
+    # --- answering ------------------------------------------------------------------------------------------
 
-    def answering(self) -> "Answering":
+    def answering(self) -> Answering:
         """Questions answered together as they come and go (continuous batching); see `Answering`."""
         return Answering(self)
 
@@ -303,8 +303,8 @@ class Backbone:
         *,
         max_new_tokens: int = 32,
     ) -> list[Answer]:
-        """Answer each question from its retrieved passages, rows possibly under different adapter sets, decoded
-        together."""
+        """Answer each question from its retrieved passages, rows possibly under different adapter sets,
+        decoded together."""
         answering = self.answering()
         tickets = answering.add(
             questions,

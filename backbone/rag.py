@@ -50,8 +50,8 @@ def info_nce(
 def lm_supervised_kl(
     doc_logprobs: torch.Tensor, answer_logprobs: torch.Tensor, temperature: float = 1.0
 ) -> torch.Tensor:
-    """LM-supervised retrieval (REPLUG, RA-DIT's LSR): KL(p_retriever(d|q) || p_LM(d|q,y)) over the top k, where
-    p_LM is the softmax of the generator's log-likelihood of the answer given each passage, detached.
+    """LM-supervised retrieval (REPLUG, RA-DIT's LSR): KL(p_retriever(d|q) || p_LM(d|q,y)) over the top k,
+    where p_LM is the softmax of the generator's log-likelihood of the answer given each passage, detached.
 
     doc_logprobs [n, k] (log_softmax of the doc scores); answer_logprobs [n, k] (log p(y | q, d))."""
     target = torch.log_softmax(answer_logprobs.detach() / temperature, dim=-1)  # [n, k]
@@ -77,7 +77,8 @@ def fast_rag_sequence(
     texts: list[str], seq_logprobs: list[float], doc_logprobs: list[float]
 ) -> list[Candidate]:
     """RAG-sequence "fast decoding": each passage proposes its own answer; equal answers pool their mass
-    sum_k p(doc_k|q) p(y|q,doc_k) over the passages that proposed them (the rest count as zero). Best first."""
+    sum_k p(doc_k|q) p(y|q,doc_k) over the passages that proposed them (the rest count as zero). Best
+    first."""
     groups: dict[str, list[int]] = defaultdict(list)
     for index, text in enumerate(texts):
         groups[normalize_answer(text)].append(index)

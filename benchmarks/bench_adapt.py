@@ -169,7 +169,7 @@ def run_domain(domain: str, args, backbone: Backbone, config, work: Path) -> dic
         },
         "ingest_s": round(ingest_s, 1),
         "runs": runs,
-        "eval": {mode: {k: v for k, v in report.to_dict().items()} for mode, report in reports},
+        "eval": {mode: report.to_dict() for mode, report in reports},
     }
 
 

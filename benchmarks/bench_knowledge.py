@@ -1,27 +1,30 @@
 """Knowledge injection benchmark: what adaptation does to retrieval and answers, on whole knowledge bases.
 
     .venv/bin/python benchmarks/bench_knowledge.py --domain finance
-    .venv/bin/python benchmarks/bench_knowledge.py --domain covid --modes base,bm25,generator_only,closed_book_ft
+    .venv/bin/python benchmarks/bench_knowledge.py --domain covid \
+        --modes base,bm25,generator_only,closed_book_ft
 
-For each shared domain (`../shared/data/<domain>`), its FULL knowledge base is ingested into a fresh LocalStore
-with the embedded default backbone and the default index settings (hybrid retrieval), its train and dev QA
-published, and these modes run exactly as `ragadapt adapt` executes them (same records, checkpoints and index
-refreshes), never promoted, then evaluated on the dev split:
+For each shared domain (`../shared/data/<domain>`), its FULL knowledge base is ingested into a fresh
+LocalStore with the embedded default backbone and the default index settings (hybrid retrieval), its train and
+dev QA published, and these modes run exactly as `ragadapt adapt` executes them (same records, checkpoints and
+index refreshes), never promoted, then evaluated on the dev split:
 
 - `bm25`: BM25 alone (no model; recall only).
 - `base`: the base backbone, no adaptation.
 - `generator_only`: the generator fine-tuned on the train QA with retrieval (FT + RAG).
 - `closed_book_ft`: the same generator answering without passages (seed 003's FT-only).
-- `end2end_marginal`: RAG End2End as published: the marginal loss alone, no retriever phase, no synthetic data.
-- `end2end`: the defaults: synthetic inverse-cloze pairs, the contrastive retriever phase, then the joint phase
-  (marginal + contrastive losses, RAFT gold passages).
+- `end2end_marginal`: RAG End2End as published: the marginal loss alone, no retriever phase, no synthetic
+  data.
+- `end2end`: the defaults: synthetic inverse-cloze pairs, the contrastive retriever phase, then the joint
+  phase (marginal + contrastive losses, RAFT gold passages).
 - `passages_only`: no QA given: inverse-cloze pairs and generated questions only.
 
 Recall@1/5/20 (dense, BM25, hybrid) is over every dev question; EM and F1 are over a seeded random sample of
-`--answered` dev questions (all of them where there are fewer), answered from the top `--top-k` passages of the
-domain's serving mode (hybrid). Every figure has a 95% bootstrap interval, every difference to `base` a paired
-one. One domain (or some modes of it) per invocation: results merge into `benchmarks/results/knowledge.json`
-(top-level `domains`), with `knowledge.png` and one line in `benchmarks/RESULTS.md` per domain piece.
+`--answered` dev questions (all of them where there are fewer), answered from the top `--top-k` passages of
+the domain's serving mode (hybrid). Every figure has a 95% bootstrap interval, every difference to `base` a
+paired one. One domain (or some modes of it) per invocation: results merge into
+`benchmarks/results/knowledge.json` (top-level `domains`), with `knowledge.png` and one line in
+`benchmarks/RESULTS.md` per domain piece.
 """
 
 from __future__ import annotations
@@ -397,8 +400,9 @@ def _summary(domain: str, entry: dict, modes: list[str]) -> str:
         cells.append(f"{mode} " + " ".join(f"{v:.3f}" if v is not None else "-" for v in values))
     piece = entry["pieces"][-1]
     return (
-        f"{domain}, full knowledge base, dev split ({piece['minutes']} min, {piece['torch_threads']} threads); "
-        f"dense r@5, hybrid r@5, F1, EM (BM25 r@5 {entry['bm25_recall_at_5']:.3f}): " + "; ".join(cells)
+        f"{domain}, full knowledge base, dev split ({piece['minutes']} min, {piece['torch_threads']} "
+        f"threads); dense r@5, hybrid r@5, F1, EM (BM25 r@5 {entry['bm25_recall_at_5']:.3f}): "
+        + "; ".join(cells)
     )
 
 

@@ -19,9 +19,10 @@ over several short rounds and reports the best round of each (the least disturbe
 
 The backbone runs in float32 by default here (`--dtype`), so that results stay comparable with the first ones.
 That choice rested on bfloat16 measuring 2-4x slower for generation, a measurement later found to be taken
-under thread contention; on quiet cores bfloat16 answered faster (5.4 s vs 7.6 s, 32 tokens over 5 passages). Passages are clipped to `--max-passage-tokens` (128, the backbone default is 192)
-to keep prefill, which dominates CPU time, within the time the shared cores allow; both sides of every
-comparison use the same setting.
+under thread contention; on quiet cores bfloat16 answered faster (5.4 s vs 7.6 s, 32 tokens over 5
+passages). Passages are clipped to `--max-passage-tokens` (128, the backbone default is 192) to keep
+prefill, which dominates CPU time, within the time the shared cores allow; both sides of every comparison use
+the same setting.
 """
 
 from __future__ import annotations

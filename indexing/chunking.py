@@ -16,9 +16,9 @@ import bisect
 import hashlib
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 from backbone import Passage
 

@@ -8,6 +8,7 @@ pointer moves only once both versions are complete.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import tempfile
@@ -66,10 +67,8 @@ def ingest(
     passages = load_corpus(Path(passages_path), chunk)
     log.info("read %d passages for domain %s from %s", len(passages), domain, passages_path)
     registry = DomainRegistry(store)
-    try:
+    with contextlib.suppress(DomainExists):
         registry.create_domain(domain, description=description)
-    except DomainExists:
-        pass
     scratch = Path(tempfile.mkdtemp(prefix=f"ragadapt-ingest-{domain}-"))
     versions = IndexVersions(registry, cache_dir if cache_dir is not None else scratch / "cache")
     try:

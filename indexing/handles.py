@@ -8,8 +8,8 @@ as long as a reader holds it; it is dropped when the last one lets go.
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Mapping
 
 from .errors import IndexNotReady
 from .searcher import IndexHandle

@@ -25,12 +25,12 @@ import signal
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_for
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -243,7 +243,7 @@ class RebuildJob:
         """The new index version once published (also when the flip then failed), else None."""
         return self._index_version
 
-    def start(self) -> "RebuildJob":
+    def start(self) -> RebuildJob:
         """Start the monitor thread, which starts the worker. A job cancelled before start stays cancelled."""
         with self._lock:
             if self._thread is not None:

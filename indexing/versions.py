@@ -16,10 +16,10 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
 
 from storage import ArtifactKind, DomainRegistry, LivePointer, PreconditionFailed
 from storage import DomainNotFound as StoreDomainNotFound
@@ -200,8 +200,8 @@ class IndexVersions:
         index_version: str,
         *,
         passages_version: str | None = None,
-        replacing: str | None | Unchecked = UNCHECKED,
-        adapter_version: str | None | Unchecked = UNCHECKED,
+        replacing: str | Unchecked | None = UNCHECKED,
+        adapter_version: str | Unchecked | None = UNCHECKED,
         attempts: int = 5,
     ) -> LivePointer:
         """Point the domain's live index (and passages, if given) at new versions, by compare-and-swap.

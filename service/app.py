@@ -42,8 +42,8 @@ from .metrics import Metrics
 from .openapi import ContractJsonPlugin
 from .problems import add_request_id, handle_exception
 from .requests import ServiceRequest
-from .run_checks import batch_passage_limit, host_memory
 from .routes import admin, ask, domains, operations, runs
+from .run_checks import batch_passage_limit, host_memory
 from .runtime import Loaded, Runtime
 from .settings import Settings
 from .worker import ModelWorker

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -99,10 +100,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="ragadapt-ingest-"))
     try:
         adapter_dir, adapter_version = None, None
-        try:
+        with contextlib.suppress(DomainNotFound):
             adapter_version = DomainRegistry(store).live(args.domain).adapter_version
-        except DomainNotFound:
-            pass
         if adapter_version is not None:
             adapter_dir = scratch / "adapter"
             AdapterRegistry(store).fetch(

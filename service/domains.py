@@ -16,17 +16,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Mapping
 
+from adapters import AdapterIncompatible
 from backbone import Backbone
 from indexing import IndexHandle
 from indexing.versions import IndexVersions
 from storage import ArtifactKind, DomainNotFound, DomainRegistry, LivePointer
 from storage.registry import DOMAIN_NAME
-
-from adapters import AdapterIncompatible
 
 from .adapter_cache import AdapterCache
 from .metrics import Metrics

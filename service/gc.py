@@ -20,7 +20,7 @@ import logging
 import shutil
 from collections import defaultdict
 from collections.abc import Iterable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -124,7 +124,7 @@ def _run_leftovers(
         if len(parts) >= 3 and VERSION_ID.fullmatch(parts[1]):
             by_run[parts[1]].append(info)
     known = {record.id: record for record in records}
-    cutoff = datetime.now(timezone.utc) - older_than
+    cutoff = datetime.now(UTC) - older_than
     cleaned = []
     for run_id, objects in sorted(by_run.items()):
         record = known.get(run_id)
@@ -146,7 +146,7 @@ def _run_leftovers(
 def _stuck_submits(runs: RunStore, records: list[RunRecord], dry_run: bool) -> list[str]:
     """Validating runs without a queue marker, older than any submit takes: nothing will ever queue them."""
     queued = set(runs.active())
-    cutoff = datetime.now(timezone.utc) - timedelta(seconds=SUBMIT_GRACE_S)
+    cutoff = datetime.now(UTC) - timedelta(seconds=SUBMIT_GRACE_S)
     stuck = [
         record.id
         for record in records
@@ -156,7 +156,7 @@ def _stuck_submits(runs: RunStore, records: list[RunRecord], dry_run: bool) -> l
     def fail(record: RunRecord) -> RunRecord | None:
         if record.state != RunState.VALIDATING:
             return None
-        record.state, record.finished_at = RunState.FAILED, datetime.now(timezone.utc)
+        record.state, record.finished_at = RunState.FAILED, datetime.now(UTC)
         record.error_code, record.error = "submit_interrupted", "its submit ended before it was queued"
         return record
 
@@ -186,7 +186,7 @@ def _job_inputs(
         if record.input:
             needed.add(record.input)
     active = set(jobs.active())
-    cutoff = datetime.now(timezone.utc) - older_than
+    cutoff = datetime.now(UTC) - older_than
     swept = []
     for info in store.list("jobs/"):
         parts = info.key.split("/")

@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -84,7 +84,7 @@ _WRITE_EVERY_S = 2.0  # progress of a running job goes to its record at most thi
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class JobRecord(BaseModel):
@@ -707,11 +707,8 @@ def _info(local: _Local, work_dir: Path) -> JobInfo:
     else:
         fraction = _STAGE_PROGRESS.get(progress.stage, 0.0)
     state = "running" if not rebuild.status.finished else rebuild.status.value
-    if (
-        rebuild.status is RebuildState.FAILED
-        and rebuild.error_code == "store_unavailable"
-        or rebuild.status is RebuildState.CANCELLED
-        and local.stopping
+    if (rebuild.status is RebuildState.FAILED and rebuild.error_code == "store_unavailable") or (
+        rebuild.status is RebuildState.CANCELLED and local.stopping
     ):
         state = "pending"  # to be started again
     error = None if rebuild.error is None else f"{rebuild.error_code}: {_public(rebuild.error, work_dir)}"

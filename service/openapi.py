@@ -202,7 +202,7 @@ def exact(document: dict[str, Any], *, api_keys: bool) -> dict[str, Any]:
         },
     }
     for path, operations in document["paths"].items():
-        for method, operation in operations.items():
+        for _method, operation in operations.items():
             if not isinstance(operation, dict) or "responses" not in operation:
                 continue
             for parameter in operation.get("parameters", []):

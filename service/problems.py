@@ -15,8 +15,6 @@ from http import HTTPStatus
 from typing import Any
 
 from litestar import Request, Response
-from litestar.openapi import ResponseSpec
-from litestar.openapi.spec import Operation
 from litestar.exceptions import (
     HTTPException,
     MethodNotAllowedException,
@@ -25,6 +23,8 @@ from litestar.exceptions import (
     ValidationException,
 )
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
+from litestar.openapi import ResponseSpec
+from litestar.openapi.spec import Operation
 from litestar.types import Message, Scope
 
 from .schemas import Problem
@@ -92,8 +92,12 @@ def handle_exception(request: Request, exc: Exception) -> Response:
         return _typed(request, exc, _RENAMED.get(code, code), status)
     if isinstance(exc, HTTPException):
         return _litestar(request, exc)
-    log.exception(
-        "unhandled error on %s %s (request %s)", request.method, request.url.path, request_id(request.scope)
+    log.error(
+        "unhandled error on %s %s (request %s)",
+        request.method,
+        request.url.path,
+        request_id(request.scope),
+        exc_info=exc,
     )
     return problem(
         request,

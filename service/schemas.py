@@ -149,7 +149,7 @@ class CreateDomainRequest(_Request):
     retrieval: Retrieval | None = None
 
     @model_validator(mode="after")
-    def _one_source(self) -> "CreateDomainRequest":
+    def _one_source(self) -> CreateDomainRequest:
         if (self.passages_uri is None) == (self.passages is None):
             raise ValueError("give exactly one of passages_uri and passages")
         return self

@@ -36,7 +36,7 @@ class BackboneSettings(BaseModel):
     max_answer_tokens: int = Field(48, ge=2)
 
     @model_validator(mode="after")
-    def _all_or_nothing(self) -> "BackboneSettings":
+    def _all_or_nothing(self) -> BackboneSettings:
         named = [bool(self.question_encoder), bool(self.passage_encoder), bool(self.generator)]
         if any(named) and not all(named):
             raise ValueError("set question_encoder, passage_encoder and generator together, or none of them")
@@ -171,7 +171,7 @@ class Settings(BaseSettings):
     jobs: JobSettings = JobSettings()
 
     @model_validator(mode="after")
-    def _consistent(self) -> "Settings":
+    def _consistent(self) -> Settings:
         """Cross-field checks, so a bad combination fails at start-up rather than on the first request."""
         if not self.server.is_loopback() and self.server.admin_token is None:
             raise ValueError(f"serving on {self.server.host} (not loopback) needs server.admin_token")

@@ -21,6 +21,7 @@ event loop: the HTTP layer awaits an asyncio future the worker resolves.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import threading
@@ -340,7 +341,5 @@ def _deliver(job: AskJob, outcome: AskResult | BaseException) -> None:
         else:
             job.future.set_result(outcome)
 
-    try:
+    with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody is waiting any more
         job.loop.call_soon_threadsafe(resolve)
-    except RuntimeError:  # the event loop is closed: nobody is waiting any more
-        pass

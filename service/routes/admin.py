@@ -23,9 +23,9 @@ from storage.store import check_key
 
 from ..auth import admin_guard
 from ..errors import DomainInUse, InvalidPassages, InvalidRequest
+from ..gc import GcReport, collect, sweep_scratch
 from ..problems import ProblemOperation, problem_responses
 from ..runtime import Runtime
-from ..gc import GcReport, collect, sweep_scratch
 from ..schemas import (
     DOMAIN_PATTERN,
     CreateDomainRequest,

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-
-from anyio import to_thread
 from typing import Annotated
 
+from anyio import to_thread
 from litestar import post
 from litestar.di import NamedDependency
 from litestar.params import JSONBody, QueryParameter
@@ -80,7 +79,7 @@ async def ask(
             result = await asyncio.wait_for(job.future, _left(deadline))
         finally:
             job.cancelled = True  # timeout or client gone: the worker skips it or stops decoding it
-    except (TimeoutError, asyncio.TimeoutError):
+    except TimeoutError:
         code = RequestTimeout.code
         raise RequestTimeout(f"no answer within {runtime.settings.server.request_timeout_s:g}s") from None
     except Exception as exc:

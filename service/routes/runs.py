@@ -12,7 +12,6 @@ from litestar.params import FromPath, JSONBody, QueryParameter
 from pydantic import BaseModel
 
 from adapters.runs import RunInfo, RunRequest, RunState
-
 from storage.registry import DOMAIN_NAME
 
 from ..auth import admin_guard

@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from adapters.cli import add_parsers, adapt, cmd_eval, request_from_args
+from adapters.cli import adapt, add_parsers, cmd_eval, request_from_args
 from adapters.runs import RunRequest, RunState
 from adapters.worker import Workspace
 

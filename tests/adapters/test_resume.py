@@ -71,7 +71,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights(domain, tiny_config, tin
         record = queue_run(runs, request(), owner=owner)
         ticks = []
 
-        def stop_now() -> bool:
+        def stop_now(stopped_at=stopped_at, record=record, ticks=ticks) -> bool:
             ticks.append(1)
             if stopped_at == RETRIEVER_STEPS:
                 return len(ticks) >= RETRIEVER_STEPS + 1

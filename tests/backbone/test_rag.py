@@ -59,7 +59,8 @@ def test_end2end_training_lowers_rag_loss(tiny_root, kind, generator):
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
-    # Mean of the last steps: single steps are noisy (LoRA dropout, and sums that differ with the thread count).
+    # Mean of the last steps: single steps are noisy (LoRA dropout, and sums that differ with the thread
+    # count).
     assert sum(losses[-5:]) / 5 < 0.65 * losses[0]
 
 

@@ -13,8 +13,8 @@ from adapters import AdapterRegistry
 from backbone import Backbone
 from indexing.versions import IndexVersions
 from service.adapter_cache import AdapterCache
-from service.metrics import Metrics
 from service.errors import Overloaded
+from service.metrics import Metrics
 from service.worker import AskJob, ModelWorker
 from storage import DomainRegistry, LocalStore
 from tests.service.support import QUESTIONS, ingest_domain, publish_adapter
@@ -244,7 +244,7 @@ def test_requests_nobody_waits_for_give_their_queue_places_to_new_ones(setup):
     """A full queue first drops the entries whose clients already got 504 (or whose time is up), instead of
     refusing new requests until the worker reaches them."""
     _, backbone, versions, handles, _, _ = setup
-    worker, cache, metrics = _worker(setup, hot_slots=2, max_batch_rows=1, batch_wait_s=0.0, queue_size=2)
+    worker, cache, _metrics = _worker(setup, hot_slots=2, max_batch_rows=1, batch_wait_s=0.0, queue_size=2)
     alpha = ("alpha", versions["alpha"])
 
     async def main():

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from adapters import AdapterRegistry
+from indexing import EncodeConfig, ingest, write_passages
 from service.settings import Settings
 from storage import DomainRegistry, open_store
-from indexing import EncodeConfig, ingest, write_passages
 from tests.service.support import ADMIN, ADMIN_TOKEN, corpus, ingest_domain, publish_adapter, serve
 
 API_KEY = "test-api-key"

@@ -220,9 +220,9 @@ class AsyncRuns:
         metadata: Mapping[str, str] | None = None,
     ) -> AsyncRun:
         """Queue a run training on the domain's QA ``split`` (default ``train``), on QA at a store ``uri``, or
-        on ``examples``, plus ``synthetic`` data made from the domain's passages (``True``: the server's default,
-        inverse-cloze pairs; a mapping such as ``{"generated": {"max_passages": 300}}``; ``False``: none).
-        ``use_qa=False`` trains on synthetic data alone. ``promote_metric``: what ``if_better`` needs a
+        on ``examples``, plus ``synthetic`` data made from the domain's passages (``True``: the server's
+        default, inverse-cloze pairs; a mapping such as ``{"generated": {"max_passages": 300}}``; ``False``:
+        none). ``use_qa=False`` trains on synthetic data alone. ``promote_metric``: what ``if_better`` needs a
         significant gain on. Unset hyperparameters take the server's defaults; ``metadata`` labels the run (at
         most 16 strings, read back on it). ``.wait()`` on the returned run."""
         info = await self._client._send(

@@ -77,7 +77,8 @@ class LatestStep(_Model):
 class RunMetrics(_Model):
     """Evaluation reports of the base (before) and final (after) model: ``exact_match``, ``f1`` and ``recall``
     (per retrieval mode, per k) with their 95% intervals (``f1_ci`` ...); ``improvement``: final - base per
-    figure (``f1``, ``dense_recall@5`` ...) as ``{"value", "ci", "questions"}``, paired bootstrap intervals."""
+    figure (``f1``, ``dense_recall@5`` ...) as ``{"value", "ci", "questions"}``, paired bootstrap
+    intervals."""
 
     base: dict[str, Any] | None = None
     final: dict[str, Any] | None = None

@@ -13,7 +13,9 @@ from typing import Any
 
 import httpx
 import pytest
+
 from ragadapt_client import AsyncClient, Client, RetryPolicy
+
 from scripted import ScriptedServer, free_port
 
 # Backoff small enough for fast tests, large enough to be measurable.

@@ -6,7 +6,9 @@ import json
 
 import httpx
 import pytest
+
 from ragadapt_client import APITimeoutError, Client, NotFoundError
+
 from scripted import Reply
 
 ANSWER = {

@@ -8,6 +8,7 @@ import re
 import httpx
 import pytest
 from pydantic import BaseModel
+
 from ragadapt_client import endpoints, models
 
 # SDK model -> the service's schema component.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from ragadapt_client import (
     APIResponseValidationError,
     APIStatusError,
@@ -19,6 +20,7 @@ from ragadapt_client import (
     ServiceUnavailableError,
     UnprocessableEntityError,
 )
+
 from scripted import Reply
 
 NO_RETRY = {"max_retries": 0}

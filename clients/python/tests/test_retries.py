@@ -8,6 +8,7 @@ import time
 
 import httpx
 import pytest
+
 from ragadapt_client import (
     APIConnectionError,
     APIStatusError,
@@ -18,6 +19,7 @@ from ragadapt_client import (
     ServiceUnavailableError,
 )
 from ragadapt_client.errors import parse_retry_after
+
 from scripted import Reply, ScriptedServer
 
 RUN = {"id": "r1", "domain": "covid", "mode": "end2end", "state": "queued", "step": 0, "total_steps": 4}
@@ -140,9 +142,9 @@ def test_admin_post_is_retried_when_the_connection_was_refused(using):
 
 
 def test_connection_refused_raises_api_connection_error_after_retries(using):
-    with ScriptedServer(listening=False) as closed:  # bound, never listening: refuses every connection
-        with pytest.raises(APIConnectionError) as caught:
-            using(closed.url, lambda client: client.health())
+    # bound, never listening: refuses every connection
+    with ScriptedServer(listening=False) as closed, pytest.raises(APIConnectionError) as caught:
+        using(closed.url, lambda client: client.health())
     assert not isinstance(caught.value, APITimeoutError)
     assert isinstance(caught.value.__cause__, httpx.ConnectError)
     assert caught.value.request_id

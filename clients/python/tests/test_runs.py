@@ -4,10 +4,12 @@ reports, the typed errors of failed and cancelled runs, and ``events()`` across 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+
 from ragadapt_client import (
     AsyncClient,
     Client,
@@ -19,6 +21,7 @@ from ragadapt_client import (
     RunFailedError,
     WaitTimeoutError,
 )
+
 from scripted import Received, Reply
 
 BASE = {
@@ -183,7 +186,7 @@ def test_polling_backs_off_while_nothing_changes(scripted):
     with Client(scripted.url, admin_token="t") as client:
         client.runs.create("covid").wait(progress=False, poll_interval=0.02, max_poll_interval=0.2)
     polls = [r.time for r in scripted.received[1:]]
-    gaps = [b - a for a, b in zip(polls, polls[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(polls)]
     assert gaps[-1] > 2 * gaps[0]  # 0.02 grows by 1.5x per unchanged poll
 
 

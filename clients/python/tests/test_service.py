@@ -7,7 +7,7 @@ import asyncio
 import json
 
 import pytest
-from conftest import PASSAGES, TINY_RUN
+
 from ragadapt_client import (
     AsyncClient,
     AuthenticationError,
@@ -17,6 +17,8 @@ from ragadapt_client import (
     RunCancelledError,
     UnprocessableEntityError,
 )
+
+from conftest import PASSAGES, TINY_RUN
 
 
 def test_health_and_readiness(live_server, using):

@@ -6,6 +6,7 @@ import asyncio
 import inspect
 
 import pytest
+
 import ragadapt_client
 from ragadapt_client import AsyncClient, Client
 from ragadapt_client.async_client import AsyncDomains, AsyncJob, AsyncJobs, AsyncRun, AsyncRuns
