@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from adapters.errors import InvalidRun
+from adapters.execution import RunContext, Workspace, _claim, queue_run, run_claimed
 from adapters.qa import QaSets, parse_qa_jsonl
-from adapters.runs import RunInfo, RunRequest, RunState, RunStore, owner_token
-from adapters.worker import RunContext, Workspace, _claim, queue_run, run_claimed
+from adapters.spec import RunInfo, RunRequest, RunState, RunStore, owner_token
 from storage.store import ObjectStore
 
 if TYPE_CHECKING:

@@ -47,7 +47,7 @@ import torch
 
 from adapters.errors import InvalidRun, RunInterrupted
 from adapters.qa import QaExample
-from adapters.runs import RunRequest
+from adapters.spec import RunRequest
 from adapters.synthetic import RetrievalPair
 from backbone import AdapterSetConfig, Backbone, BackboneConfig, LoraConfig, Passage
 from backbone.rag import info_nce, lm_supervised_kl, rag_sequence_nll, rag_token_nll
@@ -80,7 +80,7 @@ class TrainerState:
 
 
 class RunHooks(Protocol):
-    """What the trainer needs from the run it belongs to (see `adapters.worker.RunContext`)."""
+    """What the trainer needs from the run it belongs to (see `adapters.execution.RunContext`)."""
 
     def tick(self) -> None:
         """Between micro-batches: raises RunCancelled / RunInterrupted / LeaseLost when the run must stop."""

@@ -44,13 +44,13 @@ sys.path.insert(0, str(ROOT))
 
 from adapters.cli import adapt  # noqa: E402
 from adapters.evaluation import EvalReport, compare, evaluate  # noqa: E402
+from adapters.execution import Workspace  # noqa: E402
 from adapters.qa import QaExample, QaSets  # noqa: E402
 from adapters.registry import AdapterRegistry  # noqa: E402
-from adapters.runs import RunRequest, RunStore  # noqa: E402
+from adapters.spec import RunRequest, RunStore  # noqa: E402
 from adapters.training import base_index_version  # noqa: E402
-from adapters.worker import Workspace  # noqa: E402
 from backbone import Backbone, embedded_default_config  # noqa: E402
-from indexing.cli import ingest  # noqa: E402
+from indexing.ingest import ingest  # noqa: E402
 from indexing.versions import IndexVersions  # noqa: E402
 from storage import DomainRegistry, LocalStore  # noqa: E402
 

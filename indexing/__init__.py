@@ -5,7 +5,6 @@ Imports `backbone` and `storage`, never `service` or `adapters`.
 
 from .builder import BuildInfo, IndexConfig, build_index, write_index
 from .chunking import ChunkConfig, load_corpus, passages_checksum, read_passages, write_passages
-from .cli import IngestResult, ingest
 from .encoder import EncodeConfig, encode_passages
 from .errors import (
     AdapterMismatch,
@@ -24,6 +23,7 @@ from .errors import (
     RetrievalModeUnavailable,
 )
 from .handles import LiveIndexes
+from .ingest import IngestResult, ingest
 from .rebuild import RebuildJob, RebuildProgress, RebuildResult, RebuildSpec, RebuildState
 from .searcher import Hit, IndexHandle
 from .versions import IndexVersions

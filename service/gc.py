@@ -25,8 +25,8 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from adapters.runs import RunRecord, RunState, RunStore
-from adapters.worker import SUBMIT_GRACE_S
+from adapters.execution import SUBMIT_GRACE_S
+from adapters.spec import RunRecord, RunState, RunStore
 from storage import DomainRegistry, ObjectStore
 from storage.artifacts import VERSION_ID
 

@@ -22,7 +22,7 @@ from litestar.openapi.plugins import JsonRenderPlugin
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from adapters.runs import RunInfo, RunRequest
+from adapters.spec import RunInfo, RunRequest
 from storage.artifacts import VERSION_ID
 
 from .gc import GcReport

@@ -1,5 +1,5 @@
 """Checks of an adaptation run against what this server loaded and what its host can hold, made before the
-run is queued (`adapters.runs.prepare` checks the request against the store). A run that fails them would
+run is queued (`adapters.spec.prepare` checks the request against the store). A run that fails them would
 only fail later, in its worker: LoRA targets naming no module of the backbone, or more generator rows per
 step than fit in memory."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 from torch import nn
 
 from adapters.errors import InvalidRun
-from adapters.runs import RunRequest
+from adapters.spec import RunRequest
 from backbone import Backbone
 
 # Linear-like layers PEFT's LoRA wraps (transformers' GPT-2 style Conv1D included, by name).

@@ -11,7 +11,7 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody, QueryParameter
 from pydantic import BaseModel
 
-from adapters.runs import RunInfo, RunRequest, RunState
+from adapters.spec import RunInfo, RunRequest, RunState
 from storage.registry import DOMAIN_NAME
 
 from ..auth import admin_guard

@@ -10,7 +10,7 @@ import pytest
 
 from adapters.qa import QaExample, QaSets
 from backbone import Backbone, BackboneConfig
-from indexing.cli import ingest
+from indexing.ingest import ingest
 from storage import LocalStore, ObjectStore
 from tests.models import tiny_backbone_config
 

@@ -7,8 +7,8 @@ import argparse
 import pytest
 
 from adapters.cli import adapt, add_parsers, cmd_eval, request_from_args
-from adapters.runs import RunRequest, RunState
-from adapters.worker import Workspace
+from adapters.execution import Workspace
+from adapters.spec import RunRequest, RunState
 
 
 def parse(*argv: str) -> argparse.Namespace:

@@ -10,9 +10,9 @@ from datetime import datetime
 
 import pytest
 
+from adapters.execution import RunManager
 from adapters.registry import AdapterRegistry
-from adapters.runs import RunInfo, RunRequest, RunState, RunStore
-from adapters.worker import RunManager
+from adapters.spec import RunInfo, RunRequest, RunState, RunStore
 from storage import ArtifactKind, DomainRegistry
 from tests.adapters.conftest import events_of, make_domain
 

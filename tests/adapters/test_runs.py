@@ -9,8 +9,8 @@ import pytest
 from pydantic import ValidationError
 
 from adapters.errors import DomainNotFound, InvalidRun, RunFinished
-from adapters.runs import EVENTS_PER_PAGE, RunRequest, RunState, RunStore, now, prepare
-from adapters.worker import RunManager, claim_next, queue_run
+from adapters.execution import RunManager, claim_next, queue_run
+from adapters.spec import EVENTS_PER_PAGE, RunRequest, RunState, RunStore, now, prepare
 from storage import new_version_id
 
 

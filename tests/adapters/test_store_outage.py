@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from adapters.runs import RunRequest, RunState, RunStore
-from adapters.worker import RunManager
+from adapters.execution import RunManager
+from adapters.spec import RunRequest, RunState, RunStore
 from storage import S3Store
 from tests.adapters.conftest import events_of, make_domain
 from tests.s3server import SeaweedS3

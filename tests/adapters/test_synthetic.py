@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from adapters.cli import adapt
+from adapters.execution import Workspace
 from adapters.registry import AdapterRegistry
-from adapters.runs import RunRequest, RunState, RunStore
+from adapters.spec import RunRequest, RunState, RunStore
 from adapters.synthetic import (
     GenerationConfig,
     SyntheticCache,
@@ -24,7 +25,6 @@ from adapters.synthetic import (
     sentences,
 )
 from adapters.training import Trainer, TrainerState, hard_negatives
-from adapters.worker import Workspace
 from backbone import AdapterSetConfig, Passage
 from indexing.versions import IndexVersions
 from storage import DomainRegistry, artifacts

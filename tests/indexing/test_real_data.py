@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from indexing.builder import IndexConfig
-from indexing.cli import ingest
+from indexing.ingest import ingest
 from indexing.versions import IndexVersions
 from storage import DomainRegistry, LocalStore
 

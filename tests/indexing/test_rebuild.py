@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from indexing.cli import ingest
 from indexing.encoder import EncodeConfig
 from indexing.errors import RebuildCancelled, RebuildFailed
 from indexing.handles import LiveIndexes
+from indexing.ingest import ingest
 from indexing.rebuild import RebuildJob, RebuildSpec, RebuildState
 from indexing.versions import IndexVersions
 from storage import DomainRegistry, LocalStore

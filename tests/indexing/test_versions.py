@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pytest
 
-from indexing.cli import ingest
 from indexing.errors import (
     AdapterMismatch,
     DimensionMismatch,
@@ -17,6 +16,7 @@ from indexing.errors import (
     LiveIndexMoved,
     MalformedPassages,
 )
+from indexing.ingest import ingest
 from indexing.versions import IndexVersions
 from storage import DomainRegistry, IntegrityError, LocalStore
 

@@ -9,8 +9,8 @@ import os
 import time
 from datetime import timedelta
 
-from adapters.runs import RunRequest, RunState, RunStore, now, prepare
-from adapters.worker import queue_run
+from adapters.execution import queue_run
+from adapters.spec import RunRequest, RunState, RunStore, now, prepare
 from service.cli import main
 from storage import ArtifactKind, DomainRegistry, LocalStore, new_version_id, open_store
 from tests.service.support import ADMIN, ingest_domain, publish_adapter, serve

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 from adapters.errors import LeaseLost, RunCancelled, RunFinished, RunInterrupted, RunNotFound
 from adapters.qa import parse_qa_jsonl
 from adapters.registry import AdapterRegistry
-from adapters.runs import (
+from adapters.spec import (
     Prepared,
     RunInfo,
     RunRecord,
