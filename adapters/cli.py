@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING
 from adapters.errors import InvalidRun
 from adapters.execution import RunContext, Workspace, _claim, queue_run, run_claimed
 from adapters.qa import QaSets, parse_qa_jsonl
-from adapters.spec import RunInfo, RunRequest, RunState, RunStore, owner_token
+from adapters.records import RunStore, owner_token
+from adapters.spec import RunInfo, RunRequest, RunState
 from storage.store import ObjectStore
 
 if TYPE_CHECKING:

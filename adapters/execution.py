@@ -39,21 +39,10 @@ from typing import TYPE_CHECKING, Any
 
 from adapters.errors import LeaseLost, RunCancelled, RunFinished, RunInterrupted, RunNotFound
 from adapters.qa import parse_qa_jsonl
+from adapters.records import RunRecord, RunStore, lease_expiry, now, owner_is_dead_here, owner_token
 from adapters.registry import AdapterRegistry
-from adapters.spec import (
-    Prepared,
-    RunInfo,
-    RunRecord,
-    RunRequest,
-    RunState,
-    RunStore,
-    lease_expiry,
-    lora_metadata,
-    now,
-    owner_is_dead_here,
-    owner_token,
-    prepare,
-)
+from adapters.spec import RunInfo, RunRequest, RunState
+from adapters.validation import Prepared, lora_metadata, prepare
 from storage import artifacts, new_version_id
 from storage.errors import DomainNotFound, PreconditionFailed, StoreError, StoreUnavailable
 from storage.registry import DomainRegistry

@@ -35,7 +35,8 @@ sys.path.insert(0, str(ROOT))
 from adapters.cli import adapt, evaluate_modes  # noqa: E402
 from adapters.execution import Workspace  # noqa: E402
 from adapters.qa import QaExample, QaSets  # noqa: E402
-from adapters.spec import RunRequest, RunStore  # noqa: E402
+from adapters.records import RunStore  # noqa: E402
+from adapters.spec import RunRequest  # noqa: E402
 from backbone import Backbone, embedded_default_config  # noqa: E402
 from indexing.ingest import ingest  # noqa: E402
 from storage import LocalStore  # noqa: E402

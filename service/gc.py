@@ -26,7 +26,8 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from adapters.execution import SUBMIT_GRACE_S
-from adapters.spec import RunRecord, RunState, RunStore
+from adapters.records import RunRecord, RunStore
+from adapters.spec import RunState
 from storage import DomainRegistry, ObjectStore
 from storage.artifacts import VERSION_ID
 

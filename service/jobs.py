@@ -40,7 +40,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from adapters import AdapterRegistry
-from adapters.spec import owner_is_dead_here, owner_token
+from adapters.records import owner_is_dead_here, owner_token
 from backbone import BackboneConfig
 from indexing import IndexConfig
 from indexing.encoder import EncodeConfig

@@ -1,7 +1,7 @@
 """Checks of an adaptation run against what this server loaded and what its host can hold, made before the
-run is queued (`adapters.spec.prepare` checks the request against the store). A run that fails them would
-only fail later, in its worker: LoRA targets naming no module of the backbone, or more generator rows per
-step than fit in memory."""
+run is queued (`adapters.validation.prepare` checks the request against the store). A run that fails them
+would only fail later, in its worker: LoRA targets naming no module of the backbone, or more generator rows
+per step than fit in memory."""
 
 from __future__ import annotations
 

@@ -10,8 +10,9 @@ from safetensors.torch import load_file
 from adapters.cli import adapt, resume
 from adapters.errors import RunInterrupted
 from adapters.execution import RunContext, Workspace, queue_run, run_claimed
+from adapters.records import RunStore, owner_token
 from adapters.registry import AdapterRegistry
-from adapters.spec import RunRequest, RunState, RunStore, owner_token
+from adapters.spec import RunRequest, RunState
 from storage import DomainRegistry
 
 STEPS = 8

@@ -10,7 +10,9 @@ from pydantic import ValidationError
 
 from adapters.errors import DomainNotFound, InvalidRun, RunFinished
 from adapters.execution import RunManager, claim_next, queue_run
-from adapters.spec import EVENTS_PER_PAGE, RunRequest, RunState, RunStore, now, prepare
+from adapters.records import EVENTS_PER_PAGE, RunStore, now
+from adapters.spec import RunRequest, RunState
+from adapters.validation import prepare
 from storage import new_version_id
 
 

@@ -13,8 +13,9 @@ from safetensors.torch import load_file
 
 from adapters.cli import adapt
 from adapters.execution import Workspace
+from adapters.records import RunStore
 from adapters.registry import AdapterRegistry
-from adapters.spec import RunRequest, RunState, RunStore
+from adapters.spec import RunRequest, RunState
 from adapters.synthetic import (
     GenerationConfig,
     SyntheticCache,

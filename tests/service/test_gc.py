@@ -10,7 +10,9 @@ import time
 from datetime import timedelta
 
 from adapters.execution import queue_run
-from adapters.spec import RunRequest, RunState, RunStore, now, prepare
+from adapters.records import RunStore, now
+from adapters.spec import RunRequest, RunState
+from adapters.validation import prepare
 from service.cli import main
 from storage import ArtifactKind, DomainRegistry, LocalStore, new_version_id, open_store
 from tests.service.support import ADMIN, ingest_domain, publish_adapter, serve
