@@ -21,8 +21,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from adapters.errors import InvalidRun
-from adapters.execution import RunContext, Workspace, _claim, queue_run, run_claimed
+from adapters.execution import Workspace, execute
+from adapters.lease import RunContext
 from adapters.qa import QaSets, parse_qa_jsonl
+from adapters.queue import claim, submit
 from adapters.records import RunStore, owner_token
 from adapters.spec import RunInfo, RunRequest, RunState
 from storage.store import ObjectStore
@@ -47,8 +49,8 @@ def adapt(
     `workspace` reuses an already loaded backbone across several runs (benchmarks)."""
     runs = RunStore(store)
     owner = owner_token(f"cli-{secrets.token_hex(4)}")
-    record = queue_run(runs, request, owner=owner, lease_s=lease_s)
-    return _execute(
+    record = submit(runs, request, owner=owner, lease_s=lease_s)
+    return _execute_here(
         runs,
         record,
         owner,
@@ -72,7 +74,7 @@ def resume(
     """Take over a queued run, or one whose worker is gone, and finish it here from its last checkpoint."""
     runs = RunStore(store)
     owner = owner_token(f"cli-{secrets.token_hex(4)}")
-    record = _claim(runs, run_id, owner, lease_s, max_crashes=1_000_000)
+    record = claim(runs, run_id, owner, lease_s=lease_s, max_crashes=1_000_000)
     if record is None:
         current = runs.get(run_id)
         raise InvalidRun(
@@ -80,10 +82,10 @@ def resume(
             + (f" and held by {current.owner}" if current.state == RunState.RUNNING else "")
             + "; only a queued run or one whose worker is gone can be resumed"
         )
-    return _execute(runs, record, owner, backbone_config, work_dir, progress=progress, lease_s=lease_s)
+    return _execute_here(runs, record, owner, backbone_config, work_dir, progress=progress, lease_s=lease_s)
 
 
-def _execute(
+def _execute_here(
     runs: RunStore,
     record,
     owner: str,
@@ -119,7 +121,7 @@ def _execute(
     workspace = workspace or Workspace(backbone_config, Path(work_dir) / f"cli-{owner.rsplit('/', 1)[-1]}")
     ctx = RunContext(runs, record, owner, lease_s=lease_s, on_progress=on_progress)
     try:
-        run_claimed(ctx, workspace)
+        execute(ctx, workspace)
     except Exception:  # the outcome (cancelled, failed and why) is in the run record the caller gets
         pass
     finally:

@@ -29,7 +29,7 @@ from litestar.plugins.pydantic import PydanticPlugin
 from litestar.types import Message, Scope
 
 from adapters import AdapterRegistry
-from adapters.execution import RunManager
+from adapters.supervisor import RunManager
 from backbone import Backbone
 from indexing import IndexConfig, load_corpus, write_passages
 from indexing.versions import IndexVersions

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from adapters.execution import SUBMIT_GRACE_S
+from adapters.queue import SUBMIT_GRACE_S, fail_stuck_submit
 from adapters.records import RunRecord, RunStore
 from adapters.spec import RunState
 from storage import DomainRegistry, ObjectStore
@@ -154,17 +154,9 @@ def _stuck_submits(runs: RunStore, records: list[RunRecord], dry_run: bool) -> l
         if record.state == RunState.VALIDATING and record.id not in queued and record.created_at < cutoff
     ]
 
-    def fail(record: RunRecord) -> RunRecord | None:
-        if record.state != RunState.VALIDATING:
-            return None
-        record.state, record.finished_at = RunState.FAILED, datetime.now(UTC)
-        record.error_code, record.error = "submit_interrupted", "its submit ended before it was queued"
-        return record
-
     if not dry_run:
         for run_id in stuck:
-            runs.update(run_id, fail)
-            runs.append_events(run_id, [{"kind": "state", "state": "failed", "code": "submit_interrupted"}])
+            fail_stuck_submit(runs, run_id)
     return stuck
 
 

@@ -10,10 +10,10 @@ from datetime import datetime
 
 import pytest
 
-from adapters.execution import RunManager
 from adapters.records import RunStore
 from adapters.registry import AdapterRegistry
 from adapters.spec import RunInfo, RunRequest, RunState
+from adapters.supervisor import RunManager
 from storage import ArtifactKind, DomainRegistry
 from tests.adapters.conftest import events_of, make_domain
 

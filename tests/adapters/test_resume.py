@@ -9,7 +9,9 @@ from safetensors.torch import load_file
 
 from adapters.cli import adapt, resume
 from adapters.errors import RunInterrupted
-from adapters.execution import RunContext, Workspace, queue_run, run_claimed
+from adapters.execution import Workspace, execute
+from adapters.lease import RunContext
+from adapters.queue import submit
 from adapters.records import RunStore, owner_token
 from adapters.registry import AdapterRegistry
 from adapters.spec import RunRequest, RunState
@@ -69,7 +71,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights(domain, tiny_config, tin
     runs = RunStore(domain.store)
     for stopped_at in (RETRIEVER_STEPS, 5):
         owner = owner_token("test")
-        record = queue_run(runs, request(), owner=owner)
+        record = submit(runs, request(), owner=owner)
         ticks = []
 
         def stop_now(stopped_at=stopped_at, record=record, ticks=ticks) -> bool:
@@ -79,7 +81,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights(domain, tiny_config, tin
             return any(e["kind"] == "step" and e["step"] >= stopped_at for e in runs.events(record.id)[0])
 
         with pytest.raises(RunInterrupted):
-            run_claimed(RunContext(runs, record, owner, should_stop=stop_now, flush_s=0), workspace)
+            execute(RunContext(runs, record, owner, should_stop=stop_now, flush_s=0), workspace)
         stopped = runs.get(record.id)
         assert stopped.state == RunState.QUEUED and stopped.checkpoint_step == stopped_at  # saved on the way
 

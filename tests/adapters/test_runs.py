@@ -9,9 +9,10 @@ import pytest
 from pydantic import ValidationError
 
 from adapters.errors import DomainNotFound, InvalidRun, RunFinished
-from adapters.execution import RunManager, claim_next, queue_run
+from adapters.queue import claim_next, submit
 from adapters.records import EVENTS_PER_PAGE, RunStore, now
 from adapters.spec import RunRequest, RunState
+from adapters.supervisor import RunManager
 from adapters.validation import prepare
 from storage import new_version_id
 
@@ -28,7 +29,7 @@ def assert_nothing_queued(store) -> None:
 
 def test_unknown_domain_is_404_before_anything_is_stored(domain):
     with pytest.raises(DomainNotFound) as caught:
-        queue_run(RunStore(domain.store), request(domain="nosuch"))
+        submit(RunStore(domain.store), request(domain="nosuch"))
     assert caught.value.status == 404 and caught.value.code == "domain_not_found"
     assert_nothing_queued(domain.store)
 
@@ -46,7 +47,7 @@ def test_unknown_domain_is_404_before_anything_is_stored(domain):
 )
 def test_bad_data_and_contradicting_settings_are_rejected_before_queueing(domain, body, why):
     with pytest.raises(InvalidRun, match=why) as caught:
-        queue_run(RunStore(domain.store), request(**body), cuda_available=False)
+        submit(RunStore(domain.store), request(**body), cuda_available=False)
     assert caught.value.status == 422 and caught.value.code == "invalid_run"
     assert_nothing_queued(domain.store)
 
@@ -54,7 +55,7 @@ def test_bad_data_and_contradicting_settings_are_rejected_before_queueing(domain
 def test_a_malformed_uploaded_file_is_rejected_with_its_line(domain):
     domain.store.put_bytes("uploads/train.jsonl", b'{"question": "q", "answers": ["a"]}\n{"question": "q2"\n')
     with pytest.raises(InvalidRun, match="line 2"):
-        queue_run(RunStore(domain.store), request(train={"uri": "uploads/train.jsonl"}))
+        submit(RunStore(domain.store), request(train={"uri": "uploads/train.jsonl"}))
     assert_nothing_queued(domain.store)
 
 
@@ -76,7 +77,7 @@ def test_shape_errors_fail_while_parsing_the_request():
 
 def test_a_valid_run_is_queued_with_frozen_inputs_and_its_steps_counted(domain):
     runs = RunStore(domain.store)
-    record = queue_run(
+    record = submit(
         runs,
         request(
             hyperparameters={"epochs": 2, "batch_size": 2, "retriever_batch_size": 8, "retriever_epochs": 2}
@@ -132,7 +133,7 @@ def test_cancelling_a_queued_run_ends_it_at_once_and_twice_is_409(domain, tiny_c
 
 def test_events_page_and_concurrent_appends_keep_one_gapless_sequence(domain):
     runs = RunStore(domain.store)
-    run_id = queue_run(runs, request()).id
+    run_id = submit(runs, request()).id
     writers = 4
     per_writer = EVENTS_PER_PAGE // 2 + 3  # enough to spill over two pages
 

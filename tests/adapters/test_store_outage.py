@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from adapters.execution import RunManager
 from adapters.records import RunStore
 from adapters.spec import RunRequest, RunState
+from adapters.supervisor import RunManager
 from storage import S3Store
 from tests.adapters.conftest import events_of, make_domain
 from tests.s3server import SeaweedS3

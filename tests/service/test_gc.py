@@ -9,7 +9,7 @@ import os
 import time
 from datetime import timedelta
 
-from adapters.execution import queue_run
+from adapters.queue import submit
 from adapters.records import RunStore, now
 from adapters.spec import RunRequest, RunState
 from adapters.validation import prepare
@@ -43,14 +43,14 @@ def _leftovers(store, root, backbone, tmp_path) -> dict:
     registry.promote("toy", adapters[0])
     # A queued run starting from adapters[1] (promoted then, rolled back since).
     registry.promote("toy", adapters[1])
-    queued = queue_run(runs, RUN)
+    queued = submit(runs, RUN)
     registry.rollback("toy")
     # A publish that failed half-way: files without a manifest.
     incomplete = new_version_id()
     store.put_bytes(f"domains/toy/adapters/{incomplete}/question/adapter_model.safetensors", b"partial")
     _age(root, f"domains/toy/adapters/{incomplete}")
     # A run that ended while its worker died before deleting its checkpoint.
-    ended = queue_run(runs, RUN)
+    ended = submit(runs, RUN)
     runs.update(ended.id, lambda r: r.model_copy(update={"state": RunState.FAILED}))
     runs.dequeue(ended.id)
     store.put_bytes(f"runs/{ended.id}/checkpoints/{new_version_id()}/state.json", b"{}")

@@ -6,7 +6,7 @@ import os
 import signal
 import time
 
-from adapters.execution import worker_scratch
+from adapters.supervisor import worker_scratch
 from tests.service.support import serve
 
 
