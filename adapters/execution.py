@@ -34,8 +34,11 @@ from storage.errors import StoreError, StoreUnavailable
 from storage.registry import DomainRegistry
 
 if TYPE_CHECKING:
-    from adapters.training import TrainerState
-    from backbone import Backbone, BackboneConfig
+    from adapters.qa import QaExample
+    from adapters.synthetic import RetrievalPair
+    from adapters.training import Resume, TrainerState
+    from backbone import Backbone, BackboneConfig, Passage
+    from indexing import IndexHandle
 
 log = logging.getLogger(__name__)
 
@@ -57,64 +60,416 @@ class Workspace:
         return self.backbones[quantize]
 
 
-def execute_run(ctx: RunContext, workspace: Workspace) -> RunRecord:
-    """Execute (or resume) a claimed run to its end; raises RunCancelled / RunInterrupted / LeaseLost /
-    errors."""
-    return _Execution(ctx, workspace).run()
+def execute(ctx: RunContext, workspace: Workspace) -> RunRecord:
+    """Execute (or resume) a claimed run to its end, and settle its end state whatever happens: succeeded,
+    failed or cancelled, or back in the queue when the worker stops (it resumes from its last checkpoint).
+
+    A store outage is not the run's fault: the run goes back to the queue once the store answers again and
+    resumes from its last checkpoint. Its end state is written when the store lets it through."""
+    runs, run_id = ctx.runs, ctx.id
+    try:
+        phases = _Phases(ctx, workspace)
+        try:
+            return phases.through()
+        finally:
+            phases.detach()
+    except RunInterrupted as exc:
+        ctx.flush()
+        requeue(runs, run_id, reason=str(exc), owner=ctx.owner)
+        raise
+    except LeaseLost:
+        log.warning("run %s was taken over by another worker; leaving it", run_id)
+        raise
+    except StoreUnavailable as exc:
+        log.warning("run %s paused: %s", run_id, exc)
+        # The steps since the last flush are done again after the resume; their events are not written.
+        ctx.discard_pending()
+        reason = "the store was unavailable; resuming from the last checkpoint"
+        _when_store_answers(
+            lambda: requeue(runs, run_id, reason=reason, owner=ctx.owner),
+            ctx.should_stop,
+            f"queueing run {run_id} again",
+        )
+        raise
+    except RunCancelled:
+        _when_store_answers(
+            lambda: finish(ctx, RunState.CANCELLED),
+            ctx.should_stop,
+            f"recording that run {run_id} was cancelled",
+        )
+        raise
+    except KeyboardInterrupt:  # Ctrl-C on `ragadapt adapt`: the person stopped it
+        finish(ctx, RunState.CANCELLED, error="interrupted from the keyboard")
+        raise
+    except Exception as exc:
+        log.exception("run %s failed", run_id)
+        code, error = getattr(exc, "code", None) or "run_failed", f"{type(exc).__name__}: {exc}"
+        _when_store_answers(
+            lambda: finish(ctx, RunState.FAILED, code=code, error=error),
+            ctx.should_stop,
+            f"recording that run {run_id} failed",
+        )
+        raise
+    finally:
+        shutil.rmtree(workspace.work_dir / "runs" / run_id, ignore_errors=True)
+        if ctx.record.state.finished:
+            try:
+                runs.dequeue(run_id)
+                runs.drop_artifacts(run_id)
+            except StoreError as exc:  # claim_next drops the marker of a finished run; gc sweeps the rest
+                log.warning("cleaning up after run %s failed: %s", run_id, exc)
 
 
-class _Execution:
-    """The phases of one run. Each records its outcome in run.json before the next starts, so a resumed run
-    skips what is done: base metrics, training (from the last checkpoint), the new index, final metrics,
-    the adapter version, promotion. Imports torch and the indexing stack lazily: the HTTP process imports
-    this module too."""
+@dataclass(frozen=True)
+class _Trained:
+    """What training hands on to indexing: the passages it searched and where it ended."""
+
+    passages: list[Passage]
+    step: int
+    start_version: str  # the domain index version training started from
+
+
+class _Phases:
+    """The phases of one run, in order. Each records its outcome in run.json before the next starts, so a
+    resumed run skips what is done: base metrics, training (from the last checkpoint), the new index, final
+    metrics, the adapter version, promotion. What a phase reads of the run it reads from `ctx.record`, the
+    one copy of the record this worker holds."""
 
     def __init__(self, ctx: RunContext, workspace: Workspace):
         from indexing.versions import IndexVersions
 
         self.ctx = ctx
-        self.record = ctx.record
-        self.request = self.record.request
+        self.request = ctx.record.request
         self.hp = self.request.hyperparameters
         self.store = ctx.runs.store
         self.bb = workspace.backbone(self.hp.quantize_generator)
-        self.run_dir = workspace.work_dir / "runs" / self.record.id
+        self.run_dir = workspace.work_dir / "runs" / ctx.id
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.domains = DomainRegistry(self.store)
         self.versions = IndexVersions(self.domains, workspace.work_dir / "index-cache")
         self.adapters = AdapterRegistry(self.store)
-        self.key = f"run-{self.record.id}"
+        self.trainee = f"run-{ctx.id}"  # the adapter set this run trains (a version once published)
         self.attached: list[str] = []
-        dev = ctx.runs.get_input(self.record.id, "eval.jsonl")
+        dev = ctx.runs.get_input(ctx.id, "eval.jsonl")
         self.dev = parse_qa_jsonl(dev) if dev else []
         ctx.on_checkpoint = self._publish_checkpoint
+
+    @property
+    def record(self) -> RunRecord:
+        return self.ctx.record
 
     @property
     def domain(self) -> str:
         return self.record.domain
 
-    def run(self) -> RunRecord:
-        try:
-            if self.ctx.record.adapter_version is None:
-                if self.dev and self.ctx.record.metrics.get("base") is None:
-                    self._evaluate_base()
-                trainer = self._train()
-                index_version = self.ctx.record.index_version or self._index(trainer)
-                if self.dev and self.ctx.record.metrics.get("final") is None:
-                    final = self._evaluate(self.key, self._open_index(index_version), None, "final")
-                    self.ctx.update(
-                        metrics={
-                            **self.ctx.record.metrics,
-                            "final": final,
-                            "improvement": self._improvement(final),
-                        }
-                    )
-                self._publish(index_version)
-            return self._finish()
-        finally:
-            for name in self.attached:
-                if name in self.bb.adapter_sets:
-                    self.bb.remove_adapter_set(name)
+    def through(self) -> RunRecord:
+        """Every phase the run has not done yet, then its end."""
+        if self.record.adapter_version is None:
+            if self.dev and self.record.metrics.get("base") is None:
+                self.evaluate_base()
+            trained = self.train()
+            index_version = self.record.index_version or self.index(trained)
+            if self.dev and self.record.metrics.get("final") is None:
+                self.evaluate_final(index_version)
+            self.publish(index_version)
+        return self.succeed()
+
+    def detach(self) -> None:
+        """Take the run's adapter sets off the backbone, which outlives the run in its worker."""
+        for name in self.attached:
+            if name in self.bb.adapter_sets:
+                self.bb.remove_adapter_set(name)
+
+    # --- phases ---------------------------------------------------------------------------------------------
+
+    def evaluate_base(self) -> None:
+        """What serves now: the parent adapter version over its index, or the base backbone."""
+        from adapters.training import base_index_version
+
+        parent = self.record.parent
+        if parent is not None:
+            name = f"parent-{self.ctx.id}"
+            self._attach_version(name, parent)
+            base = self._evaluate(name, self._open_index(self._parent_index()), parent, "base")
+            self.bb.remove_adapter_set(name)
+            self.attached.remove(name)
+        else:
+            version = base_index_version(self.bb, self.versions, self.domain, work_dir=self.run_dir)
+            base = self._evaluate(None, self._open_index(version), None, "base")
+        self.ctx.update(metrics={**self.record.metrics, "base": base})
+
+    def train(self) -> _Trained:
+        """Attach the adapter set (from the last checkpoint, the parent, or zero LoRA) and train it."""
+        from adapters.training import IndexRefresher, Trainer, TrainerState
+
+        resume = self._attach_trainee()
+        start_version, handle, index_dir = self._start_index(resume)
+        data = self._training_data(handle, resume)
+        self.ctx.update(started_at=self.record.started_at or now())
+        self.ctx.stage("training", resume.state.step if resume else 0, data.total_steps)
+        refresher = (
+            IndexRefresher(self.domain, self.bb, self.versions, self.run_dir)
+            if self.request.refresh_every
+            else None
+        )
+        trainer = Trainer(
+            self.bb,
+            self.trainee,
+            self.request,
+            data.total_steps,
+            data.train,
+            data.sentences,
+            handle,
+            index_dir,
+            self.ctx,
+            refresher=refresher,
+            work_dir=self.run_dir,
+            resume=resume,
+            state=TrainerState(
+                index={"kind": "domain", "version": start_version, "start_version": start_version}
+            ),
+            generated=data.generated,
+            pairs=data.pairs,
+        )
+        trainer.train()
+        self.ctx.flush()
+        return _Trained(list(trainer.index.passages), trainer.state.step, start_version)
+
+    def index(self, trained: _Trained) -> str:
+        """The index of the new passage encoder, published as a domain index version (nothing goes live); a
+        run that kept the passage encoder frozen serves from the index it started with."""
+        from adapters.training import build_domain_index
+
+        if "passage" in self.request.components:
+            self.ctx.stage("indexing")
+            start = self.versions.build_info(self.domain, trained.start_version)
+            version = build_domain_index(
+                self.bb,
+                self.trainee,
+                trained.passages,
+                self.versions,
+                self.domain,
+                passages_version=start.passages_version,
+                config=start.config,
+                work_dir=self.run_dir,
+                on_progress=lambda _stage, done, total: self.ctx.progress(done, total),
+            )
+            self.ctx.event("rebuild", state="published", index_version=version, step=trained.step)
+        else:
+            version = trained.start_version
+        self.ctx.update(index_version=version)
+        return version
+
+    def evaluate_final(self, index_version: str) -> None:
+        """The trained adapter set over the run's index, and its paired difference to the base report."""
+        final = self._evaluate(self.trainee, self._open_index(index_version), None, "final")
+        self.ctx.update(
+            metrics={**self.record.metrics, "final": final, "improvement": self._improvement(final)}
+        )
+
+    def publish(self, index_version: str) -> None:
+        """The trained adapter set as a new adapter version of the domain (nothing goes live)."""
+        self.ctx.stage("publishing")
+        target = self.run_dir / "final"
+        shutil.rmtree(target, ignore_errors=True)
+        self.bb.save_adapter_set(self.trainee, target)
+        manifest = self.adapters.publish(
+            self.domain,
+            target,
+            backbone_fingerprint=self.bb.fingerprint,
+            run_id=self.ctx.id,
+            metrics={**_without_outcomes(self.record.metrics), "mode": self.request.mode},
+            parent=self.record.parent,
+            index_version=index_version,
+            lora=lora_metadata(self.hp.lora),
+        )
+        self.ctx.update(adapter_version=manifest.version)
+
+    def succeed(self) -> RunRecord:
+        """Promote per policy, drop the checkpoints (the adapter version is out), then end the run
+        succeeded."""
+        promoted, reason = promote(self.domains, self.record)
+        self.ctx.update(promoted=promoted, step=self.record.total_steps)
+        self.ctx.runs.drop_artifacts(self.ctx.id)
+        finish(
+            self.ctx,
+            RunState.SUCCEEDED,
+            adapter_version=self.record.adapter_version,
+            index_version=self.record.index_version,
+            promoted=promoted,
+            promotion=reason,
+        )
+        return self.record
+
+    # --- training, step by step -----------------------------------------------------------------------------
+
+    def _attach_trainee(self) -> Resume | None:
+        """The adapter set to train, attached under `trainee`: the last checkpoint's (returned, to resume
+        from), the parent version's (init=live), or a fresh one of the run's LoRA settings."""
+        import torch
+
+        from adapters.training import adapter_set_config, load_resume
+
+        runs, hp = self.ctx.runs, self.hp
+        checkpoint = runs.latest_checkpoint(self.ctx.id)
+        if checkpoint is not None:
+            target = self.run_dir / f"checkpoint-{checkpoint.version}"
+            shutil.rmtree(target, ignore_errors=True)
+            artifacts.download(self.store, runs.checkpoints_prefix(self.ctx.id), checkpoint.version, target)
+            self.bb.load_adapter_set(self.trainee, target / "adapters")
+            self.attached.append(self.trainee)
+            resume = load_resume(target)
+            self.ctx.event(
+                "state",
+                state="running",
+                resumed_from=resume.state.step,
+                checkpoint=checkpoint.version,
+                index=resume.state.index.get("kind"),
+            )
+            return resume
+        if self._warm:
+            self._attach_version(self.trainee, self.record.parent)
+        else:
+            torch.manual_seed(hp.seed)  # LoRA A matrices start random: the run's seed decides them
+            self.bb.add_adapter_set(self.trainee, adapter_set_config(hp.lora))
+            self.attached.append(self.trainee)
+        return None
+
+    @property
+    def _warm(self) -> bool:
+        """Whether training starts from the parent version (else from zero LoRA)."""
+        return self.record.parent is not None and self.hp.init == "live"
+
+    def _start_index(self, resume: Resume | None) -> tuple[str, IndexHandle, Path | None]:
+        """The index training searches first: the checkpoint's, the parent's, or one of the base encoder.
+        Returns the domain index version the run started from, the handle, and the local directory of a
+        run-private index (None for a domain index)."""
+        from adapters.training import base_index_version
+        from indexing import IndexHandle
+
+        if resume is not None:
+            start_version = resume.state.index["start_version"]
+        elif self._warm:
+            start_version = self._parent_index()
+        else:
+            start_version = base_index_version(self.bb, self.versions, self.domain, work_dir=self.run_dir)
+        if resume is None or resume.state.index.get("kind") != "run":
+            return start_version, self._open_index(start_version), None
+        ref = resume.state.index
+        index_dir = self.run_dir / f"index-{ref['version']}"
+        if not index_dir.exists():
+            artifacts.download(
+                self.store, self.ctx.runs.indexes_prefix(self.ctx.id), ref["version"], index_dir
+            )
+        handle = IndexHandle.open(
+            index_dir,
+            domain=self.domain,
+            version=f"run-{ref['build_id']}",
+            embedding_dim=self.bb.embedding_dim,
+            fingerprint=self.bb.fingerprint,
+        )
+        return start_version, handle, index_dir
+
+    def _training_data(self, handle: IndexHandle, resume: Resume | None) -> _TrainingData:
+        """The frozen QA examples, generated questions, reconstruction sentences and retrieval pairs; the
+        joint phase is dropped when none of the first three is left."""
+        from adapters.synthetic import ict_pairs, qa_pairs, reconstruction_sentences
+
+        runs, hp = self.ctx.runs, self.hp
+        sentences: list[str] = []
+        if hp.reconstruction_ratio > 0:
+            given = runs.get_input(self.ctx.id, "reconstruction.txt")
+            if given is not None:
+                sentences = [s for s in given.decode("utf-8").splitlines() if s.strip()]
+            else:
+                recon = self.request.reconstruction
+                settings = recon.model_dump() if recon is not None else {}
+                sentences = reconstruction_sentences(
+                    handle.passages,
+                    min_words=settings.get("min_words", 6),
+                    max_words=settings.get("max_words", 48),
+                    limit=settings.get("max_sentences", 5000),
+                    seed=hp.seed,
+                )
+
+        train = parse_qa_jsonl(runs.get_input(self.ctx.id, "train.jsonl") or b"")
+        passages = list(handle.passages)
+        synthetic = self.request.train.synthetic
+        generated = self._generated(passages, train) if synthetic and synthetic.generated else []
+        pairs: list[RetrievalPair] = []
+        if hp.retriever_steps:
+            pairs = qa_pairs(train, passages) + qa_pairs(generated, passages, "generated")
+            if synthetic is not None and synthetic.ict is not None:
+                ict = synthetic.ict
+                pairs += ict_pairs(
+                    passages,
+                    seed=hp.seed,
+                    keep_sentence=ict.keep_sentence,
+                    min_words=ict.min_words,
+                    max_words=ict.max_words,
+                    limit=ict.max_pairs,
+                )
+        total_steps = self.record.total_steps
+        if not (train or generated or sentences) and hp.retriever_steps:
+            # Generated questions were asked for and none passed the round trip: no joint phase to run.
+            total_steps = hp.retriever_steps
+            if self.record.total_steps != total_steps:
+                self.ctx.update(total_steps=total_steps)
+                self.ctx.event("phase", name="joint", skipped="no QA examples: none given, none generated")
+        if resume is None:
+            kinds = Counter(pair.kind for pair in pairs)
+            self.ctx.event(
+                "data",
+                examples=len(train),
+                generated=len(generated),
+                sentences=len(sentences),
+                retriever_steps=hp.retriever_steps or 0,
+                pairs=dict(sorted(kinds.items())),
+            )
+        return _TrainingData(train, generated, sentences, pairs, total_steps)
+
+    def _generated(self, passages: list[Passage], train: list[QaExample]) -> list[QaExample]:
+        """Generated questions about the passages: from the store's cache, else written now by the base
+        generator (round-trip checked against the base index) and cached for the next run."""
+        from adapters.synthetic import GenerationConfig, SyntheticCache, generate_questions
+        from adapters.training import base_index_version
+
+        settings = self.request.train.synthetic.generated
+        config = GenerationConfig(**settings.model_dump(), seed=self.hp.seed)
+        cache = SyntheticCache(self.store)
+        identity = cache.identity(passages, train, self.bb.fingerprint, config)
+        found = cache.find(self.domain, identity)
+        if found is None:
+            self.ctx.stage("generating questions")
+            base = self._open_index(
+                base_index_version(self.bb, self.versions, self.domain, work_dir=self.run_dir)
+            )
+            found = generate_questions(
+                self.bb, passages, train, base, config, tick=self.ctx.tick, progress=self.ctx.progress
+            )
+            cache.put(self.domain, identity, found)
+            self.ctx.event("generated", passages=min(len(passages), config.max_passages), kept=len(found))
+        return found
+
+    def _publish_checkpoint(self, step: int, directory: Path, state: TrainerState) -> str | None:
+        """A checkpoint's adapter set as an adapter version of the domain, which can be evaluated or promoted
+        like any other (its index: the domain index the checkpoint trained against, else the one the run
+        started from). The last step's is the run's own version, published with its evaluation."""
+        if step >= self.record.total_steps:
+            return None
+        index = state.index
+        manifest = self.adapters.publish(
+            self.domain,
+            directory / "adapters",
+            backbone_fingerprint=self.bb.fingerprint,
+            run_id=self.ctx.id,
+            metrics={"checkpoint": self.ctx.latest, "mode": self.request.mode},
+            parent=self.record.parent,
+            index_version=index["version"] if index.get("kind") == "domain" else index["start_version"],
+            lora=lora_metadata(self.hp.lora),
+            checkpoint_step=step,
+        )
+        return manifest.version
 
     # --- helpers --------------------------------------------------------------------------------------------
 
@@ -165,271 +520,14 @@ class _Execution:
             return None
         return {name: d.to_dict() if d is not None else None for name, d in compare(final, base).items()}
 
-    # --- phases ---------------------------------------------------------------------------------------------
 
-    def _evaluate_base(self) -> None:
-        """What serves now: the parent adapter version over its index, or the base backbone."""
-        from adapters.training import base_index_version
-
-        parent = self.record.parent
-        if parent is not None:
-            name = f"parent-{self.record.id}"
-            self._attach_version(name, parent)
-            base = self._evaluate(name, self._open_index(self._parent_index()), parent, "base")
-            self.bb.remove_adapter_set(name)
-            self.attached.remove(name)
-        else:
-            version = base_index_version(self.bb, self.versions, self.domain, work_dir=self.run_dir)
-            base = self._evaluate(None, self._open_index(version), None, "base")
-        self.ctx.update(metrics={**self.ctx.record.metrics, "base": base})
-
-    def _train(self):
-        """Attach the adapter set (from the last checkpoint, the parent, or zero LoRA) and train it."""
-        import torch
-
-        from adapters.synthetic import ict_pairs, qa_pairs, reconstruction_sentences
-        from adapters.training import (
-            IndexRefresher,
-            Trainer,
-            TrainerState,
-            adapter_set_config,
-            base_index_version,
-            load_resume,
-        )
-        from indexing import IndexHandle
-
-        record, hp, runs = self.record, self.hp, self.ctx.runs
-        warm = record.parent is not None and hp.init == "live"
-        checkpoint = runs.latest_checkpoint(record.id)
-        resume = None
-        if checkpoint is not None:
-            target = self.run_dir / f"checkpoint-{checkpoint.version}"
-            shutil.rmtree(target, ignore_errors=True)
-            artifacts.download(self.store, runs.checkpoints_prefix(record.id), checkpoint.version, target)
-            self.bb.load_adapter_set(self.key, target / "adapters")
-            self.attached.append(self.key)
-            resume = load_resume(target)
-            self.ctx.event(
-                "state",
-                state="running",
-                resumed_from=resume.state.step,
-                checkpoint=checkpoint.version,
-                index=resume.state.index.get("kind"),
-            )
-        elif warm:
-            self._attach_version(self.key, record.parent)
-        else:
-            torch.manual_seed(hp.seed)  # LoRA A matrices start random: the run's seed decides them
-            self.bb.add_adapter_set(self.key, adapter_set_config(hp.lora))
-            self.attached.append(self.key)
-
-        # The index training searches first: the checkpoint's, the parent's, or one of the base encoder.
-        index_dir = None
-        if resume is not None:
-            start_version = resume.state.index["start_version"]
-        elif warm:
-            start_version = self._parent_index()
-        else:
-            start_version = base_index_version(self.bb, self.versions, self.domain, work_dir=self.run_dir)
-        if resume is not None and resume.state.index.get("kind") == "run":
-            ref = resume.state.index
-            index_dir = self.run_dir / f"index-{ref['version']}"
-            if not index_dir.exists():
-                artifacts.download(self.store, runs.indexes_prefix(record.id), ref["version"], index_dir)
-            handle = IndexHandle.open(
-                index_dir,
-                domain=self.domain,
-                version=f"run-{ref['build_id']}",
-                embedding_dim=self.bb.embedding_dim,
-                fingerprint=self.bb.fingerprint,
-            )
-        else:
-            handle = self._open_index(start_version)
-        self.start_version = start_version
-
-        sentences: list[str] = []
-        if hp.reconstruction_ratio > 0:
-            given = runs.get_input(record.id, "reconstruction.txt")
-            if given is not None:
-                sentences = [s for s in given.decode("utf-8").splitlines() if s.strip()]
-            else:
-                recon = self.request.reconstruction
-                settings = recon.model_dump() if recon is not None else {}
-                sentences = reconstruction_sentences(
-                    handle.passages,
-                    min_words=settings.get("min_words", 6),
-                    max_words=settings.get("max_words", 48),
-                    limit=settings.get("max_sentences", 5000),
-                    seed=hp.seed,
-                )
-
-        train = parse_qa_jsonl(runs.get_input(record.id, "train.jsonl") or b"")
-        passages = list(handle.passages)
-        synthetic = self.request.train.synthetic
-        generated = self._generated(passages, train) if synthetic and synthetic.generated else []
-        pairs: list = []
-        if hp.retriever_steps:
-            pairs = qa_pairs(train, passages) + qa_pairs(generated, passages, "generated")
-            if synthetic is not None and synthetic.ict is not None:
-                ict = synthetic.ict
-                pairs += ict_pairs(
-                    passages,
-                    seed=hp.seed,
-                    keep_sentence=ict.keep_sentence,
-                    min_words=ict.min_words,
-                    max_words=ict.max_words,
-                    limit=ict.max_pairs,
-                )
-        total_steps = record.total_steps
-        if not (train or generated or sentences) and hp.retriever_steps:
-            # Generated questions were asked for and none passed the round trip: no joint phase to run.
-            total_steps = hp.retriever_steps
-            if record.total_steps != total_steps:
-                self.ctx.update(total_steps=total_steps)
-                self.ctx.event("phase", name="joint", skipped="no QA examples: none given, none generated")
-        if resume is None:
-            kinds = Counter(pair.kind for pair in pairs)
-            self.ctx.event(
-                "data",
-                examples=len(train),
-                generated=len(generated),
-                sentences=len(sentences),
-                retriever_steps=hp.retriever_steps or 0,
-                pairs=dict(sorted(kinds.items())),
-            )
-        self.ctx.update(started_at=self.ctx.record.started_at or now())
-        self.ctx.stage("training", resume.state.step if resume else 0, total_steps)
-        refresher = (
-            IndexRefresher(self.domain, self.bb, self.versions, self.run_dir)
-            if self.request.refresh_every
-            else None
-        )
-        trainer = Trainer(
-            self.bb,
-            self.key,
-            self.request,
-            total_steps,
-            train,
-            sentences,
-            handle,
-            index_dir,
-            self.ctx,
-            refresher=refresher,
-            work_dir=self.run_dir,
-            resume=resume,
-            state=TrainerState(
-                index={"kind": "domain", "version": start_version, "start_version": start_version}
-            ),
-            generated=generated,
-            pairs=pairs,
-        )
-        trainer.train()
-        self.ctx.flush()
-        return trainer
-
-    def _generated(self, passages: list, train: list) -> list:
-        """Generated questions about the passages: from the store's cache, else written now by the base
-        generator (round-trip checked against the base index) and cached for the next run."""
-        from adapters.synthetic import GenerationConfig, SyntheticCache, generate_questions
-        from adapters.training import base_index_version
-
-        settings = self.request.train.synthetic.generated
-        config = GenerationConfig(**settings.model_dump(), seed=self.hp.seed)
-        cache = SyntheticCache(self.store)
-        identity = cache.identity(passages, train, self.bb.fingerprint, config)
-        found = cache.find(self.domain, identity)
-        if found is None:
-            self.ctx.stage("generating questions")
-            base = self._open_index(
-                base_index_version(self.bb, self.versions, self.domain, work_dir=self.run_dir)
-            )
-            found = generate_questions(
-                self.bb, passages, train, base, config, tick=self.ctx.tick, progress=self.ctx.progress
-            )
-            cache.put(self.domain, identity, found)
-            self.ctx.event("generated", passages=min(len(passages), config.max_passages), kept=len(found))
-        return found
-
-    def _index(self, trainer) -> str:
-        """The index of the new passage encoder, published as a domain index version (nothing goes live); a
-        run that kept the passage encoder frozen serves from the index it started with."""
-        from adapters.training import build_domain_index
-
-        if "passage" in self.request.components:
-            self.ctx.stage("indexing")
-            start = self.versions.build_info(self.domain, self.start_version)
-            version = build_domain_index(
-                self.bb,
-                self.key,
-                list(trainer.index.passages),
-                self.versions,
-                self.domain,
-                passages_version=start.passages_version,
-                config=start.config,
-                work_dir=self.run_dir,
-                on_progress=lambda _stage, done, total: self.ctx.progress(done, total),
-            )
-            self.ctx.event("rebuild", state="published", index_version=version, step=trainer.state.step)
-        else:
-            version = self.start_version
-        self.ctx.update(index_version=version)
-        return version
-
-    def _publish_checkpoint(self, step: int, directory: Path, state: TrainerState) -> str | None:
-        """A checkpoint's adapter set as an adapter version of the domain, which can be evaluated or promoted
-        like any other (its index: the domain index the checkpoint trained against, else the one the run
-        started from). The last step's is the run's own version, published with its evaluation."""
-        if step >= self.record.total_steps:
-            return None
-        index = state.index
-        manifest = self.adapters.publish(
-            self.domain,
-            directory / "adapters",
-            backbone_fingerprint=self.bb.fingerprint,
-            run_id=self.record.id,
-            metrics={"checkpoint": self.ctx.latest, "mode": self.request.mode},
-            parent=self.record.parent,
-            index_version=index["version"] if index.get("kind") == "domain" else index["start_version"],
-            lora=lora_metadata(self.hp.lora),
-            checkpoint_step=step,
-        )
-        return manifest.version
-
-    def _publish(self, index_version: str) -> None:
-        self.ctx.stage("publishing")
-        target = self.run_dir / "final"
-        shutil.rmtree(target, ignore_errors=True)
-        self.bb.save_adapter_set(self.key, target)
-        manifest = self.adapters.publish(
-            self.domain,
-            target,
-            backbone_fingerprint=self.bb.fingerprint,
-            run_id=self.record.id,
-            metrics={**_without_outcomes(self.ctx.record.metrics), "mode": self.request.mode},
-            parent=self.record.parent,
-            index_version=index_version,
-            lora=lora_metadata(self.hp.lora),
-        )
-        self.ctx.update(adapter_version=manifest.version)
-
-    def _finish(self) -> RunRecord:
-        """Promote per policy, drop the checkpoints (the adapter version is out), then mark the run
-        succeeded."""
-        record = self.ctx.record
-        promoted, reason = promote(self.domains, record)
-        self.ctx.update(promoted=promoted, step=record.total_steps)
-        self.ctx.runs.drop_artifacts(record.id)
-        # The event before the state: whoever sees the run finished finds its last event already logged.
-        self.ctx.event(
-            "state",
-            state="succeeded",
-            adapter_version=record.adapter_version,
-            index_version=record.index_version,
-            promoted=promoted,
-            promotion=reason,
-        )
-        self.ctx.update(state=RunState.SUCCEEDED, finished_at=now())
-        return self.ctx.record
+@dataclass(frozen=True)
+class _TrainingData:
+    train: list[QaExample]  # the frozen training examples
+    generated: list[QaExample]  # generated questions kept by the round trip
+    sentences: list[str]  # reconstruction sentences
+    pairs: list[RetrievalPair]  # the retriever phase's queries and positives
+    total_steps: int
 
 
 def _without_outcomes(metrics: dict) -> dict:
@@ -440,61 +538,6 @@ def _without_outcomes(metrics: dict) -> dict:
         else value
         for name, value in metrics.items()
     }
-
-
-def execute(ctx: RunContext, workspace: Workspace) -> RunRecord:
-    """Execute a claimed run and settle its end state, whatever happens.
-
-    A store outage is not the run's fault: the run goes back to the queue once the store answers again and
-    resumes from its last checkpoint. Its end state is written when the store lets it through."""
-    runs, run_id = ctx.runs, ctx.id
-    try:
-        return execute_run(ctx, workspace)
-    except RunInterrupted as exc:
-        ctx.flush()
-        requeue(runs, run_id, reason=str(exc), owner=ctx.owner)
-        raise
-    except LeaseLost:
-        log.warning("run %s was taken over by another worker; leaving it", run_id)
-        raise
-    except StoreUnavailable as exc:
-        log.warning("run %s paused: %s", run_id, exc)
-        # The steps since the last flush are done again after the resume; their events are not written.
-        ctx.discard_pending()
-        reason = "the store was unavailable; resuming from the last checkpoint"
-        _when_store_answers(
-            lambda: requeue(runs, run_id, reason=reason, owner=ctx.owner),
-            ctx.should_stop,
-            f"queueing run {run_id} again",
-        )
-        raise
-    except RunCancelled:
-        _when_store_answers(
-            lambda: finish(ctx, RunState.CANCELLED, None, None),
-            ctx.should_stop,
-            f"recording that run {run_id} was cancelled",
-        )
-        raise
-    except KeyboardInterrupt:  # Ctrl-C on `ragadapt adapt`: the person stopped it
-        finish(ctx, RunState.CANCELLED, None, "interrupted from the keyboard")
-        raise
-    except Exception as exc:
-        log.exception("run %s failed", run_id)
-        code, error = getattr(exc, "code", None) or "run_failed", f"{type(exc).__name__}: {exc}"
-        _when_store_answers(
-            lambda: finish(ctx, RunState.FAILED, code, error),
-            ctx.should_stop,
-            f"recording that run {run_id} failed",
-        )
-        raise
-    finally:
-        shutil.rmtree(workspace.work_dir / "runs" / run_id, ignore_errors=True)
-        if ctx.record.state.finished:
-            try:
-                runs.dequeue(run_id)
-                runs.drop_artifacts(run_id)
-            except StoreError as exc:  # claim_next drops the marker of a finished run; gc sweeps the rest
-                log.warning("cleaning up after run %s failed: %s", run_id, exc)
 
 
 def _when_store_answers(action: Callable[[], object], should_stop: Callable[[], bool], what: str) -> None:

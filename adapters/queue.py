@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from datetime import timedelta
+from typing import Any
 
 from adapters.errors import LeaseLost, RunFinished, RunNotFound
 from adapters.lease import RunContext
@@ -191,11 +192,15 @@ def cancel(runs: RunStore, run_id: str) -> RunRecord:
     return record
 
 
-def finish(ctx: RunContext, state: RunState, code: str | None, error: str | None) -> None:
-    """End a claimed run failed or cancelled, under its worker's lease (what is pending is flushed first)."""
+def finish(
+    ctx: RunContext, state: RunState, *, code: str | None = None, error: str | None = None, **outcome: Any
+) -> None:
+    """End a claimed run (succeeded, failed or cancelled) under its worker's lease. What is pending goes
+    out first; the state event (with `outcome`, or the error) comes before the state itself, so whoever sees
+    the run finished finds its last event already logged."""
     with contextlib.suppress(LeaseLost, PreconditionFailed):
         ctx.flush()
-    ctx.event("state", state=state.value, **({"error": error, "code": code} if error else {}))
+    ctx.event("state", state=state.value, **outcome, **({"error": error, "code": code} if error else {}))
     ctx.update(state=state, finished_at=now(), error=error, error_code=code)
 
 
