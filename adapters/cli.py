@@ -158,7 +158,7 @@ def evaluate_modes(
 
     from adapters.evaluation import evaluate
     from adapters.registry import AdapterRegistry
-    from adapters.training import base_index_version
+    from indexing.publish import base_index_version
     from indexing.versions import IndexVersions
     from storage.registry import DomainRegistry
 

@@ -52,11 +52,16 @@ class Workspace:
     backbones: dict[str, Backbone] = field(default_factory=dict)  # loaded ones, by quantization
 
     def backbone(self, quantize: str = "none") -> Backbone:
+        """The backbone with its generator as `quantize` says ("4bit": QLoRA's frozen NF4 generator)."""
         if quantize not in self.backbones:
-            from adapters.training import backbone_for
+            from backbone import Backbone
+            from backbone.quantization import quantize_generator_4bit
 
             self.backbones.clear()  # one copy of the weights at a time
-            self.backbones[quantize] = backbone_for(self.backbone_config, quantize)
+            backbone = Backbone.load(self.backbone_config)
+            if quantize == "4bit":
+                quantize_generator_4bit(backbone)
+            self.backbones[quantize] = backbone
         return self.backbones[quantize]
 
 
@@ -184,7 +189,7 @@ class _Phases:
 
     def evaluate_base(self) -> None:
         """What serves now: the parent adapter version over its index, or the base backbone."""
-        from adapters.training import base_index_version
+        from indexing.publish import base_index_version
 
         parent = self.record.parent
         if parent is not None:
@@ -238,7 +243,7 @@ class _Phases:
     def index(self, trained: _Trained) -> str:
         """The index of the new passage encoder, published as a domain index version (nothing goes live); a
         run that kept the passage encoder frozen serves from the index it started with."""
-        from adapters.training import build_domain_index
+        from indexing.publish import build_domain_index
 
         if "passage" in self.request.components:
             self.ctx.stage("indexing")
@@ -344,8 +349,8 @@ class _Phases:
         """The index training searches first: the checkpoint's, the parent's, or one of the base encoder.
         Returns the domain index version the run started from, the handle, and the local directory of a
         run-private index (None for a domain index)."""
-        from adapters.training import base_index_version
         from indexing import IndexHandle
+        from indexing.publish import base_index_version
 
         if resume is not None:
             start_version = resume.state.index["start_version"]
@@ -432,7 +437,7 @@ class _Phases:
         """Generated questions about the passages: from the store's cache, else written now by the base
         generator (round-trip checked against the base index) and cached for the next run."""
         from adapters.synthetic import GenerationConfig, SyntheticCache, generate_questions
-        from adapters.training import base_index_version
+        from indexing.publish import base_index_version
 
         settings = self.request.train.synthetic.generated
         config = GenerationConfig(**settings.model_dump(), seed=self.hp.seed)

@@ -49,9 +49,9 @@ from adapters.qa import QaExample, QaSets  # noqa: E402
 from adapters.records import RunStore  # noqa: E402
 from adapters.registry import AdapterRegistry  # noqa: E402
 from adapters.spec import RunRequest  # noqa: E402
-from adapters.training import base_index_version  # noqa: E402
 from backbone import Backbone, embedded_default_config  # noqa: E402
 from indexing.ingest import ingest  # noqa: E402
+from indexing.publish import base_index_version  # noqa: E402
 from indexing.versions import IndexVersions  # noqa: E402
 from storage import DomainRegistry, LocalStore  # noqa: E402
 

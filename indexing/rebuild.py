@@ -41,6 +41,7 @@ from .builder import BuildInfo, IndexConfig, build_index
 from .chunking import ChunkConfig, load_corpus, read_passages
 from .encoder import EncodeConfig
 from .errors import EmptyCorpus, IndexingError, RebuildCancelled, RebuildFailed
+from .publish import publish_build
 from .versions import IndexVersions
 
 log = logging.getLogger(__name__)
@@ -365,13 +366,17 @@ class RebuildJob:
             )
             return
         self._set_progress("publishing")
-        if spec.passages is not None:
-            passages_version = self._versions.publish_passages(
-                spec.domain, output / "passages.jsonl", source=str(spec.passages)
-            )
-        version = self._versions.publish_index(spec.domain, output, passages_version=passages_version)
+        published = publish_build(
+            self._versions,
+            spec.domain,
+            output,
+            passages=output / "passages.jsonl" if spec.passages is not None else None,
+            source=str(spec.passages),
+            passages_version=passages_version,
+        )
+        version, passages_version = published.index_version, published.passages_version
         self._index_version = version
-        directory = self._versions.adopt(spec.domain, version, output)
+        directory = published.directory
         info = BuildInfo.read(directory)
         flipped = False
         if spec.flip:
