@@ -14,12 +14,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from adapters.errors import DomainNotFound, InvalidQaSet, InvalidRun
+from adapters.errors import InvalidQaSet, InvalidRun
 from adapters.qa import QaExample, QaSets, example_from_record, parse_qa_jsonl, to_jsonl
 from adapters.records import RunRecord, now
 from adapters.spec import DEFAULT_STEPS, LoraSettings, QaSource, RunRequest, RunState
-from storage.errors import DomainNotFound as StoreDomainNotFound
-from storage.errors import InvalidDomainName, InvalidKey, ObjectNotFound
+from storage.errors import DomainNotFound, InvalidDomainName, InvalidKey, ObjectNotFound
 from storage.registry import ArtifactKind, DomainRegistry
 from storage.store import ObjectStore
 
@@ -42,8 +41,8 @@ def prepare(
     hp = request.hyperparameters
     try:
         domains.get_domain(request.domain)
-    except (StoreDomainNotFound, InvalidDomainName) as exc:  # an invalid name cannot name a domain either
-        raise DomainNotFound(f"no domain named {request.domain!r}") from exc
+    except InvalidDomainName as exc:  # an invalid name cannot name a domain either
+        raise DomainNotFound(f"domain {request.domain!r} does not exist") from exc
     pointer = domains.live(request.domain)
     if pointer.index_version is None:
         raise InvalidRun(f"domain {request.domain!r} has no index yet; wait for its ingestion to finish")

@@ -9,7 +9,6 @@ from .encoder import EncodeConfig, encode_passages
 from .errors import (
     AdapterMismatch,
     DimensionMismatch,
-    DomainNotFound,
     EmptyCorpus,
     EncoderMismatch,
     IndexingError,
@@ -33,7 +32,6 @@ __all__ = [
     "BuildInfo",
     "ChunkConfig",
     "DimensionMismatch",
-    "DomainNotFound",
     "EmptyCorpus",
     "EncodeConfig",
     "EncoderMismatch",

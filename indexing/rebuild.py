@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from backbone import Backbone, BackboneConfig
-from storage import new_version_id
+from storage import DomainNotFound, new_version_id
 
 from .builder import BuildInfo, IndexConfig, build_index
 from .chunking import ChunkConfig, load_corpus, read_passages
@@ -294,7 +294,7 @@ class RebuildJob:
             self._execute()
         except RebuildCancelled as exc:
             status, code, error = RebuildState.CANCELLED, exc.code, str(exc)
-        except IndexingError as exc:
+        except (IndexingError, DomainNotFound) as exc:  # typed: the message says it all
             status, code, error = RebuildState.FAILED, exc.code, str(exc)
         except Exception as exc:  # store errors and the unexpected: the job must end, and say why
             log.exception("rebuild of %s failed", self.domain)

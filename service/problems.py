@@ -39,8 +39,6 @@ _TOO_LARGE_HINTS = {
     "/admin/adapt": "; send large training sets as train.uri (a store key) or as the domain's QA set "
     "(the qa file of POST /admin/domains)",
 }
-# The contract's codes for errors other packages name differently.
-_RENAMED = {"malformed_passages": "invalid_passages", "empty_corpus": "invalid_passages"}
 
 
 def request_id(scope: Scope) -> str:
@@ -89,7 +87,7 @@ def handle_exception(request: Request, exc: Exception) -> Response:
     """The one exception handler of the app."""
     code, status = getattr(exc, "code", None), getattr(exc, "status", None)
     if isinstance(code, str) and isinstance(status, int) and not isinstance(exc, HTTPException):
-        return _typed(request, exc, _RENAMED.get(code, code), status)
+        return _typed(request, exc, code, status)
     if isinstance(exc, HTTPException):
         return _litestar(request, exc)
     log.error(

@@ -8,13 +8,13 @@ from datetime import timedelta
 import pytest
 from pydantic import ValidationError
 
-from adapters.errors import DomainNotFound, InvalidRun, RunFinished
+from adapters.errors import InvalidRun, RunFinished
 from adapters.queue import claim_next, submit
 from adapters.records import EVENTS_PER_PAGE, RunStore, now
 from adapters.spec import RunRequest, RunState
 from adapters.supervisor import RunManager
 from adapters.validation import prepare
-from storage import new_version_id
+from storage import DomainNotFound, new_version_id
 
 
 def request(**body) -> RunRequest:

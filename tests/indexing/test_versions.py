@@ -8,7 +8,6 @@ import pytest
 from indexing.errors import (
     AdapterMismatch,
     DimensionMismatch,
-    DomainNotFound,
     EmptyCorpus,
     EncoderMismatch,
     IndexNotReady,
@@ -18,7 +17,7 @@ from indexing.errors import (
 )
 from indexing.ingest import ingest
 from indexing.versions import IndexVersions
-from storage import DomainRegistry, IntegrityError, LocalStore
+from storage import DomainNotFound, DomainRegistry, IntegrityError, LocalStore
 
 
 def write_corpus(path, records):
