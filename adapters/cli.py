@@ -27,6 +27,7 @@ from adapters.qa import QaSets, parse_qa_jsonl
 from adapters.queue import claim, submit
 from adapters.records import RunStore, owner_token
 from adapters.spec import RunInfo, RunRequest, RunState
+from backbone import COMPONENTS
 from storage.store import ObjectStore
 
 if TYPE_CHECKING:
@@ -401,7 +402,7 @@ def request_from_args(args: argparse.Namespace) -> RunRequest:
             hp[name] = value
     if args.lora_r is not None or args.lora_alpha is not None:
         spec = {k: v for k, v in (("r", args.lora_r), ("alpha", args.lora_alpha)) if v is not None}
-        hp["lora"] = dict.fromkeys(("question", "passage", "generator"), spec)
+        hp["lora"] = dict.fromkeys(COMPONENTS, spec)
     return RunRequest.model_validate(body)
 
 

@@ -13,14 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from adapters.errors import AdapterIncompatible, AdapterVersionNotFound, InvalidAdapterSet
+from backbone import COMPONENTS
 from storage import artifacts
 from storage.artifacts import Manifest
 from storage.errors import VersionNotFound
 from storage.registry import ArtifactKind, DomainRegistry
 from storage.store import ObjectStore
 
-# The components of an adapter set, as backbone.COMPONENTS names them (not imported: that pulls in torch).
-COMPONENTS = ("question", "passage", "generator")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
+from backbone import COMPONENTS
 from storage.registry import DOMAIN_PATTERN
 
 Mode = Literal["end2end", "generator_only", "retriever_only"]
@@ -20,7 +21,7 @@ PromotePolicy = Literal["never", "if_better", "always"]
 
 # Which adapters of the set each mode trains (the others stay as they start: the parent's, or zero LoRA).
 MODE_COMPONENTS: dict[str, tuple[str, ...]] = {
-    "end2end": ("question", "passage", "generator"),
+    "end2end": COMPONENTS,
     "generator_only": ("generator",),
     "retriever_only": ("question", "passage"),
 }
