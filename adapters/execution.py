@@ -28,7 +28,6 @@ from adapters.queue import finish, requeue
 from adapters.records import RunRecord, now
 from adapters.registry import AdapterRegistry
 from adapters.spec import RunState
-from adapters.validation import lora_metadata
 from storage import artifacts
 from storage.errors import StoreError, StoreUnavailable
 from storage.registry import DomainRegistry
@@ -286,7 +285,7 @@ class _Phases:
             metrics={**_without_outcomes(self.record.metrics), "mode": self.request.mode},
             parent=self.record.parent,
             index_version=index_version,
-            lora=lora_metadata(self.hp.lora),
+            lora=self.hp.lora,
         )
         self.ctx.update(adapter_version=manifest.version)
 
@@ -313,7 +312,7 @@ class _Phases:
         from), the parent version's (init=live), or a fresh one of the run's LoRA settings."""
         import torch
 
-        from adapters.training import adapter_set_config, load_resume
+        from adapters.training import load_resume
 
         runs, hp = self.ctx.runs, self.hp
         checkpoint = runs.latest_checkpoint(self.ctx.id)
@@ -336,7 +335,7 @@ class _Phases:
             self._attach_version(self.trainee, self.record.parent)
         else:
             torch.manual_seed(hp.seed)  # LoRA A matrices start random: the run's seed decides them
-            self.bb.add_adapter_set(self.trainee, adapter_set_config(hp.lora))
+            self.bb.add_adapter_set(self.trainee, hp.lora)
             self.attached.append(self.trainee)
         return None
 
@@ -471,7 +470,7 @@ class _Phases:
             metrics={"checkpoint": self.ctx.latest, "mode": self.request.mode},
             parent=self.record.parent,
             index_version=index["version"] if index.get("kind") == "domain" else index["start_version"],
-            lora=lora_metadata(self.hp.lora),
+            lora=self.hp.lora,
             checkpoint_step=step,
         )
         return manifest.version

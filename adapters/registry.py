@@ -2,7 +2,8 @@
 
 An adapter version is the directory ``Backbone.save_adapter_set`` writes (``question/``, ``passage/`` and
 ``generator/``, each a PEFT adapter) stored as an artifact under ``domains/<domain>/adapters/<version>/``,
-with the backbone fingerprint, run, metrics, parent, index version and LoRA settings in its manifest.
+with the backbone fingerprint, run, metrics, parent and index version in its manifest, and the LoRA
+configuration (`backbone.AdapterSetConfig`) stored whole beside them and read back whole (`lora_config`).
 Making a version live is ``storage.DomainRegistry.promote``.
 """
 
@@ -12,8 +13,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from adapters.errors import AdapterIncompatible, AdapterVersionNotFound, InvalidAdapterSet
-from backbone import COMPONENTS
+from backbone import COMPONENTS, AdapterLoadError, AdapterSetConfig
 from storage import artifacts
 from storage.artifacts import Manifest
 from storage.errors import VersionNotFound
@@ -36,16 +39,17 @@ class AdapterRegistry:
         directory: Path,
         *,
         backbone_fingerprint: str,
+        lora: AdapterSetConfig,
         run_id: str | None = None,
         metrics: Mapping[str, Any] | None = None,
         parent: str | None = None,
         index_version: str | None = None,
-        lora: Mapping[str, Any] | None = None,
         checkpoint_step: int | None = None,
         progress: Callable[[str, int], None] | None = None,
     ) -> Manifest:
-        """Store an adapter set directory as a new version of ``domain``; returns its manifest.
-        ``checkpoint_step``: the version is the run's checkpoint at that step."""
+        """Store an adapter set directory as a new version of ``domain``; returns its manifest. ``lora``: the
+        configuration the set was made with, recorded whole. ``checkpoint_step``: the version is the run's
+        checkpoint at that step."""
         directory = Path(directory)
         missing = [
             f"{component}/{name}"
@@ -61,7 +65,7 @@ class AdapterRegistry:
             "metrics": dict(metrics or {}),
             "parent": parent,
             "index_version": index_version,
-            "lora": dict(lora or {}),
+            "lora": lora.model_dump(mode="json"),
         }
         if checkpoint_step is not None:
             metadata["checkpoint_step"] = checkpoint_step
@@ -94,3 +98,21 @@ class AdapterRegistry:
         return artifacts.download(
             self._store, self._domains.prefix(domain, ArtifactKind.ADAPTERS), version, dest_dir
         )
+
+
+def lora_config(manifest: Manifest) -> AdapterSetConfig | None:
+    """The LoRA configuration an adapter version was trained with, read back whole from its manifest; None
+    for a version that recorded none (its `lora` is empty: published before versions recorded it).
+    AdapterLoadError (adapter_invalid) when what it recorded does not parse."""
+    recorded = manifest.metadata.get("lora")
+    if not recorded:
+        return None
+    try:
+        return AdapterSetConfig.model_validate(recorded)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}" for error in exc.errors()
+        )
+        raise AdapterLoadError(
+            f"adapter version {manifest.version} records a LoRA configuration that does not parse: {problems}"
+        ) from exc

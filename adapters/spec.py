@@ -6,14 +6,14 @@ run is stored is `adapters.records`, which keeps its own model so that neither f
 
 from __future__ import annotations
 
-import typing
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from backbone import COMPONENTS
+from backbone import COMPONENTS, AdapterSetConfig
+from backbone.config import integral_floats
 from storage.registry import DOMAIN_PATTERN
 
 Mode = Literal["end2end", "generator_only", "retriever_only"]
@@ -46,46 +46,12 @@ class RunState(StrEnum):
 # --- the request --------------------------------------------------------------------------------------------
 
 
-def integral_floats(cls: type[BaseModel], data: Any) -> Any:
-    """A JSON number with a zero fraction is an integer (JSON Schema says so, and clients send 5.0): turn
-    those of int fields into ints before strict validation, which takes only ints there."""
-    if not isinstance(data, dict):
-        return data
-    fields = cls.model_fields
-    return {
-        name: int(value)
-        if isinstance(value, float) and value.is_integer() and name in fields and _takes_int(fields[name])
-        else value
-        for name, value in data.items()
-    }
-
-
-def _takes_int(field: Any) -> bool:
-    kinds = typing.get_args(field.annotation) or (field.annotation,)
-    return int in kinds and float not in kinds
-
-
 class _Strict(BaseModel):
     """A request part: unknown fields and values of another JSON type ("5" for 5, "true" for true) are
     errors, as the published JSON Schema states."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
     _integral = model_validator(mode="before")(integral_floats)
-
-
-class LoraSpec(_Strict):
-    """LoRA on one component. `targets` None: the architecture's attention Q/K/V projections."""
-
-    r: int = Field(8, ge=1, le=256)
-    alpha: int = Field(16, ge=1, le=4096)
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    targets: list[str] | None = None
-
-
-class LoraSettings(_Strict):
-    question: LoraSpec = LoraSpec()
-    passage: LoraSpec = LoraSpec()
-    generator: LoraSpec = LoraSpec()
 
 
 NonBlank = Annotated[str, StringConstraints(pattern=r"\S")]  # what adapters.qa takes for a question or answer
@@ -214,7 +180,7 @@ class Hyperparameters(_Strict):
     seed: int = Field(0, ge=0, le=SEED_MAX)  # what every RNG the run seeds takes (numpy's is the narrowest)
     checkpoint_every: int = Field(50, ge=1)
     init: Literal["live", "base"] = "live"  # start from the domain's live adapter version, or from zero LoRA
-    lora: LoraSettings | None = None  # None: the parent's settings when starting from it, else the defaults
+    lora: AdapterSetConfig | None = None  # None: the parent's when starting from it, else the defaults
     activation_checkpointing: bool = False  # generator activations recomputed in backward (less memory)
     quantize_generator: Literal["none", "4bit"] = "none"  # QLoRA: NF4 frozen generator (CUDA + bitsandbytes)
     eval_max_questions: int | None = Field(None, ge=1)  # EM/F1 on at most this many (recall uses them all)

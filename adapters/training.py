@@ -48,7 +48,7 @@ from adapters.errors import InvalidRun, RunInterrupted
 from adapters.qa import QaExample
 from adapters.spec import RunRequest
 from adapters.synthetic import RetrievalPair
-from backbone import AdapterSetConfig, Backbone, LoraConfig, Passage
+from backbone import Backbone, Passage
 from backbone.rag import info_nce, lm_supervised_kl, rag_sequence_nll, rag_token_nll
 from indexing import IndexConfig, IndexHandle
 from indexing.encoder import EncodeConfig
@@ -645,22 +645,3 @@ def _jsonable(value):
     if isinstance(value, tuple):
         return [_jsonable(v) for v in value]
     return value
-
-
-def adapter_set_config(lora) -> AdapterSetConfig:
-    """The backbone's AdapterSetConfig for a run's `LoraSettings`."""
-    return AdapterSetConfig(
-        **{
-            component: LoraConfig(
-                r=spec.r,
-                alpha=spec.alpha,
-                dropout=spec.dropout,
-                targets=tuple(spec.targets) if spec.targets else None,
-            )
-            for component, spec in (
-                ("question", lora.question),
-                ("passage", lora.passage),
-                ("generator", lora.generator),
-            )
-        }
-    )

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
-
-from pydantic import ValidationError
 
 from adapters.errors import InvalidQaSet, InvalidRun
 from adapters.qa import QaExample, QaSets, example_from_record, parse_qa_jsonl, to_jsonl
 from adapters.records import RunRecord, now
-from adapters.spec import DEFAULT_STEPS, LoraSettings, QaSource, RunRequest, RunState
+from adapters.registry import lora_config
+from adapters.spec import DEFAULT_STEPS, QaSource, RunRequest, RunState
+from backbone import AdapterSetConfig
 from storage.errors import DomainNotFound, InvalidDomainName, InvalidKey, ObjectNotFound
 from storage.registry import ArtifactKind, DomainRegistry
 from storage.store import ObjectStore
@@ -70,17 +69,14 @@ def prepare(
     parent = pointer.adapter_version
     lora = hp.lora
     if parent is not None and hp.init == "live":
-        parent_lora = (
-            domains.read_manifest(request.domain, ArtifactKind.ADAPTERS, parent).metadata.get("lora") or {}
-        )
-        inherited = _lora_from_metadata(parent_lora)
+        inherited = lora_config(domains.read_manifest(request.domain, ArtifactKind.ADAPTERS, parent))
         if lora is not None and inherited is not None and lora != inherited:
             raise InvalidRun(
                 f"the run starts from live adapter {parent}, whose LoRA settings differ from the "
                 "requested ones; drop hyperparameters.lora or set init='base'"
             )
         lora = inherited or lora
-    lora = lora or LoraSettings()
+    lora = lora or AdapterSetConfig()
 
     qa_sets = QaSets(store)
     qa_version = None
@@ -193,18 +189,6 @@ def _check_qlora(cuda_available: bool | None) -> None:
         raise InvalidRun(
             "quantize_generator='4bit' needs the bitsandbytes package (pip install 'ragadapt[gpu]')"
         )
-
-
-def _lora_from_metadata(metadata: dict[str, Any]) -> LoraSettings | None:
-    try:
-        return LoraSettings.model_validate({c: metadata[c] for c in ("question", "passage", "generator")})
-    except (KeyError, TypeError, ValidationError):
-        return None
-
-
-def lora_metadata(lora: LoraSettings) -> dict[str, Any]:
-    """What an adapter version's manifest records about its LoRA (read back by `_lora_from_metadata`)."""
-    return lora.model_dump()
 
 
 def _resolve_qa(

@@ -49,7 +49,7 @@ import torch  # noqa: E402
 import uvicorn  # noqa: E402
 
 from adapters import AdapterRegistry  # noqa: E402
-from backbone import Backbone, Passage  # noqa: E402
+from backbone import AdapterSetConfig, Backbone, Passage  # noqa: E402
 from indexing import EncodeConfig, ingest, write_passages  # noqa: E402
 from indexing.versions import IndexVersions  # noqa: E402
 from service.adapter_cache import AdapterCache  # noqa: E402
@@ -131,7 +131,12 @@ def prepare_domains(
         random_adapter(backbone, f"bench-{name}", work / f"adapter-{name}", seed)
         version = (
             AdapterRegistry(store)
-            .publish(name, work / f"adapter-{name}", backbone_fingerprint=backbone.fingerprint)
+            .publish(
+                name,
+                work / f"adapter-{name}",
+                backbone_fingerprint=backbone.fingerprint,
+                lora=AdapterSetConfig(),
+            )
             .version
         )
         DomainRegistry(store).promote(name, version)
@@ -356,7 +361,9 @@ def bench_cold_load(args, backbone: Backbone, work: Path) -> None:
                 random_adapter(backbone, f"cold-{seed}", directory, seed)
                 versions.append(
                     AdapterRegistry(store)
-                    .publish("cold", directory, backbone_fingerprint=backbone.fingerprint)
+                    .publish(
+                        "cold", directory, backbone_fingerprint=backbone.fingerprint, lora=AdapterSetConfig()
+                    )
                     .version
                 )
             metrics = Metrics()

@@ -7,7 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from adapters.spec import QaExampleIn, integral_floats
+from adapters.spec import QaExampleIn
+from backbone.config import integral_floats
 from storage.artifacts import VERSION_ID
 from storage.registry import DOMAIN_PATTERN
 

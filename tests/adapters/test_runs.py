@@ -14,7 +14,8 @@ from adapters.records import EVENTS_PER_PAGE, RunStore, now
 from adapters.spec import RunRequest, RunState
 from adapters.supervisor import RunManager
 from adapters.validation import prepare
-from storage import DomainNotFound, new_version_id
+from backbone import AdapterLoadError
+from storage import ArtifactKind, DomainNotFound, DomainRegistry, new_version_id
 
 
 def request(**body) -> RunRequest:
@@ -155,3 +156,18 @@ def test_events_page_and_concurrent_appends_keep_one_gapless_sequence(domain):
     later, next_after = runs.events(run_id, after=EVENTS_PER_PAGE + 5)
     assert [e["seq"] for e in later] == list(range(EVENTS_PER_PAGE + 6, last + 1)) and next_after == last
     assert runs.events(run_id, after=last) == ([], last)
+
+
+def test_a_live_adapter_whose_lora_configuration_does_not_parse_is_a_clear_error(domain, tmp_path):
+    """A run that starts from the live adapter takes its LoRA configuration, read back whole; one that does
+    not parse refuses the run (it used to start from the defaults instead, silently)."""
+    registry = DomainRegistry(domain.store)
+    weights = tmp_path / "weights.bin"
+    weights.write_bytes(b"lora")
+    damaged = {"question": {"r": "eight"}, "passage": {}, "generator": {}}
+    version = registry.publish("toy", ArtifactKind.ADAPTERS, {"w.bin": weights}, {"lora": damaged}).version
+    registry.promote("toy", version)
+    with pytest.raises(AdapterLoadError, match=f"{version} records a LoRA configuration that does not parse"):
+        submit(RunStore(domain.store), request())
+    assert_nothing_queued(domain.store)
+    assert submit(RunStore(domain.store), request(hyperparameters={"init": "base"})).state == RunState.QUEUED

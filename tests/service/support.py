@@ -19,7 +19,7 @@ import torch
 import uvicorn
 
 from adapters import AdapterRegistry
-from backbone import Backbone, Passage
+from backbone import AdapterSetConfig, Backbone, Passage
 from indexing import EncodeConfig, IndexHandle, ingest, write_passages
 from indexing.versions import IndexVersions
 from service.app import create_app
@@ -118,7 +118,9 @@ def publish_adapter(
     directory = work_dir / key
     backbone.save_adapter_set(key, directory)
     backbone.remove_adapter_set(key)
-    manifest = AdapterRegistry(store).publish(domain, directory, backbone_fingerprint=backbone.fingerprint)
+    manifest = AdapterRegistry(store).publish(
+        domain, directory, backbone_fingerprint=backbone.fingerprint, lora=AdapterSetConfig()
+    )
     return manifest.version
 
 

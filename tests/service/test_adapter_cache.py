@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from adapters import AdapterIncompatible, AdapterRegistry
+from backbone import AdapterSetConfig
 from service.adapter_cache import AdapterCache
 from service.metrics import Metrics
 from storage import DomainRegistry, LocalStore
@@ -95,7 +96,9 @@ def test_an_adapter_of_another_backbone_is_refused_and_retried_later(
     direct_backbone.save_adapter_set("foreign", directory)
     direct_backbone.remove_adapter_set("foreign")
     version = (
-        AdapterRegistry(store).publish("alpha", directory, backbone_fingerprint="0123456789abcdef").version
+        AdapterRegistry(store)
+        .publish("alpha", directory, backbone_fingerprint="0123456789abcdef", lora=AdapterSetConfig())
+        .version
     )
     cache, metrics = _cache(store, direct_backbone, tmp_path, loader)
     for attempt in (1, 2):

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from adapters import AdapterRegistry
+from backbone import AdapterSetConfig
 from indexing import EncodeConfig, ingest, write_passages
 from service.settings import Settings
 from storage import DomainRegistry, open_store
@@ -225,7 +226,9 @@ def test_promotion_and_rollback_errors(server, client, direct_backbone):
     direct_backbone.save_adapter_set("foreign", foreign_dir)
     direct_backbone.remove_adapter_set("foreign")
     foreign = (
-        AdapterRegistry(store).publish("alpha", foreign_dir, backbone_fingerprint="0000000000000000").version
+        AdapterRegistry(store)
+        .publish("alpha", foreign_dir, backbone_fingerprint="0000000000000000", lora=AdapterSetConfig())
+        .version
     )
     _problem(
         client.post("/admin/domains/alpha/promote", json={"version": foreign}, headers=ADMIN),

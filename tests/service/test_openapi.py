@@ -81,7 +81,7 @@ def test_bodies_and_names_are_stated_exactly(document):
         "PromoteRequest",
         "RunRequest",
         "Hyperparameters",
-        "LoraSpec",
+        "LoraConfig",
         "QaSource",
         "GcRequest",
     ):

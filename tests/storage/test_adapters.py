@@ -9,9 +9,18 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from adapters import AdapterIncompatible, AdapterRegistry, AdapterVersionNotFound, InvalidAdapterSet
+from adapters.registry import lora_config
+from backbone import AdapterLoadError, AdapterSetConfig, LoraConfig
 from storage import IntegrityError
+from storage.artifacts import Manifest
 
 FINGERPRINT = "backbone-minilm-smollm2-7f3a"
+# What the fixture's PEFT configs say, for every component.
+LORA = AdapterSetConfig(
+    **dict.fromkeys(
+        ("question", "passage", "generator"), LoraConfig(r=4, alpha=8, targets=["query", "value"])
+    )
+)
 
 
 @pytest.fixture
@@ -47,7 +56,7 @@ def _publish(adapters, adapter_set, **overrides):
         metrics={"exact_match": 0.41},
         parent=None,
         index_version=None,
-        lora={"r": 4, "alpha": 8},
+        lora=LORA,
     )
     return adapters.publish("law", adapter_set, **{**fields, **overrides})
 
@@ -61,9 +70,13 @@ def test_publish_records_provenance_and_fetch_restores_the_weights(adapters, ada
         "metrics": {"exact_match": 0.41},
         "parent": None,
         "index_version": None,
-        "lora": {"r": 4, "alpha": 8},
+        "lora": {
+            component: {"r": 4, "alpha": 8, "dropout": 0.05, "targets": ["query", "value"]}
+            for component in ("question", "passage", "generator")
+        },
     }
     assert adapters.get("law", manifest.version) == manifest
+    assert lora_config(adapters.get("law", manifest.version)) == LORA  # read back whole
     assert [m.version for m in adapters.list("law")] == [manifest.version]
 
     fetched = adapters.fetch(
@@ -115,3 +128,24 @@ def test_unknown_adapter_version(adapters, tmp_path):
     assert caught.value.code == "adapter_version_not_found"
     with pytest.raises(AdapterVersionNotFound):
         adapters.fetch("law", "20990101T000000Z-abcdef", tmp_path / "v", expected_fingerprint=FINGERPRINT)
+
+
+def _manifest(lora) -> Manifest:
+    return Manifest(
+        version="20990101T000000Z-abcdef",
+        created_at="2099-01-01T00:00:00Z",
+        files={},
+        metadata={"lora": lora},
+    )
+
+
+def test_a_version_that_recorded_no_lora_configuration_reads_back_none():
+    assert lora_config(_manifest({})) is None
+
+
+def test_a_recorded_lora_configuration_that_does_not_parse_is_a_clear_error():
+    with pytest.raises(AdapterLoadError) as caught:
+        lora_config(_manifest({"question": {"r": "eight"}, "passage": {}, "generator": {}, "rank": 4}))
+    assert caught.value.code == "adapter_invalid"
+    message = str(caught.value)
+    assert "20990101T000000Z-abcdef" in message and "question.r" in message and "rank" in message

@@ -33,8 +33,8 @@ RESPONSES = {
 }
 REQUESTS = {
     models.Hyperparameters: "Hyperparameters",
-    models.LoraSpec: "LoraSpec",
-    models.LoraSpecs: "LoraSettings",
+    models.LoraSpec: "LoraConfig",
+    models.LoraSpecs: "AdapterSetConfig",
 }
 
 CALLS = [
