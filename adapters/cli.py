@@ -186,11 +186,7 @@ def evaluate_modes(
             index_version = base_index_version(backbone, versions, domain, work_dir=Path(work_dir))
         key = None
         if adapter_version is not None:
-            key = f"eval-{adapter_version}"
-            target = Path(work_dir) / f"adapter-{adapter_version}"
-            if not target.exists():
-                adapters.fetch(domain, adapter_version, target, expected_fingerprint=backbone.fingerprint)
-            backbone.load_adapter_set(key, target)
+            key = adapters.attach(backbone, adapters.ref(domain, adapter_version), Path(work_dir))
         try:
             handle = versions.open(
                 domain, index_version, embedding_dim=backbone.embedding_dim, fingerprint=backbone.fingerprint

@@ -26,7 +26,7 @@ from adapters.promotion import promote
 from adapters.qa import parse_qa_jsonl
 from adapters.queue import finish, requeue
 from adapters.records import RunRecord, now
-from adapters.registry import AdapterRegistry
+from adapters.registry import AdapterRef, AdapterRegistry
 from adapters.spec import RunState
 from storage import artifacts
 from storage.errors import StoreError, StoreUnavailable
@@ -192,8 +192,7 @@ class _Phases:
 
         parent = self.record.parent
         if parent is not None:
-            name = f"parent-{self.ctx.id}"
-            self._attach_version(name, parent)
+            name = self._attach(self.adapters.ref(self.domain, parent))
             base = self._evaluate(name, self._open_index(self._parent_index()), parent, "base")
             self.bb.remove_adapter_set(name)
             self.attached.remove(name)
@@ -332,7 +331,7 @@ class _Phases:
             )
             return resume
         if self._warm:
-            self._attach_version(self.trainee, self.record.parent)
+            self._attach(self.adapters.ref(self.domain, self.record.parent), name=self.trainee)
         else:
             torch.manual_seed(hp.seed)  # LoRA A matrices start random: the run's seed decides them
             self.bb.add_adapter_set(self.trainee, hp.lora)
@@ -477,12 +476,11 @@ class _Phases:
 
     # --- helpers --------------------------------------------------------------------------------------------
 
-    def _attach_version(self, name: str, version: str) -> None:
-        target = self.run_dir / f"adapter-{version}"
-        if not target.exists():
-            self.adapters.fetch(self.domain, version, target, expected_fingerprint=self.bb.fingerprint)
-        self.bb.load_adapter_set(name, target)
+    def _attach(self, ref: AdapterRef, name: str | None = None) -> str:
+        """Attach an adapter version (under `name`, by default its own key) until the run ends."""
+        name = self.adapters.attach(self.bb, ref, self.run_dir, name=name)
         self.attached.append(name)
+        return name
 
     def _open_index(self, version: str):
         return self.versions.open(

@@ -10,8 +10,9 @@ Making a version live is ``storage.DomainRegistry.promote``.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -19,11 +20,34 @@ from adapters.errors import AdapterIncompatible, AdapterVersionNotFound, Invalid
 from backbone import COMPONENTS, AdapterLoadError, AdapterSetConfig
 from storage import artifacts
 from storage.artifacts import Manifest
-from storage.errors import VersionNotFound
+from storage.errors import IntegrityError, VersionNotFound
 from storage.registry import ArtifactKind, DomainRegistry
 from storage.store import ObjectStore
 
+if TYPE_CHECKING:
+    from backbone import Backbone
+
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """One adapter version as it travels from where it is chosen (a request's admission, a run's parent) to
+    the model that runs it, like vLLM's LoRARequest: the domain, the version, and the checksum of its files
+    (`Manifest.checksum`), which pins the very weights chosen. `key` is the name the backbone attaches it by.
+    """
+
+    domain: str
+    version: str
+    checksum: str
+
+    @classmethod
+    def of(cls, domain: str, manifest: Manifest) -> AdapterRef:
+        return cls(domain, manifest.version, manifest.checksum)
+
+    @property
+    def key(self) -> str:
+        return f"{self.domain}@{self.version}"
 
 
 class AdapterRegistry:
@@ -82,22 +106,41 @@ class AdapterRegistry:
         except VersionNotFound as exc:
             raise AdapterVersionNotFound(f"domain {domain!r} has no adapter version {version!r}") from exc
 
-    def fetch(self, domain: str, version: str, dest_dir: Path, *, expected_fingerprint: str) -> Manifest:
-        """Download an adapter version into ``dest_dir`` with checksums verified.
+    def ref(self, domain: str, version: str) -> AdapterRef:
+        """The reference of one adapter version; ``AdapterVersionNotFound`` if it is not there."""
+        return AdapterRef.of(domain, self.get(domain, version))
 
-        Refuses with ``AdapterIncompatible`` before downloading anything when the version was trained on a
-        backbone other than ``expected_fingerprint`` (the loaded backbone's).
+    def fetch(self, ref: AdapterRef, dest_dir: Path, *, expected_fingerprint: str) -> Manifest:
+        """Download the adapter version ``ref`` names into ``dest_dir`` with checksums verified.
+
+        Refuses before downloading anything with ``AdapterIncompatible`` when the version was trained on a
+        backbone other than ``expected_fingerprint`` (the loaded backbone's), and with ``IntegrityError`` when
+        the version in the store is not the one referenced (other files under the same name).
         """
-        manifest = self.get(domain, version)
+        manifest = self.get(ref.domain, ref.version)
         trained_on = manifest.metadata.get("backbone_fingerprint")
         if trained_on != expected_fingerprint:
             raise AdapterIncompatible(
-                f"adapter {domain}/{version} was trained on backbone {trained_on!r}, "
+                f"adapter {ref.domain}/{ref.version} was trained on backbone {trained_on!r}, "
                 f"but the loaded backbone is {expected_fingerprint!r}"
             )
+        if manifest.checksum != ref.checksum:
+            raise IntegrityError(
+                f"adapter {ref.domain}/{ref.version} in the store holds other files than the one referenced"
+            )
         return artifacts.download(
-            self._store, self._domains.prefix(domain, ArtifactKind.ADAPTERS), version, dest_dir
+            self._store, self._domains.prefix(ref.domain, ArtifactKind.ADAPTERS), ref.version, dest_dir
         )
+
+    def attach(self, backbone: Backbone, ref: AdapterRef, cache_dir: Path, *, name: str | None = None) -> str:
+        """Attach the version ``ref`` names to ``backbone`` under ``name`` (by default ``ref.key``), fetched
+        into ``cache_dir`` unless it is there already; returns the name."""
+        directory = Path(cache_dir) / f"adapter-{ref.version}"
+        if not directory.exists():
+            self.fetch(ref, directory, expected_fingerprint=backbone.fingerprint)
+        name = name or ref.key
+        backbone.load_adapter_set(name, directory)
+        return name
 
 
 def lora_config(manifest: Manifest) -> AdapterSetConfig | None:

@@ -178,11 +178,8 @@ def run_domain(domain: str, modes: list[str], args, backbone: Backbone, config, 
             index_version = base_index_version(backbone, versions, domain, work_dir=root / "eval")
         else:
             index_version = adapters.get(domain, adapter_version).metadata["index_version"]
-            key = f"bench-{adapter_version}"
-            target = root / "eval" / adapter_version
-            if not target.exists():  # closed_book_ft and generator_only share one version
-                adapters.fetch(domain, adapter_version, target, expected_fingerprint=backbone.fingerprint)
-            backbone.load_adapter_set(key, target)
+            # fetched once: closed_book_ft and generator_only share one version
+            key = adapters.attach(backbone, adapters.ref(domain, adapter_version), root / "eval")
         try:
             handle = versions.open(
                 domain, index_version, embedding_dim=backbone.embedding_dim, fingerprint=backbone.fingerprint

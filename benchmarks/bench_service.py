@@ -48,7 +48,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import uvicorn  # noqa: E402
 
-from adapters import AdapterRegistry  # noqa: E402
+from adapters import AdapterRef, AdapterRegistry  # noqa: E402
 from backbone import AdapterSetConfig, Backbone, Passage  # noqa: E402
 from indexing import EncodeConfig, ingest, write_passages  # noqa: E402
 from indexing.versions import IndexVersions  # noqa: E402
@@ -359,13 +359,10 @@ def bench_cold_load(args, backbone: Backbone, work: Path) -> None:
             for seed in range(args.loads):
                 directory = work / f"cold-{kind}-{seed}"
                 random_adapter(backbone, f"cold-{seed}", directory, seed)
-                versions.append(
-                    AdapterRegistry(store)
-                    .publish(
-                        "cold", directory, backbone_fingerprint=backbone.fingerprint, lora=AdapterSetConfig()
-                    )
-                    .version
+                manifest = AdapterRegistry(store).publish(
+                    "cold", directory, backbone_fingerprint=backbone.fingerprint, lora=AdapterSetConfig()
                 )
+                versions.append(AdapterRef.of("cold", manifest))
             metrics = Metrics()
             with ThreadPoolExecutor(2) as loader:
                 # No warm memory and one hot slot: every version comes from the store and replaces the last.
@@ -375,11 +372,11 @@ def bench_cold_load(args, backbone: Backbone, work: Path) -> None:
                 totals, fetches, attaches = [], [], []
                 for version in versions:
                     started = time.perf_counter()
-                    weights = cache.acquire("cold", version).result()
+                    weights = cache.acquire(version).result()
                     fetched = time.perf_counter()
-                    cache.make_hot([("cold", version)])
+                    cache.make_hot([version])
                     done = time.perf_counter()
-                    cache.release("cold", version)
+                    cache.release(version)
                     totals.append(done - started)
                     fetches.append(fetched - started)
                     attaches.append(done - fetched)

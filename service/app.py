@@ -169,7 +169,13 @@ async def _load(runtime: Runtime) -> None:
             metrics=runtime.metrics,
         )
         catalog = DomainCatalog(
-            runtime.registry, runtime.versions, cache, backbone, runtime.metrics, pinned=settings.cache.pinned
+            runtime.registry,
+            runtime.adapters,
+            runtime.versions,
+            cache,
+            backbone,
+            runtime.metrics,
+            pinned=settings.cache.pinned,
         )
         worker = ModelWorker(
             backbone,

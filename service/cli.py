@@ -104,8 +104,11 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             adapter_version = DomainRegistry(store).live(args.domain).adapter_version
         if adapter_version is not None:
             adapter_dir = scratch / "adapter"
-            AdapterRegistry(store).fetch(
-                args.domain, adapter_version, adapter_dir, expected_fingerprint=backbone.fingerprint
+            adapters = AdapterRegistry(store)
+            adapters.fetch(
+                adapters.ref(args.domain, adapter_version),
+                adapter_dir,
+                expected_fingerprint=backbone.fingerprint,
             )
         result = ingest(
             args.domain,

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from adapters import AdapterIncompatible
+from adapters import AdapterIncompatible, AdapterRef, AdapterRegistry
 from backbone import Backbone
 from indexing import IndexHandle
 from indexing.versions import IndexVersions
@@ -40,10 +40,14 @@ class Serving:
     domain: str
     description: str
     retrieval: str | None  # the domain's default retrieval mode (None: the index's)
-    adapter_version: str | None
+    adapter: AdapterRef | None  # what requests run on; None: the base backbone (or nothing loads: `error`)
     index: IndexHandle | None
     pointer: LivePointer
     error: Exception | None = None
+
+    @property
+    def adapter_version(self) -> str | None:
+        return self.pointer.adapter_version
 
     @property
     def index_version(self) -> str | None:
@@ -60,6 +64,7 @@ class DomainCatalog:
     def __init__(
         self,
         registry: DomainRegistry,
+        adapters: AdapterRegistry,
         versions: IndexVersions,
         cache: AdapterCache,
         backbone: Backbone,
@@ -69,6 +74,7 @@ class DomainCatalog:
         discover_every_s: float = 10.0,
     ):
         self._registry = registry
+        self._adapters = adapters
         self._versions = versions
         self._cache = cache
         self._backbone = backbone
@@ -136,10 +142,12 @@ class DomainCatalog:
             if current is not None and current.error is None and _same(current.pointer, pointer):
                 return current
             record = self._registry.get_domain(domain)
+            adapter = None
             try:
                 index = self._open_index(domain, pointer.index_version) if pointer.index_version else None
                 if pointer.adapter_version is not None:
-                    self._cache.prefetch(domain, pointer.adapter_version).result()
+                    adapter = self._adapters.ref(domain, pointer.adapter_version)
+                    self._cache.prefetch(adapter).result()
                 error = None
             except Exception as exc:
                 if current is not None and current.error is None:
@@ -160,7 +168,7 @@ class DomainCatalog:
                 domain,
                 record.description,
                 record.settings.get("retrieval"),
-                pointer.adapter_version,
+                adapter,
                 index,
                 pointer,
                 error,
@@ -188,7 +196,7 @@ class DomainCatalog:
                 f"adapter {domain}/{version} was trained on backbone {trained_on!r}, "
                 f"but this server runs {self._backbone.fingerprint!r}"
             )
-        self._cache.prefetch(domain, version).result()
+        self._cache.prefetch(AdapterRef.of(domain, manifest)).result()
         index_version = manifest.metadata.get("index_version")
         if index_version:
             self._open_index(domain, index_version)
@@ -242,9 +250,7 @@ class DomainCatalog:
         for serving in self._serving.values():
             self._metrics.set_live(serving.domain, serving.adapter_version, serving.index_version)
         self._cache.set_pinned(
-            (s.domain, s.adapter_version)
-            for s in self._serving.values()
-            if s.domain in self._pinned and s.adapter_version is not None
+            s.adapter for s in self._serving.values() if s.domain in self._pinned and s.adapter is not None
         )
 
     def _domain_lock(self, domain: str) -> threading.Lock:

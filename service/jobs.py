@@ -562,8 +562,11 @@ class Jobs:
             if adapter_version is not None:
                 adapter_dir = directory / "adapter"
                 shutil.rmtree(adapter_dir, ignore_errors=True)
-                AdapterRegistry(self._jobs.store).fetch(
-                    record.domain, adapter_version, adapter_dir, expected_fingerprint=self._fingerprint
+                adapters = AdapterRegistry(self._jobs.store)
+                adapters.fetch(
+                    adapters.ref(record.domain, adapter_version),
+                    adapter_dir,
+                    expected_fingerprint=self._fingerprint,
                 )
         index = IndexConfig(**record.index) if record.index is not None else None
         return RebuildSpec(

@@ -32,10 +32,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from adapters import AdapterRef
 from backbone import Answer, Backbone
 from indexing import Hit, IndexHandle
 
-from .adapter_cache import AdapterCache, AdapterId, adapter_key
+from .adapter_cache import AdapterCache
 from .errors import NotReady, Overloaded
 from .metrics import Metrics
 
@@ -48,7 +49,7 @@ class AskJob:
 
     question: str
     domain: str
-    adapter: AdapterId | None  # None: the base backbone
+    adapter: AdapterRef | None  # None: the base backbone
     index: IndexHandle
     top_k: int
     max_new_tokens: int
@@ -66,7 +67,7 @@ class AskJob:
 
     @property
     def key(self) -> str | None:
-        return adapter_key(*self.adapter) if self.adapter is not None else None
+        return self.adapter.key if self.adapter is not None else None
 
 
 @dataclass(frozen=True)
@@ -191,7 +192,7 @@ class ModelWorker:
     def _release(self, job: AskJob) -> None:
         """Give back the adapter lease the HTTP layer handed over with the job."""
         if job.adapter is not None:
-            self._cache.release(*job.adapter)
+            self._cache.release(job.adapter)
 
     def _finish(self, job: AskJob, outcome: AskResult | BaseException) -> None:
         """Answer (or fail) a job once and give back its lease."""

@@ -50,7 +50,7 @@ async def ask(
             raise serving.error.with_traceback(None)
         if serving.index is None:  # its first build is under way (503) or failed (409), as its job says
             raise await to_thread.run_sync(loaded.jobs.not_ready, domain)
-        adapter = (domain, serving.adapter_version) if serving.adapter_version is not None else None
+        adapter = serving.adapter  # the version this request is answered with, whatever is promoted meanwhile
         loop = asyncio.get_running_loop()
         job = AskJob(
             question=data.question,
@@ -66,12 +66,12 @@ async def ask(
             deadline=deadline,
         )
         if adapter is not None:
-            weights = loaded.cache.acquire(*adapter)  # the lease passes to the worker with the job
+            weights = loaded.cache.acquire(adapter)  # the lease passes to the worker with the job
             try:
                 await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(weights)), _left(deadline))
                 loaded.worker.submit(job)
             except BaseException:
-                loaded.cache.release(*adapter)
+                loaded.cache.release(adapter)
                 raise
         else:
             loaded.worker.submit(job)

@@ -13,7 +13,7 @@ from adapters.execution import Workspace, execute
 from adapters.lease import RunContext
 from adapters.queue import submit
 from adapters.records import RunStore, owner_token
-from adapters.registry import AdapterRegistry
+from adapters.registry import AdapterRef, AdapterRegistry
 from adapters.spec import RunRequest, RunState
 from storage import DomainRegistry
 
@@ -45,9 +45,10 @@ def request(mode: str = "end2end") -> RunRequest:
 
 def weights(store, version: str, tmp_path) -> dict[str, dict[str, torch.Tensor]]:
     target = tmp_path / f"fetched-{version}"
-    manifest = AdapterRegistry(store).get("toy", version)
-    AdapterRegistry(store).fetch(
-        "toy", version, target, expected_fingerprint=manifest.metadata["backbone_fingerprint"]
+    adapters = AdapterRegistry(store)
+    manifest = adapters.get("toy", version)
+    adapters.fetch(
+        AdapterRef.of("toy", manifest), target, expected_fingerprint=manifest.metadata["backbone_fingerprint"]
     )
     return {
         c: load_file(target / c / "adapter_model.safetensors") for c in ("question", "passage", "generator")

@@ -228,8 +228,11 @@ def test_a_run_on_synthetic_data_alone_succeeds(domain, tiny_config, tiny_backbo
         "no QA examples: none given, none generated"
     ]
     target = tmp_path / "fetched"
-    AdapterRegistry(domain.store).fetch(
-        domain.name, info.adapter_version, target, expected_fingerprint=tiny_backbone.fingerprint
+    adapters = AdapterRegistry(domain.store)
+    adapters.fetch(
+        adapters.ref(domain.name, info.adapter_version),
+        target,
+        expected_fingerprint=tiny_backbone.fingerprint,
     )
     for component in ("question", "passage"):
         weights = load_file(target / component / "adapter_model.safetensors")

@@ -141,8 +141,9 @@ class Direct:
         key = f"direct-{domain}@{version}"
         if key not in self.backbone.adapter_sets:
             target = self.scratch / key
-            AdapterRegistry(self.store).fetch(
-                domain, version, target, expected_fingerprint=self.backbone.fingerprint
+            adapters = AdapterRegistry(self.store)
+            adapters.fetch(
+                adapters.ref(domain, version), target, expected_fingerprint=self.backbone.fingerprint
             )
             self.backbone.load_adapter_set(key, target)
         return key

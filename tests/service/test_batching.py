@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from adapters import AdapterRegistry
+from adapters import AdapterRef, AdapterRegistry
 from backbone import Backbone
 from indexing.versions import IndexVersions
 from service.adapter_cache import AdapterCache
@@ -38,10 +38,15 @@ def setup(tmp_path, direct_backbone, tiny_backbone_settings):
     loader.shutdown()
 
 
+def _refs(store, versions: dict[str, str]) -> dict[str, AdapterRef]:
+    adapters = AdapterRegistry(store)
+    return {domain: adapters.ref(domain, version) for domain, version in versions.items()}
+
+
 def _run(
     worker: ModelWorker,
     cache: AdapterCache,
-    rows: list[tuple[str, str | None]],
+    rows: list[tuple[str, AdapterRef | None]],
     handles,
     retrieval: str = "dense",
     top_k: int = 2,
@@ -51,10 +56,9 @@ def _run(
     async def main():
         loop = asyncio.get_running_loop()
         jobs = []
-        for domain, version in rows:
-            adapter = (domain, version) if version is not None else None
+        for domain, adapter in rows:
             if adapter is not None:
-                await asyncio.wrap_future(cache.acquire(*adapter))
+                await asyncio.wrap_future(cache.acquire(adapter))
             job = AskJob(
                 question=QUESTIONS[len(jobs) % len(QUESTIONS)],
                 domain=domain,
@@ -128,7 +132,8 @@ def _total_steps(metrics: Metrics, name: str) -> float:
 @pytest.mark.parametrize("hot_slots", [4, 1])
 def test_mixed_domains_share_batches_and_match_direct_answers(setup, direct, hot_slots):
     store, backbone, versions, handles, _, _ = setup
-    alpha, beta = ("alpha", versions["alpha"]), ("beta", versions["beta"])
+    refs = _refs(store, versions)
+    alpha, beta = ("alpha", refs["alpha"]), ("beta", refs["beta"])
     rows = [alpha, beta, ("alpha", None), beta, alpha, ("beta", None)]
     # The worker waits (up to 2 s) until all rows are in, so which rows start together is not up to timing.
     worker, cache, metrics = _worker(setup, hot_slots=hot_slots, max_batch_rows=len(rows), batch_wait_s=2.0)
@@ -151,7 +156,7 @@ def test_mixed_domains_share_batches_and_match_direct_answers(setup, direct, hot
         assert metrics.registry.get_sample_value("ragadapt_adapter_evictions_total", {"tier": "hot"}) == 2
     pipeline = direct(store)
     for job, result in zip(jobs, results):
-        version = job.adapter[1] if job.adapter else None
+        version = job.adapter.version if job.adapter else None
         expected = pipeline.answer(
             handles[job.domain], job.question, job.domain, version, top_k=2, max_new_tokens=6
         )
@@ -170,8 +175,8 @@ def test_a_question_joins_the_one_in_flight_and_is_answered_first(setup, direct)
 
     async def main():
         loop = asyncio.get_running_loop()
-        beta = ("beta", versions["beta"])
-        await asyncio.wrap_future(cache.acquire(*beta))
+        beta = _refs(store, versions)["beta"]
+        await asyncio.wrap_future(cache.acquire(beta))
 
         long = _job(loop, handles, QUESTIONS[0], "alpha", None, 600)
         short = _job(loop, handles, QUESTIONS[1], "beta", beta, 3)
@@ -243,9 +248,9 @@ def test_a_question_that_fails_to_start_leaves_those_in_flight_unharmed(setup, m
 def test_requests_nobody_waits_for_give_their_queue_places_to_new_ones(setup):
     """A full queue first drops the entries whose clients already got 504 (or whose time is up), instead of
     refusing new requests until the worker reaches them."""
-    _, backbone, versions, handles, _, _ = setup
+    store, backbone, versions, handles, _, _ = setup
     worker, cache, _metrics = _worker(setup, hot_slots=2, max_batch_rows=1, batch_wait_s=0.0, queue_size=2)
-    alpha = ("alpha", versions["alpha"])
+    alpha = _refs(store, versions)["alpha"]
 
     async def main():
         loop = asyncio.get_running_loop()
@@ -253,7 +258,7 @@ def test_requests_nobody_waits_for_give_their_queue_places_to_new_ones(setup):
         worker.submit(long)
         while not long.generating_since:
             await asyncio.sleep(0.001)
-        await asyncio.wrap_future(cache.acquire(*alpha))  # its lease passes to the worker with the job
+        await asyncio.wrap_future(cache.acquire(alpha))  # its lease passes to the worker with the job
         gave_up = _job(loop, handles, QUESTIONS[1], "alpha", alpha, 3)
         expired = _job(loop, handles, QUESTIONS[2], "alpha", None, 3)
         worker.submit(gave_up)
