@@ -211,9 +211,6 @@ class RunManager:
             self._monitor = None
             self._workers = []
 
-    def worker_pids(self) -> list[int]:
-        return [w.process.pid for w in self._workers if w.process.pid is not None]
-
     def scratch(self) -> tuple[list[Path], set[Path]]:
         """The workers' scratch directories under the work directory, and those of the workers alive now."""
         with self._lock:

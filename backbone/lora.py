@@ -79,10 +79,6 @@ class AdapterHost:
         return set(self._slots)
 
     @property
-    def free_slots(self) -> int:
-        return len(self._free)
-
-    @property
     def model(self) -> nn.Module:
         return self.peft if self.peft is not None else self.base
 

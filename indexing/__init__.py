@@ -21,7 +21,6 @@ from .errors import (
     RebuildFailed,
     RetrievalModeUnavailable,
 )
-from .handles import LiveIndexes
 from .ingest import IngestResult, ingest
 from .rebuild import RebuildJob, RebuildProgress, RebuildResult, RebuildSpec, RebuildState
 from .searcher import Hit, IndexHandle
@@ -45,7 +44,6 @@ __all__ = [
     "IngestResult",
     "InvalidIndexConfig",
     "LiveIndexMoved",
-    "LiveIndexes",
     "MalformedPassages",
     "RebuildCancelled",
     "RebuildFailed",

@@ -180,7 +180,7 @@ class RebuildJob:
     ):
         """`versions` is required to publish or flip (and to rebuild the live passages); `work_dir` holds the
         job's scratch files and the encoder's resumable shards. `on_success` runs in the monitor thread after
-        the flip (e.g. open the new version and install it in `LiveIndexes`). A worker silent for
+        the flip (e.g. open the new version for the requests that follow). A worker silent for
         `stall_timeout_s` is killed and the job fails; `cancel_grace_s` is how long a cancelled worker may
         take to stop by itself before it is killed."""
         if (spec.publish or spec.flip or spec.passages is None) and versions is None:

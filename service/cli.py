@@ -12,33 +12,20 @@ from pathlib import Path
 import torch
 
 
-def _read_passages(path: Path):
-    from backbone import Passage
-
-    passages = []
-    with path.open() as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                passages.append(Passage(str(row["id"]), row.get("title", ""), row["text"]))
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise SystemExit(f"{path}:{number}: not a passage object with id and text ({exc})") from None
-    if not passages:
-        raise SystemExit(f"{path}: no passages")
-    return passages
-
-
 def cmd_ask(args: argparse.Namespace) -> int:
-    """Answer one question over a passages file with brute-force dense retrieval (no index needed)."""
+    """Answer one question over a corpus file with brute-force dense retrieval (no index needed); the corpus
+    is read and chunked as `ingest` reads it."""
     from backbone import Backbone
+    from indexing import EmptyCorpus, MalformedPassages, load_corpus
 
     from .settings import Settings
 
     settings = Settings()
+    try:  # read and checked before the backbone loads
+        passages = load_corpus(Path(args.passages))
+    except (MalformedPassages, EmptyCorpus) as exc:
+        raise SystemExit(str(exc)) from None
     backbone = Backbone.load(settings.backbone.config())
-    passages = _read_passages(Path(args.passages))
     with torch.inference_mode():
         embeddings = torch.cat(
             [backbone.encode_passages(passages[i : i + 64]) for i in range(0, len(passages), 64)]
@@ -207,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.set_defaults(func=cmd_ingest)
 
     ask = sub.add_parser("ask", help="answer a question over a passages JSONL file")
-    ask.add_argument("--passages", required=True, help="JSONL with id, title, text per line")
+    ask.add_argument("--passages", required=True, help="JSONL (id, title, text), .txt/.md, or a directory")
     ask.add_argument("--question", required=True)
     ask.add_argument("--top-k", type=int, default=5)
     ask.add_argument("--max-new-tokens", type=int, default=32)

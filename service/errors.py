@@ -33,11 +33,6 @@ class Unauthorized(ServiceError):
     status = 401
 
 
-class RequestTooLarge(ServiceError):
-    code = "request_too_large"
-    status = 413
-
-
 class Overloaded(ServiceError):
     """The request queue is full; the client should retry after `retry_after` seconds."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,3 +86,13 @@ def events_of(manager, run_id: str) -> list[dict]:
         page, after, more = manager.events(run_id, after)
         found += page
     return found
+
+
+def run_workers() -> dict[int, str]:
+    """The run worker processes this process started and that are alive: pid -> token (as in their name,
+    `run-worker-<token>`, and their scratch directory)."""
+    return {
+        process.pid: process.name.removeprefix("run-worker-")
+        for process in multiprocessing.active_children()
+        if process.name.startswith("run-worker-")
+    }

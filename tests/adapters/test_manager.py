@@ -15,7 +15,7 @@ from adapters.registry import AdapterRegistry
 from adapters.spec import RunInfo, RunRequest, RunState
 from adapters.supervisor import RunManager
 from storage import ArtifactKind, DomainRegistry
-from tests.adapters.conftest import events_of, make_domain
+from tests.adapters.conftest import events_of, make_domain, run_workers
 
 TIMEOUT = 300
 # Small and quick on the tiny models: one example a step, two passages, four-token answers.
@@ -175,7 +175,7 @@ def test_a_killed_worker_is_replaced_and_its_run_resumes_from_the_checkpoint(man
     done = wait(manager, info.id, finished, "the resumed run to finish")
     assert done.state == RunState.SUCCEEDED, done.error
     assert done.step == 60 and done.adapter_version is not None
-    assert victim not in manager.worker_pids()
+    assert victim not in run_workers()
 
     events = events_of(manager, info.id)
     requeued = next(

@@ -12,7 +12,7 @@ from adapters.records import RunStore
 from adapters.spec import RunRequest, RunState
 from adapters.supervisor import RunManager
 from storage import S3Store
-from tests.adapters.conftest import events_of, make_domain
+from tests.adapters.conftest import events_of, make_domain, run_workers
 from tests.s3server import SeaweedS3
 
 TIMEOUT = 300
@@ -63,12 +63,12 @@ def test_a_store_outage_mid_run_pauses_the_run_which_then_resumes_from_its_check
         running = manager.submit(_request(400))
         waiting = manager.submit(_request(5))  # queued behind it: must not stay queued forever
         _wait("a checkpoint", lambda: (runs.get(running.id).checkpoint_step or 0) >= 10)
-        worker_pids = manager.worker_pids()
+        workers = run_workers()
         assert runs.get(running.id).step < 400
 
         server.kill()
         time.sleep(OUTAGE_S)
-        assert manager.alive_workers == 1 and manager.worker_pids() == worker_pids, "a run worker died"
+        assert manager.alive_workers == 1 and run_workers() == workers, "a run worker died"
         assert manager.supervisor == "running", "the supervisor of the run workers died in the outage"
         server.start()
 
@@ -92,7 +92,7 @@ def test_a_store_outage_mid_run_pauses_the_run_which_then_resumes_from_its_check
         assert resumed["resumed_from"] == paused["resumes_from"] >= 10
         steps = [e["step"] for e in events if e["kind"] == "step" and e["seq"] > resumed["seq"]]
         assert steps == list(range(resumed["resumed_from"] + 1, 401))
-        assert manager.worker_pids() == worker_pids and manager.alive_workers == 1
+        assert run_workers() == workers and manager.alive_workers == 1
         assert manager.supervisor == "running"
     finally:
         server.start()
