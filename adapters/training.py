@@ -77,7 +77,7 @@ class TrainerState:
 
 
 class RunHooks(Protocol):
-    """What the trainer needs from the run it belongs to (see `adapters.execution.RunContext`)."""
+    """What the trainer needs from the run it belongs to (see `adapters.lease.RunContext`)."""
 
     def tick(self) -> None:
         """Between micro-batches: raises RunCancelled / RunInterrupted / LeaseLost when the run must stop."""

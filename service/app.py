@@ -5,12 +5,15 @@ loop keeps answering `/healthz`, and `/readyz` says 503 until it is done); then 
 domain catalog, the model worker and the job runner; read every live pointer and create the demo domain if
 asked to and missing (a store that is down delays both, not the start); say ready (`/readyz` lists the demo as
 building until its index is live); start the run workers; finally poll live pointers and move jobs along
-every `poll_interval_s`. Shutdown reverses it. Nothing here is global: two apps in one process share nothing.
+every `poll_interval_s`. Shutdown reverses it. Two apps in one process share nothing of their own; what they
+do share is the process's: torch's thread count, which each app sets to its share of the cores when it opens
+(the last one opened wins), out of the cores torch saw before any app changed it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import shutil
 from collections.abc import AsyncIterator
@@ -49,7 +52,13 @@ from .settings import Settings
 from .worker import ModelWorker
 
 log = logging.getLogger(__name__)
-_CORES = torch.get_num_threads()  # torch's default, read before this process changes it: the cores it may use
+
+
+@functools.cache
+def _cores() -> int:
+    """The cores torch may use in this process: its default thread count (OMP_NUM_THREADS, else the CPUs this
+    process may run on), read the first time an app opens, before any app sets it."""
+    return torch.get_num_threads()
 
 
 def create_app(settings: Settings) -> Litestar:
@@ -125,7 +134,7 @@ def _open(settings: Settings, metrics: Metrics) -> Runtime:
     cache_dir = settings.cache_dir
     cache_dir.mkdir(parents=True, exist_ok=True)
     log.info("store: %s", store.describe())
-    serving_threads, worker_threads = settings.thread_budget(_CORES)
+    serving_threads, worker_threads = settings.thread_budget(_cores())
     torch.set_num_threads(serving_threads)
     log.info("torch threads: %d for serving, %s per run worker", serving_threads, worker_threads or "-")
     run_manager = RunManager(
