@@ -162,7 +162,7 @@ class Decoding:
             input_ids=enc.input_ids,
             attention_mask=enc.attention_mask,
             position_ids=positions,
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
             logits_to_keep=1,
         )
@@ -191,7 +191,7 @@ class Decoding:
                 input_ids=batch.next_tokens.unsqueeze(1),
                 attention_mask=batch.mask,
                 position_ids=positions,
-                past_key_values=batch.cache,
+                cache=batch.cache,
                 use_cache=True,
             )
             for row in batch.rows:
