@@ -1,4 +1,7 @@
-"""The asynchronous client: the surface of ``Client`` (client.py), with ``await`` and ``async for``."""
+"""The asynchronous client: the surface of ``Client`` (client.py), with ``await`` and ``async for``.
+
+Generated from client.py by generate_async.py; edit client.py and run ``python generate_async.py``.
+"""
 
 from __future__ import annotations
 
@@ -313,7 +316,7 @@ class AsyncJob:
 
     def __repr__(self) -> str:
         return (
-            f"AsyncJob(id={self.id!r}, kind={self.info.kind!r}, domain={self.domain!r}, "
+            f"{type(self).__name__}(id={self.id!r}, kind={self.info.kind!r}, domain={self.domain!r}, "
             f"state={self.info.state!r})"
         )
 
@@ -394,6 +397,6 @@ class AsyncRun:
 
     def __repr__(self) -> str:
         return (
-            f"AsyncRun(id={self.id!r}, domain={self.domain!r}, state={self.info.state!r}, "
+            f"{type(self).__name__}(id={self.id!r}, domain={self.domain!r}, state={self.info.state!r}, "
             f"step={self.info.step})"
         )

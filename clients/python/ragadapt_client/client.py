@@ -1,4 +1,5 @@
-"""The synchronous client. ``AsyncClient`` (async_client.py) has the same surface with ``await``."""
+"""The synchronous client. ``AsyncClient`` (async_client.py) has the same surface with ``await``: it is
+generated from this file (``python generate_async.py``, beside pyproject.toml), so edit this one."""
 
 from __future__ import annotations
 
@@ -313,7 +314,8 @@ class Job:
 
     def __repr__(self) -> str:
         return (
-            f"Job(id={self.id!r}, kind={self.info.kind!r}, domain={self.domain!r}, state={self.info.state!r})"
+            f"{type(self).__name__}(id={self.id!r}, kind={self.info.kind!r}, domain={self.domain!r}, "
+            f"state={self.info.state!r})"
         )
 
 
@@ -393,5 +395,6 @@ class Run:
 
     def __repr__(self) -> str:
         return (
-            f"Run(id={self.id!r}, domain={self.domain!r}, state={self.info.state!r}, step={self.info.step})"
+            f"{type(self).__name__}(id={self.id!r}, domain={self.domain!r}, state={self.info.state!r}, "
+            f"step={self.info.step})"
         )
