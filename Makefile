@@ -20,7 +20,10 @@ $(VENV)/.installed: pyproject.toml clients/python/pyproject.toml Makefile
 serve: install
 	$(BIN)/ragadapt serve
 
+# Lint and format checks first (seconds), then the suite.
 test: install prometheus
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/pytest
 
 # The real Prometheus that tests/deploy/test_prometheus.py starts on loopback: the Debian package, installed

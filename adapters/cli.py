@@ -16,13 +16,18 @@ import argparse
 import json
 import secrets
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 from adapters.errors import InvalidRun
+from adapters.execution import Workspace, execute
+from adapters.lease import RunContext
 from adapters.qa import QaSets, parse_qa_jsonl
-from adapters.runs import RunInfo, RunRequest, RunState, RunStore, owner_token
-from adapters.worker import RunContext, Workspace, _claim, queue_run, run_claimed
+from adapters.queue import claim, submit
+from adapters.records import RunStore, owner_token
+from adapters.spec import RunInfo, RunRequest, RunState
+from backbone import COMPONENTS
 from storage.store import ObjectStore
 
 if TYPE_CHECKING:
@@ -32,7 +37,7 @@ if TYPE_CHECKING:
 
 def adapt(
     store: ObjectStore,
-    backbone_config: "BackboneConfig",
+    backbone_config: BackboneConfig,
     request: RunRequest,
     work_dir: Path,
     *,
@@ -45,8 +50,8 @@ def adapt(
     `workspace` reuses an already loaded backbone across several runs (benchmarks)."""
     runs = RunStore(store)
     owner = owner_token(f"cli-{secrets.token_hex(4)}")
-    record = queue_run(runs, request, owner=owner, lease_s=lease_s)
-    return _execute(
+    record = submit(runs, request, owner=owner, lease_s=lease_s)
+    return _execute_here(
         runs,
         record,
         owner,
@@ -60,7 +65,7 @@ def adapt(
 
 def resume(
     store: ObjectStore,
-    backbone_config: "BackboneConfig",
+    backbone_config: BackboneConfig,
     run_id: str,
     work_dir: Path,
     *,
@@ -70,7 +75,7 @@ def resume(
     """Take over a queued run, or one whose worker is gone, and finish it here from its last checkpoint."""
     runs = RunStore(store)
     owner = owner_token(f"cli-{secrets.token_hex(4)}")
-    record = _claim(runs, run_id, owner, lease_s, max_crashes=1_000_000)
+    record = claim(runs, run_id, owner, lease_s=lease_s, max_crashes=1_000_000)
     if record is None:
         current = runs.get(run_id)
         raise InvalidRun(
@@ -78,10 +83,10 @@ def resume(
             + (f" and held by {current.owner}" if current.state == RunState.RUNNING else "")
             + "; only a queued run or one whose worker is gone can be resumed"
         )
-    return _execute(runs, record, owner, backbone_config, work_dir, progress=progress, lease_s=lease_s)
+    return _execute_here(runs, record, owner, backbone_config, work_dir, progress=progress, lease_s=lease_s)
 
 
-def _execute(
+def _execute_here(
     runs: RunStore,
     record,
     owner: str,
@@ -117,7 +122,7 @@ def _execute(
     workspace = workspace or Workspace(backbone_config, Path(work_dir) / f"cli-{owner.rsplit('/', 1)[-1]}")
     ctx = RunContext(runs, record, owner, lease_s=lease_s, on_progress=on_progress)
     try:
-        run_claimed(ctx, workspace)
+        execute(ctx, workspace)
     except Exception:  # the outcome (cancelled, failed and why) is in the run record the caller gets
         pass
     finally:
@@ -132,7 +137,7 @@ def _execute(
 
 def evaluate_modes(
     store: ObjectStore,
-    backbone: "Backbone",
+    backbone: Backbone,
     domain: str,
     *,
     split: str = "dev",
@@ -142,7 +147,7 @@ def evaluate_modes(
     max_new_tokens: int = 32,
     work_dir: Path,
     progress: bool = True,
-) -> list[tuple[str, "EvalReport"]]:
+) -> list[tuple[str, EvalReport]]:
     """Evaluate configurations of `domain` on `split` of its QA set, one report per mode.
 
     A mode is `base` (the base backbone over a base-encoder index), `live` (what the domain serves), a run
@@ -154,7 +159,7 @@ def evaluate_modes(
 
     from adapters.evaluation import evaluate
     from adapters.registry import AdapterRegistry
-    from adapters.training import base_index_version
+    from indexing.publish import base_index_version
     from indexing.versions import IndexVersions
     from storage.registry import DomainRegistry
 
@@ -181,11 +186,7 @@ def evaluate_modes(
             index_version = base_index_version(backbone, versions, domain, work_dir=Path(work_dir))
         key = None
         if adapter_version is not None:
-            key = f"eval-{adapter_version}"
-            target = Path(work_dir) / f"adapter-{adapter_version}"
-            if not target.exists():
-                adapters.fetch(domain, adapter_version, target, expected_fingerprint=backbone.fingerprint)
-            backbone.load_adapter_set(key, target)
+            key = adapters.attach(backbone, adapters.ref(domain, adapter_version), Path(work_dir))
         try:
             handle = versions.open(
                 domain, index_version, embedding_dim=backbone.embedding_dim, fingerprint=backbone.fingerprint
@@ -283,18 +284,29 @@ def add_parsers(subparsers) -> None:
         ("gold-passage-prob", float),
     ):
         adapt_parser.add_argument(f"--{flag}", type=kind, default=None)
-    adapt_parser.add_argument("--query-side-only", action="store_true", default=None,
-                              help="LoRA on the question encoder only: no re-indexing")
+    adapt_parser.add_argument(
+        "--query-side-only",
+        action="store_true",
+        default=None,
+        help="LoRA on the question encoder only: no re-indexing",
+    )
     adapt_parser.add_argument("--promote-metric", choices=["recall@5", "f1"], default=None)
     synthetic = adapt_parser.add_argument_group("synthetic training data from the domain's passages")
     synthetic.add_argument("--no-synthetic", action="store_true", help="train on the QA examples alone")
     synthetic.add_argument("--no-ict", action="store_true", help="no inverse-cloze pairs")
-    synthetic.add_argument("--generate-questions", type=int, default=None, metavar="PASSAGES",
-                           help="generate questions about this many passages (round-trip filtered, cached)")
-    synthetic.add_argument("--synthetic-ratio", type=float, default=None,
-                           help="share of QA rows drawn from generated questions")
-    synthetic.add_argument("--passages-only", action="store_true",
-                           help="train on synthetic data alone, no QA examples")
+    synthetic.add_argument(
+        "--generate-questions",
+        type=int,
+        default=None,
+        metavar="PASSAGES",
+        help="generate questions about this many passages (round-trip filtered, cached)",
+    )
+    synthetic.add_argument(
+        "--synthetic-ratio", type=float, default=None, help="share of QA rows drawn from generated questions"
+    )
+    synthetic.add_argument(
+        "--passages-only", action="store_true", help="train on synthetic data alone, no QA examples"
+    )
     adapt_parser.add_argument("--lora-r", type=int, default=None, help="LoRA rank of all three components")
     adapt_parser.add_argument("--lora-alpha", type=int, default=None)
     adapt_parser.add_argument("--init", choices=["live", "base"], default=None)
@@ -386,12 +398,12 @@ def request_from_args(args: argparse.Namespace) -> RunRequest:
             hp[name] = value
     if args.lora_r is not None or args.lora_alpha is not None:
         spec = {k: v for k, v in (("r", args.lora_r), ("alpha", args.lora_alpha)) if v is not None}
-        hp["lora"] = {c: spec for c in ("question", "passage", "generator")}
+        hp["lora"] = dict.fromkeys(COMPONENTS, spec)
     return RunRequest.model_validate(body)
 
 
 def cmd_adapt(
-    args: argparse.Namespace, store: ObjectStore, backbone_config: "BackboneConfig", work_dir: Path
+    args: argparse.Namespace, store: ObjectStore, backbone_config: BackboneConfig, work_dir: Path
 ) -> int:
     progress = not args.no_progress
     if args.resume:
@@ -402,7 +414,7 @@ def cmd_adapt(
     return 0 if info.state == RunState.SUCCEEDED else 1
 
 
-def cmd_eval(args: argparse.Namespace, store: ObjectStore, backbone: "Backbone", work_dir: Path) -> int:
+def cmd_eval(args: argparse.Namespace, store: ObjectStore, backbone: Backbone, work_dir: Path) -> int:
     from adapters.evaluation import format_differences, format_table
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]

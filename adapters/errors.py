@@ -31,13 +31,6 @@ class InvalidAdapterSet(AdapterError):
     status = 422
 
 
-class DomainNotFound(AdapterError):
-    """An adaptation run names a domain the store does not hold."""
-
-    code = "domain_not_found"
-    status = 404
-
-
 class InvalidRun(AdapterError):
     """An adaptation request that cannot run: empty or malformed data, settings that contradict each other."""
 

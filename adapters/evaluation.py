@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterable, Literal, Sequence
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from backbone import normalize_answer
-
 from adapters.qa import QaExample
+from backbone import normalize_answer
 
 if TYPE_CHECKING:
     from backbone import Backbone
@@ -130,8 +130,8 @@ class EvalReport:
 
     `recall[mode][k]` is recall@k of that retrieval mode ("1", "5", "20"), `recall_ci` its interval; EM and F1
     are over the `questions` answered, from the top `top_k` passages of `answer_retrieval`. `per_question`
-    holds the outcomes behind every figure: `ids` (judged questions) with `ranks[mode]` (rank of the first gold
-    passage, None beyond the deepest k), and `answered` ids with their `em` and `f1`.
+    holds the outcomes behind every figure: `ids` (judged questions) with `ranks[mode]` (rank of the first
+    gold passage, None beyond the deepest k), and `answered` ids with their `em` and `f1`.
     """
 
     questions: int
@@ -189,7 +189,7 @@ class EvalReport:
         return {k: v for k, v in self.to_dict().items() if k != "per_question"}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "EvalReport":
+    def from_dict(cls, data: dict) -> EvalReport:
         return cls(**data)
 
 
@@ -236,9 +236,9 @@ def _question_id(example: QaExample, position: int) -> str:
 
 
 def evaluate(
-    backbone: "Backbone",
+    backbone: Backbone,
     adapter: str | None,
-    index: "IndexHandle",
+    index: IndexHandle,
     examples: list[QaExample],
     *,
     top_k: int = 5,
@@ -378,14 +378,14 @@ def format_table(rows: list[tuple[str, EvalReport]]) -> str:
 
 
 def format_differences(base: EvalReport, rows: list[tuple[str, EvalReport]]) -> str:
-    """One line per configuration: its difference to `base` on F1, EM and recall@5 per retrieval mode, each with
-    the paired 95% interval; a * marks an interval that excludes zero."""
+    """One line per configuration: its difference to `base` on F1, EM and recall@5 per retrieval mode, each
+    with the paired 95% interval; a * marks an interval that excludes zero."""
     names = ["f1", "exact_match", *(f"{m}_recall@5" for m in RETRIEVAL_MODES if m in base.recall)]
     header = f"{'mode':<16} " + " ".join(f"{name:>24}" for name in names)
     lines = [header, "-" * len(header)]
     for mode, report in rows:
         cells = []
-        for name, d in compare(report, base, names).items():
+        for _name, d in compare(report, base, names).items():
             if d is None:
                 text = "-"
             else:

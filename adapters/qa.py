@@ -21,14 +21,14 @@ import hashlib
 import json
 import tempfile
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
-from adapters.errors import DomainNotFound, InvalidQaSet
+from adapters.errors import InvalidQaSet
 from storage import artifacts
 from storage.artifacts import Manifest
-from storage.errors import DomainNotFound as StoreDomainNotFound
 from storage.errors import IntegrityError, VersionNotFound
 from storage.registry import DomainRegistry
 from storage.store import ObjectStore
@@ -159,7 +159,4 @@ class QaSets:
         return QaSet(version, parse_qa_jsonl(data))
 
     def _require_domain(self, domain: str) -> None:
-        try:
-            self._domains.get_domain(domain)
-        except StoreDomainNotFound as exc:
-            raise DomainNotFound(f"no domain named {domain!r}") from exc
+        self._domains.get_domain(domain)  # storage's DomainNotFound when there is none

@@ -1,7 +1,7 @@
 """Training data made from a domain's own passages, for domains with documents but few or no QA pairs.
 
-Facts are learned when seen in many forms (Ovadia et al.), and a retriever adapts to a domain from its passages
-alone when it is given queries for them (ORQA's inverse cloze task, Promptagator, GPL). Two kinds:
+Facts are learned when seen in many forms (Ovadia et al.), and a retriever adapts to a domain from its
+passages alone when it is given queries for them (ORQA's inverse cloze task, Promptagator, GPL). Two kinds:
 
 - Inverse-cloze pairs (`ict_pairs`): a sentence of a passage is the query and the passage is its positive,
   with the sentence left in it with probability `keep_sentence` (ORQA removes it 90% of the time; on these
@@ -23,13 +23,13 @@ import json
 import random
 import re
 import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
-
-from backbone import Passage, normalize_answer
+from typing import TYPE_CHECKING
 
 from adapters.qa import QaExample, parse_qa_jsonl, to_jsonl
+from backbone import Passage, normalize_answer
 from storage import artifacts
 from storage.store import ObjectStore
 
@@ -123,8 +123,9 @@ def qa_pairs(
 # --- generated questions ------------------------------------------------------------------------------------
 
 GENERATION_INSTRUCTION = (
-    "Write one question about the passage whose answer is the given phrase from the passage. The question must "
-    "name what it asks about, so that it could be understood without the passage. Reply with the question only."
+    "Write one question about the passage whose answer is the given phrase from the passage. "
+    "The question must name what it asks about, so that it could be understood without the passage. "
+    "Reply with the question only."
 )
 # Used when a domain has no QA examples to show the generator.
 BUILT_IN_EXAMPLE = (
@@ -163,7 +164,8 @@ class GenerationConfig:
 
 
 def answer_candidates(text: str, max_words: int = 8) -> list[str]:
-    """Short spans of a passage that make good answers: amounts, dates, numbers and names, in order, once each."""
+    """Short spans of a passage that make good answers: amounts, dates, numbers and names, in order, once
+    each."""
     found = [m.group(0).strip() for pattern in (_NUMBER, _NAME) for m in pattern.finditer(text)]
     return [c for c in dict.fromkeys(found) if 1 <= len(c.split()) <= max_words and len(c) >= 2]
 
@@ -213,10 +215,10 @@ def parse_question(text: str, answer: str) -> str | None:
 
 
 def generate_questions(
-    backbone: "Backbone",
+    backbone: Backbone,
     passages: Sequence[Passage],
     examples: Sequence[QaExample],
-    index: "IndexHandle",
+    index: IndexHandle,
     config: GenerationConfig = GenerationConfig(),
     *,
     batch_size: int = 8,
@@ -225,8 +227,8 @@ def generate_questions(
 ) -> list[QaExample]:
     """Questions about a seeded sample of passages, answer first: a short span of the passage (an amount, a
     date, a name) is picked, and the base generator, shown `shots` of the domain's own examples (a different
-    seeded choice per passage), writes a question it answers. Kept when round-trip consistent: BM25 or the base
-    retriever of `index` (the domain's base index) finds the passage among the top `round_trip_k`.
+    seeded choice per passage), writes a question it answers. Kept when round-trip consistent: BM25 or the
+    base retriever of `index` (the domain's base index) finds the passage among the top `round_trip_k`.
     Deterministic for the same backbone, passages, examples and config."""
     import torch
 

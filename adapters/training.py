@@ -40,23 +40,21 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 
 from adapters.errors import InvalidRun, RunInterrupted
 from adapters.qa import QaExample
-from adapters.runs import RunRequest
+from adapters.spec import RunRequest
 from adapters.synthetic import RetrievalPair
-from backbone import AdapterSetConfig, Backbone, BackboneConfig, LoraConfig, Passage
+from backbone import Backbone, Passage
 from backbone.rag import info_nce, lm_supervised_kl, rag_sequence_nll, rag_token_nll
 from indexing import IndexConfig, IndexHandle
-from indexing.builder import build_index
 from indexing.encoder import EncodeConfig
 from indexing.lexical import Bm25Index
 from indexing.rebuild import RebuildJob, RebuildSpec, RebuildState
 from indexing.versions import IndexVersions
-from storage import new_version_id
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +77,7 @@ class TrainerState:
 
 
 class RunHooks(Protocol):
-    """What the trainer needs from the run it belongs to (see `adapters.worker.RunContext`)."""
+    """What the trainer needs from the run it belongs to (see `adapters.lease.RunContext`)."""
 
     def tick(self) -> None:
         """Between micro-batches: raises RunCancelled / RunInterrupted / LeaseLost when the run must stop."""
@@ -133,44 +131,6 @@ def autocast(backbone: Backbone):
     if backbone.device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def quantize_generator_4bit(backbone: Backbone) -> None:
-    """QLoRA: replace the frozen generator's linear layers (not the LM head) by NF4 4-bit ones, in place.
-
-    Only in a process that trains (a run worker's own backbone) and before any adapter is attached; LoRA
-    then wraps the 4-bit layers (PEFT's bitsandbytes dispatch). The fingerprint is unchanged: adapters
-    trained this way serve on the unquantized generator, as QLoRA adapters do.
-    """
-    try:
-        import bitsandbytes as bnb
-    except ImportError as exc:
-        raise InvalidRun("quantize_generator='4bit' needs the bitsandbytes package") from exc
-    if backbone.device.type != "cuda":
-        raise InvalidRun("quantize_generator='4bit' needs the backbone on a CUDA device")
-    host = backbone.generator.host
-    if host.peft is not None:
-        raise InvalidRun("the generator must be quantized before adapters are attached")
-    compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    swaps = [
-        (parent, name, child)
-        for parent in host.base.modules()
-        for name, child in parent.named_children()
-        if isinstance(child, torch.nn.Linear) and name != "lm_head"
-    ]
-    for parent, name, child in swaps:
-        layer = bnb.nn.Linear4bit(
-            child.in_features,
-            child.out_features,
-            bias=child.bias is not None,
-            compute_dtype=compute,
-            quant_type="nf4",
-        )
-        layer.weight = bnb.nn.Params4bit(child.weight.data.to("cpu"), requires_grad=False, quant_type="nf4")
-        if child.bias is not None:
-            layer.bias = torch.nn.Parameter(child.bias.data.clone(), requires_grad=False)
-        setattr(parent, name, layer.to(backbone.device))  # quantized on the move to the GPU
-    log.info("generator quantized to NF4: %d linear layers", len(swaps))
 
 
 class IndexRefresher:
@@ -248,8 +208,8 @@ class Trainer:
 
     Steps 1..`retriever_steps` are the retriever phase (the contrastive loss over `pairs`, encoders only); the
     rest are the joint phase (RAG End2End over QA rows from `examples` and `generated`, and reconstruction
-    rows from `sentences`). Between the two the index is refreshed with the trained passage encoder, so the joint
-    phase retrieves with what the retriever phase learned.
+    rows from `sentences`). Between the two the index is refreshed with the trained passage encoder, so the
+    joint phase retrieves with what the retriever phase learned.
     """
 
     def __init__(
@@ -299,7 +259,8 @@ class Trainer:
         self.state = resume.state if resume is not None else (state or TrainerState())
         self._permutations: dict[tuple[str, int], list[int]] = {}
         self._checkpointed = self.state.step if resume is not None else -1
-        # The lexical half of hard-negative mining: the dense index changes with each refresh, BM25 never does.
+        # The lexical half of hard-negative mining: the dense index changes with each refresh, BM25 never
+        # does.
         self._bm25: Bm25Index | None = None
         self._bm25_ids = [p.id for p in index.passages]
         if self.retriever_steps > self.state.step and self.hp.hard_negatives:
@@ -507,7 +468,7 @@ class Trainer:
             return passages
         if any(p.id in row.gold for p in passages):
             return passages
-        return passages[:-1] + [self.passages[rng.choice(row.gold)]]
+        return [*passages[:-1], self.passages[rng.choice(row.gold)]]
 
     def _encode_passages(self, passages: list[Passage]) -> torch.Tensor:
         if "passage" in self.request.components:
@@ -684,101 +645,3 @@ def _jsonable(value):
     if isinstance(value, tuple):
         return [_jsonable(v) for v in value]
     return value
-
-
-def build_domain_index(
-    backbone: Backbone,
-    key: str | None,
-    passages: list[Passage],
-    versions: IndexVersions,
-    domain: str,
-    *,
-    passages_version: str | None,
-    config: IndexConfig,
-    work_dir: Path,
-    on_progress: Callable[[str, int, int], None] | None = None,
-) -> str:
-    """Encode `passages` with the passage encoder of adapter set `key` (None: base), build the index with
-    the domain's settings and publish it as a new index version (no pointer moves); returns the version."""
-    directory = Path(work_dir) / f"index-{new_version_id()}"
-    try:
-        build_index(
-            backbone,
-            passages,
-            directory,
-            build_id=directory.name.removeprefix("index-"),
-            adapter=key,
-            passages_version=passages_version,
-            config=config,
-            encode=EncodeConfig(progress=False),
-            work_dir=Path(work_dir) / "shards",
-            on_progress=on_progress,
-        )
-        return versions.publish_index(domain, directory)
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
-
-
-def base_index_version(
-    backbone: Backbone,
-    versions: IndexVersions,
-    domain: str,
-    *,
-    work_dir: Path,
-    on_progress: Callable[[str, int, int], None] | None = None,
-) -> str:
-    """A published index of the domain's live passages encoded by the base passage encoder (no LoRA), for
-    runs that start from zero LoRA and for evaluating the base backbone: the live one if it is, else an
-    earlier matching version, else one built and published now."""
-    live = versions.live(domain).index_version
-    if live is None:
-        raise InvalidRun(f"domain {domain!r} has no index yet")
-    live_info = versions.build_info(domain, live)
-    if live_info.passage_adapter == "base" and live_info.encoder_fingerprint == backbone.fingerprint:
-        return live
-    for version in reversed(versions.versions(domain)):
-        info = versions.build_info(domain, version)
-        if (
-            info.passage_adapter == "base"
-            and info.encoder_fingerprint == backbone.fingerprint
-            and info.passages_checksum == live_info.passages_checksum
-        ):
-            return version
-    handle = IndexHandle.open(versions.fetch(domain, live), domain=domain, version=live)
-    return build_domain_index(
-        backbone,
-        None,
-        list(handle.passages),
-        versions,
-        domain,
-        passages_version=live_info.passages_version,
-        config=live_info.config,
-        work_dir=work_dir,
-        on_progress=on_progress,
-    )
-
-
-def adapter_set_config(lora) -> AdapterSetConfig:
-    """The backbone's AdapterSetConfig for a run's `LoraSettings`."""
-    return AdapterSetConfig(
-        **{
-            component: LoraConfig(
-                r=spec.r,
-                alpha=spec.alpha,
-                dropout=spec.dropout,
-                targets=tuple(spec.targets) if spec.targets else None,
-            )
-            for component, spec in (
-                ("question", lora.question),
-                ("passage", lora.passage),
-                ("generator", lora.generator),
-            )
-        }
-    )
-
-
-def backbone_for(config: BackboneConfig, quantize: str) -> Backbone:
-    backbone = Backbone.load(config)
-    if quantize == "4bit":
-        quantize_generator_4bit(backbone)
-    return backbone

@@ -1,10 +1,13 @@
-"""Per-object configuration of the backbone: which weights to load and how LoRA attaches to them."""
+"""Per-object configuration of the backbone: which weights to load, how LoRA attaches to them. Torch-free."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # Attention Q/K/V projection names per architecture family, as the RAG End2End + LoRA work targets them.
 QKV_TARGETS: dict[str, tuple[str, ...]] = {
@@ -27,29 +30,51 @@ QKV_TARGETS: dict[str, tuple[str, ...]] = {
 COMPONENTS = ("question", "passage", "generator")
 
 
-@dataclass(frozen=True)
-class LoraConfig:
-    """LoRA on one component: rank, scaling and the modules it wraps (None: that architecture's Q/K/V)."""
-
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
-    targets: tuple[str, ...] | None = None
-
-    def __post_init__(self) -> None:
-        if self.r < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {self.r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+def integral_floats(cls: type[BaseModel], data: Any) -> Any:
+    """A JSON number with a zero fraction is an integer (JSON Schema says so, and clients send 5.0): turn
+    those of int fields into ints before strict validation, which takes only ints there."""
+    if not isinstance(data, dict):
+        return data
+    fields = cls.model_fields
+    return {
+        name: int(value)
+        if isinstance(value, float) and value.is_integer() and name in fields and _takes_int(fields[name])
+        else value
+        for name, value in data.items()
+    }
 
 
-@dataclass(frozen=True)
-class AdapterSetConfig:
-    """The three LoRA adapters of one domain version: question encoder, passage encoder, generator."""
+def _takes_int(field: Any) -> bool:
+    kinds = typing.get_args(field.annotation) or (field.annotation,)
+    return int in kinds and float not in kinds
 
-    question: LoraConfig = field(default_factory=LoraConfig)
-    passage: LoraConfig = field(default_factory=LoraConfig)
-    generator: LoraConfig = field(default_factory=LoraConfig)
+
+class LoraConfig(BaseModel):
+    """LoRA on one component: rank, scaling, dropout and the modules it wraps (None: that architecture's
+    attention Q/K/V projections, `QKV_TARGETS`). PEFT's own config is derived from it (`backbone.lora`)."""
+
+    # Read from JSON (a run request, an adapter version's manifest): unknown fields and values of another JSON
+    # type ("8" for 8) are errors; a number with a zero fraction is an integer.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    _integral = model_validator(mode="before")(integral_floats)
+
+    r: int = Field(8, ge=1, le=256)
+    alpha: int = Field(16, ge=1, le=4096)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    targets: list[str] | None = Field(None, strict=False)  # a tuple from Python code is taken too
+
+
+class AdapterSetConfig(BaseModel):
+    """The LoRA configuration of one adapter set: its question encoder, passage encoder and generator. The
+    one shape of it: a run request's `hyperparameters.lora`, what `Backbone.add_adapter_set` attaches, and
+    what every adapter version records whole in its manifest (read back by `adapters.registry.lora_config`).
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    question: LoraConfig = LoraConfig()
+    passage: LoraConfig = LoraConfig()
+    generator: LoraConfig = LoraConfig()
 
     def for_component(self, component: str) -> LoraConfig:
         return getattr(self, component)
@@ -60,8 +85,8 @@ class BackboneConfig:
     """Where the frozen backbone comes from and how it runs.
 
     Model references are HF model ids or local directories; `generator_gguf_file` names a GGUF file inside the
-    generator directory, converted once to safetensors under `cache_dir`. `allow_hub=False` (the default) makes
-    every load local-only, so no code path reaches a model hub.
+    generator directory, converted once to safetensors under `cache_dir`. `allow_hub=False` (the default)
+    makes every load local-only, so no code path reaches a model hub.
     """
 
     question_encoder: str

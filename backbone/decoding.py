@@ -39,8 +39,8 @@ class _GrowingLayer(DynamicLayer):
         end = self.length + key_states.shape[-2]
         if end > self._keys.shape[-2]:
             self._reset(self.keys, self.values, spare=end - self.length + _SPARE_TOKENS)
-        self._keys[:, :, self.length:end] = key_states
-        self._values[:, :, self.length:end] = value_states
+        self._keys[:, :, self.length : end] = key_states
+        self._values[:, :, self.length : end] = value_states
         self.length = end
         self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
         return self.keys, self.values
@@ -55,16 +55,18 @@ class _GrowingLayer(DynamicLayer):
         else:
             self._keys, self._values = keys, values
         self.length = keys.shape[-2]
-        self.keys, self.values = self._keys[:, :, :self.length], self._values[:, :, :self.length]
+        self.keys, self.values = self._keys[:, :, : self.length], self._values[:, :, : self.length]
 
     def select(self, rows: torch.Tensor, first_column: int) -> None:
         """Keep these rows and the columns from `first_column` on."""
         self._reset(self.keys[rows, :, first_column:], self.values[rows, :, first_column:])
 
-    def join(self, other: "_GrowingLayer", length: int) -> None:
+    def join(self, other: _GrowingLayer, length: int) -> None:
         """Append `other`'s rows below these, both left-padded to `length` columns."""
-        self._reset(torch.cat([_left_pad(self.keys, length), _left_pad(other.keys, length)]),
-                    torch.cat([_left_pad(self.values, length), _left_pad(other.values, length)]))
+        self._reset(
+            torch.cat([_left_pad(self.keys, length), _left_pad(other.keys, length)]),
+            torch.cat([_left_pad(self.values, length), _left_pad(other.values, length)]),
+        )
 
 
 def _left_pad(states: torch.Tensor, length: int) -> torch.Tensor:
@@ -108,7 +110,7 @@ class _Batch:
         for layer in self.cache.layers:
             layer.select(rows, first)
 
-    def join(self, other: "_Batch") -> None:
+    def join(self, other: _Batch) -> None:
         length = max(self.mask.shape[1], other.mask.shape[1])
         for mine, theirs in zip(self.cache.layers, other.cache.layers):
             mine.join(theirs, length)
@@ -129,7 +131,7 @@ class Decoding:
     a row fails loudly (UnknownAdapter) rather than run under another adapter if its own was detached mid-way.
     """
 
-    def __init__(self, generator: "Generator"):
+    def __init__(self, generator: Generator):
         self._generator = generator
         self._batch: _Batch | None = None
         self._finished: list[tuple[int, Generation]] = []
@@ -155,12 +157,20 @@ class Decoding:
         enc = enc.to(generator.device)
         positions = (enc.attention_mask.cumsum(-1) - 1).clamp(min=0)  # [n, length]
         cache = Cache(layers=[_GrowingLayer() for _ in range(generator.host.base.config.num_hidden_layers)])
-        out = generator.host.forward(adapters, input_ids=enc.input_ids, attention_mask=enc.attention_mask,
-                                     position_ids=positions, past_key_values=cache, use_cache=True,
-                                     logits_to_keep=1)
+        out = generator.host.forward(
+            adapters,
+            input_ids=enc.input_ids,
+            attention_mask=enc.attention_mask,
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         lengths = enc.attention_mask.sum(-1).tolist()
-        rows = [_Row(next(self._tickets), adapter, budget, int(length))
-                for adapter, budget, length in zip(adapters, max_new_tokens, lengths)]
+        rows = [
+            _Row(next(self._tickets), adapter, budget, int(length))
+            for adapter, budget, length in zip(adapters, max_new_tokens, lengths)
+        ]
         batch = _Batch(rows, cache, enc.attention_mask)
         self._advance(batch, out.logits[:, -1])
         if batch.rows:
@@ -177,8 +187,11 @@ class Decoding:
             batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
             positions = torch.tensor([[row.position] for row in batch.rows], device=batch.mask.device)
             out = self._generator.host.forward(
-                [row.adapter for row in batch.rows], input_ids=batch.next_tokens.unsqueeze(1),
-                attention_mask=batch.mask, position_ids=positions, past_key_values=batch.cache,
+                [row.adapter for row in batch.rows],
+                input_ids=batch.next_tokens.unsqueeze(1),
+                attention_mask=batch.mask,
+                position_ids=positions,
+                cache=batch.cache,
                 use_cache=True,
             )
             for row in batch.rows:
@@ -227,7 +240,7 @@ class WholeBatchDecoding:
     """`Decoding`'s interface over transformers' `generate`, for models whose cache rows cannot be joined
     (seq2seq, sliding-window or linear attention): each `add` decodes its rows to the end at once."""
 
-    def __init__(self, generator: "Generator"):
+    def __init__(self, generator: Generator):
         self._generator = generator
         self._finished: list[tuple[int, Generation]] = []
         self._tickets = itertools.count()
@@ -243,7 +256,8 @@ class WholeBatchDecoding:
             groups.setdefault(budget, []).append(i)
         for budget, rows in groups.items():
             generations = self._generator.generate_whole(
-                [sources[i] for i in rows], [adapters[i] for i in rows], budget)
+                [sources[i] for i in rows], [adapters[i] for i in rows], budget
+            )
             self._finished += [(tickets[i], g) for i, g in zip(rows, generations)]
         return tickets
 

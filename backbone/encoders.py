@@ -41,7 +41,9 @@ def _sentence_transformers_pooling(path: Path) -> Pooling | None:
     return Pooling(mode, normalize)
 
 
-def load_tower(reference: str, role: str, config: BackboneConfig, dtype: torch.dtype) -> tuple[nn.Module, object, Pooling]:
+def load_tower(
+    reference: str, role: str, config: BackboneConfig, dtype: torch.dtype
+) -> tuple[nn.Module, object, Pooling]:
     """Load one encoder tower: DPR classes for DPR checkpoints, AutoModel (BERT-like) otherwise."""
     source = resolve_reference(reference, config.allow_hub)
     kwargs = hub_kwargs(config.allow_hub)
@@ -78,7 +80,9 @@ class EncoderTower:
         cfg = self.host.base.config
         return getattr(cfg, "projection_dim", 0) or cfg.hidden_size
 
-    def encode(self, first: list[str], second: list[str] | None, adapters: list[str], max_tokens: int) -> torch.Tensor:
+    def encode(
+        self, first: list[str], second: list[str] | None, adapters: list[str], max_tokens: int
+    ) -> torch.Tensor:
         """Embed a batch, row i through adapter `adapters[i]` (BASE for none). Returns [batch, dim] float32.
 
         Gradients flow into the LoRA weights when called under grad mode (RAG End2End re-encodes retrieved
@@ -92,7 +96,9 @@ class EncoderTower:
             max_length=max_tokens,
             return_tensors="pt",
         ).to(self.device)
-        model_inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        model_inputs = {
+            k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")
+        }
         out = self.host.forward(adapters, **model_inputs)
         if self.pooling.mode == "pooler":
             pooled = out.pooler_output  # [batch, dim]

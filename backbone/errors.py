@@ -26,3 +26,10 @@ class AdapterExists(BackboneError):
 class AdapterLoadError(BackboneError):
     code = "adapter_invalid"
     status = 422
+
+
+class QuantizationUnavailable(BackboneError):
+    """A 4-bit generator cannot be had here: no CUDA device, no bitsandbytes, or adapters already attached."""
+
+    code = "quantization_unavailable"
+    status = 422

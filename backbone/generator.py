@@ -6,7 +6,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, GenerationConfig
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    GenerationConfig,
+)
 
 from .config import BackboneConfig
 from .decoding import Decoding, WholeBatchDecoding, supports_continuous
@@ -14,7 +20,8 @@ from .loading import converted_gguf_dir, hub_kwargs, resolve_reference
 from .lora import AdapterHost
 
 SYSTEM_PROMPT = (
-    "Answer the question from the passage. Reply with the shortest exact phrase from the passage, nothing else."
+    "Answer the question from the passage. "
+    "Reply with the shortest exact phrase from the passage, nothing else."
 )
 RECONSTRUCT_PROMPT = "Reconstruct a sentence stated in the passage."
 CLOSED_BOOK_PROMPT = "Answer the question. Reply with the shortest exact phrase, nothing else."
@@ -32,11 +39,20 @@ class Passage:
 @dataclass(frozen=True)
 class Generation:
     text: str
-    logprob: float  # log p(text, end | source): over the new tokens, the end token included if it stopped there
+    logprob: (
+        float  # log p(text, end | source): over the new tokens, the end token included if it stopped there
+    )
 
 
 class Generator:
-    def __init__(self, model, tokenizer, kind: Literal["causal", "seq2seq"], device: torch.device, config: BackboneConfig):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        kind: Literal["causal", "seq2seq"],
+        device: torch.device,
+        config: BackboneConfig,
+    ):
         self.host = AdapterHost(model)
         self.tokenizer = tokenizer
         self.kind = kind
@@ -47,11 +63,14 @@ class Generator:
         self.eos_ids = self._eos_ids()
 
     @classmethod
-    def load(cls, config: BackboneConfig, dtype: torch.dtype, device: torch.device) -> "Generator":
+    def load(cls, config: BackboneConfig, dtype: torch.dtype, device: torch.device) -> Generator:
         if config.generator_gguf_file:
             source, kwargs = str(converted_gguf_dir(config)), {"local_files_only": True}
         else:
-            source, kwargs = resolve_reference(config.generator, config.allow_hub), hub_kwargs(config.allow_hub)
+            source, kwargs = (
+                resolve_reference(config.generator, config.allow_hub),
+                hub_kwargs(config.allow_hub),
+            )
         model_config = AutoConfig.from_pretrained(source, **kwargs)
         kind = "seq2seq" if model_config.is_encoder_decoder else "causal"
         auto = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
@@ -68,7 +87,7 @@ class Generator:
             ids.add(end_of_turn)
         return sorted(i for i in ids if i is not None)
 
-    # --- prompts -------------------------------------------------------------------------------------------------
+    # --- prompts --------------------------------------------------------------------------------------------
 
     def clip(self, text: str, max_tokens: int) -> str:
         ids = self.tokenizer(text, add_special_tokens=False).input_ids
@@ -77,7 +96,9 @@ class Generator:
     def source(self, question: str | None, passage: Passage | None) -> str:
         """The generator input for one (question, passage) pair; question None is a reconstruction input,
         passage None a closed-book question (the generator's own knowledge)."""
-        query = RECONSTRUCT_TOKEN if question is None else self.clip(question, self.config.max_question_tokens)
+        query = (
+            RECONSTRUCT_TOKEN if question is None else self.clip(question, self.config.max_question_tokens)
+        )
         if passage is None:
             if self.kind == "seq2seq":
                 return query
@@ -85,7 +106,9 @@ class Generator:
         else:
             if self.kind == "seq2seq":
                 # RAG's layout: title / text // question
-                return f"{passage.title} / {self.clip(passage.text, self.config.max_passage_tokens)} // {query}"
+                return (
+                    f"{passage.title} / {self.clip(passage.text, self.config.max_passage_tokens)} // {query}"
+                )
             instruction = RECONSTRUCT_PROMPT if question is None else SYSTEM_PROMPT
             user = f"{self.passage_text(passage)}\n\nQuestion: {query}"
         if self.tokenizer.chat_template:
@@ -110,7 +133,7 @@ class Generator:
         shown = "".join(f"{u}\n{a}\n\n" for u, a in turns)
         return f"{instruction}\n\n{shown}{user}\n"
 
-    # --- likelihood ----------------------------------------------------------------------------------------------
+    # --- likelihood -----------------------------------------------------------------------------------------
 
     def target_logprobs(self, sources: list[str], targets: list[str], adapters: list[str] | None):
         """Per-token log p(target | source) -> (logprobs [batch, T], mask [batch, T]).
@@ -124,7 +147,10 @@ class Generator:
 
     def _target_ids(self, targets: list[str]) -> list[list[int]]:
         max_len = self.config.max_answer_tokens
-        return [self.tokenizer(t, add_special_tokens=False).input_ids[: max_len - 1] + [self.eos_ids[-1]] for t in targets]
+        return [
+            [*self.tokenizer(t, add_special_tokens=False).input_ids[: max_len - 1], self.eos_ids[-1]]
+            for t in targets
+        ]
 
     def _causal_logprobs(self, sources, targets, adapters):
         prompts = self.tokenizer(sources, add_special_tokens=False).input_ids
@@ -138,7 +164,11 @@ class Generator:
         attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
         out = self.host.forward(
-            adapters, input_ids=input_ids, attention_mask=attention, position_ids=positions, logits_to_keep=span + 1
+            adapters,
+            input_ids=input_ids,
+            attention_mask=attention,
+            position_ids=positions,
+            logits_to_keep=span + 1,
         )
         logits = out.logits[:, :-1].float()  # [batch, span, vocab]
         wanted = input_ids[:, -span:]  # [batch, span]
@@ -148,29 +178,41 @@ class Generator:
         return logprobs * mask, mask
 
     def _seq2seq_logprobs(self, sources, targets, adapters):
-        enc = self.tokenizer(sources, padding=True, truncation=True, max_length=512, return_tensors="pt").to(self.device)
+        enc = self.tokenizer(sources, padding=True, truncation=True, max_length=512, return_tensors="pt").to(
+            self.device
+        )
         answers = self._target_ids(targets)
         span = max(map(len, answers))
         labels = torch.tensor([a + [-100] * (span - len(a)) for a in answers], device=self.device)
-        out = self.host.forward(adapters, input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=labels)
+        out = self.host.forward(
+            adapters, input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=labels
+        )
         mask = labels != -100
-        logprobs = torch.log_softmax(out.logits.float(), dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        logprobs = (
+            torch.log_softmax(out.logits.float(), dim=-1)
+            .gather(-1, labels.clamp(min=0).unsqueeze(-1))
+            .squeeze(-1)
+        )
         return logprobs * mask, mask
 
-    # --- decoding ------------------------------------------------------------------------------------------------
+    # --- decoding -------------------------------------------------------------------------------------------
 
     def decoding(self) -> Decoding | WholeBatchDecoding:
-        """A greedy decoding that rows can join and leave between steps (continuous batching) where the model's
-        cache allows it; otherwise one that decodes each added group to the end at once."""
+        """A greedy decoding that rows can join and leave between steps (continuous batching) where the
+        model's cache allows it; otherwise one that decodes each added group to the end at once."""
         if self.kind == "causal" and supports_continuous(self.host.base.config):
             return Decoding(self)
         return WholeBatchDecoding(self)
 
     def finish(self, tokens: list[int], logprob: float) -> Generation:
         """A finished row: its new tokens (without the end token) and log p(tokens, end | source)."""
-        return Generation(text=self.tokenizer.decode(tokens, skip_special_tokens=True).strip(), logprob=logprob)
+        return Generation(
+            text=self.tokenizer.decode(tokens, skip_special_tokens=True).strip(), logprob=logprob
+        )
 
-    def generate_whole(self, sources: list[str], adapters: list[str], max_new_tokens: int) -> list[Generation]:
+    def generate_whole(
+        self, sources: list[str], adapters: list[str], max_new_tokens: int
+    ) -> list[Generation]:
         """Greedy answers through transformers' `generate` (seq2seq models, caches rows cannot share)."""
         self.tokenizer.padding_side = "left" if self.kind == "causal" else "right"
         enc = self.tokenizer(
@@ -188,10 +230,15 @@ class Generator:
         slots = self.host.slots_of(adapters)
         extra = {"adapter_names": slots} if self.host.peft is not None else {}
         out = self.host.model.generate(
-            input_ids=enc.input_ids, attention_mask=enc.attention_mask, generation_config=generation_config, **extra
+            input_ids=enc.input_ids,
+            attention_mask=enc.attention_mask,
+            generation_config=generation_config,
+            **extra,
         )
         scores = self.host.base.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
-        new_tokens = out.sequences[:, enc.input_ids.shape[1] :] if self.kind == "causal" else out.sequences[:, 1:]
+        new_tokens = (
+            out.sequences[:, enc.input_ids.shape[1] :] if self.kind == "causal" else out.sequences[:, 1:]
+        )
         new_tokens = new_tokens[:, -scores.shape[1] :]  # [batch, steps]
         eos = set(self.eos_ids)
         results = []

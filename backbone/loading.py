@@ -1,4 +1,4 @@
-"""Resolving model references to local weights, including the embedded default and the one-off GGUF conversion."""
+"""Model references resolved to local weights: the embedded default, and the one-off GGUF conversion."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def _package_dir(package: str) -> Path:
 
 
 def embedded_default_config(cache_dir: Path | None = None, **overrides) -> BackboneConfig:
-    """all-MiniLM-L6-v2 for both encoders (one frozen copy) and SmolLM2-135M-Instruct as generator, offline."""
+    """all-MiniLM-L6-v2 for both encoders (one frozen copy), SmolLM2-135M-Instruct as generator; offline."""
     encoder_dir = _package_dir(EMBEDDED_ENCODER_PACKAGE) / "model"
     generator_dir = _package_dir(EMBEDDED_GENERATOR_PACKAGE)
     ggufs = sorted(generator_dir.glob("*.gguf"))

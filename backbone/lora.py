@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
@@ -45,8 +45,13 @@ def peft_config(model_type: str, lora: LoraConfig) -> PeftLoraConfig:
 
 def _signature(config: PeftLoraConfig) -> tuple:
     """What must match for an injected slot to take another adapter's tensors by plain copy."""
-    return (config.r, tuple(sorted(config.target_modules)), bool(config.use_rslora),
-            tuple(sorted((config.rank_pattern or {}).items())), tuple(sorted((config.alpha_pattern or {}).items())))
+    return (
+        config.r,
+        tuple(sorted(config.target_modules)),
+        bool(config.use_rslora),
+        tuple(sorted((config.rank_pattern or {}).items())),
+        tuple(sorted((config.alpha_pattern or {}).items())),
+    )
 
 
 class AdapterHost:
@@ -55,9 +60,9 @@ class AdapterHost:
     The PeftModel wrapper is made lazily with the first adapter, so a backbone without adapters runs the plain
     model. Every forward names an adapter per row (BASE for none); the base weights never change.
 
-    Adapters live in slots (physical PEFT adapters). Injecting a slot walks the whole module tree (about a second
-    for the embedded default), so a removed adapter's slot is kept free and the next adapter of the same shape is
-    attached by copying its tensors in (milliseconds), as S-LoRA and vLLM reuse their LoRA slots.
+    Adapters live in slots (physical PEFT adapters). Injecting a slot walks the whole module tree (about a
+    second for the embedded default), so a removed adapter's slot is kept free and the next adapter of the
+    same shape is attached by copying its tensors in (milliseconds), as S-LoRA and vLLM reuse LoRA slots.
     """
 
     def __init__(self, model: nn.Module):
@@ -72,10 +77,6 @@ class AdapterHost:
     @property
     def names(self) -> set[str]:
         return set(self._slots)
-
-    @property
-    def free_slots(self) -> int:
-        return len(self._free)
 
     @property
     def model(self) -> nn.Module:
@@ -126,8 +127,8 @@ class AdapterHost:
         if missing or unexpected or mismatched:
             self._free.append(slot)
             raise AdapterLoadError(
-                f"adapter {name!r} does not fit this model: {len(missing)} missing, {len(unexpected)} unexpected "
-                f"and {len(mismatched)} mis-shaped tensors"
+                f"adapter {name!r} does not fit this model: {len(missing)} missing, "
+                f"{len(unexpected)} unexpected and {len(mismatched)} mis-shaped tensors"
             )
         with torch.no_grad():
             for key, param in tensors.items():
@@ -191,7 +192,8 @@ class AdapterHost:
     @contextmanager
     def mixed_training(self, names: list[str]) -> Iterator[list[nn.Parameter]]:
         """Train adapters through mixed-batch forwards: the base stays in eval mode (PEFT's rule for per-row
-        adapters); only the adapters' own dropout runs in training mode and only their weights get gradients."""
+        adapters); only the adapters' own dropout runs in training mode and only their weights get
+        gradients."""
         self._require(*names)
         params = [p for name in names for p in self.parameters(name)]
         slots = self.slots_of(names)

@@ -1,4 +1,4 @@
-"""The frozen RAG End2End backbone: question encoder, passage encoder and generator, with named adapter sets."""
+"""The frozen RAG End2End backbone: question and passage encoders and a generator, with named adapter sets."""
 
 from __future__ import annotations
 
@@ -56,8 +56,15 @@ class Backbone:
     Every call takes a per-row list of keys (None for the base backbone), so one forward serves many domains.
     """
 
-    def __init__(self, config: BackboneConfig, question: EncoderTower, passage: EncoderTower, generator: Generator,
-                 fingerprint: str, load_seconds: float):
+    def __init__(
+        self,
+        config: BackboneConfig,
+        question: EncoderTower,
+        passage: EncoderTower,
+        generator: Generator,
+        fingerprint: str,
+        load_seconds: float,
+    ):
         self.config = config
         self.question = question
         self.passage = passage
@@ -67,10 +74,10 @@ class Backbone:
         self.shared_encoder = question.host is passage.host
         self._sets: dict[str, AdapterSetConfig | None] = {}
 
-    # --- loading -------------------------------------------------------------------------------------------------
+    # --- loading --------------------------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, config: BackboneConfig) -> "Backbone":
+    def load(cls, config: BackboneConfig) -> Backbone:
         from .loading import pick_device, pick_dtype
 
         started = time.perf_counter()
@@ -107,14 +114,18 @@ class Backbone:
             return self.config.score_scale
         return 20.0 if self.passage.pooling.normalize else 1.0
 
-    # --- adapter sets --------------------------------------------------------------------------------------------
+    # --- adapter sets ---------------------------------------------------------------------------------------
 
     @property
     def adapter_sets(self) -> list[str]:
         return sorted(self._sets)
 
     def _hosts(self) -> dict[str, AdapterHost]:
-        return {"question": self.question.host, "passage": self.passage.host, "generator": self.generator.host}
+        return {
+            "question": self.question.host,
+            "passage": self.passage.host,
+            "generator": self.generator.host,
+        }
 
     def _name(self, component: str, key: str) -> str:
         """The PEFT adapter name of one component of a set: module-safe and unique per role."""
@@ -133,7 +144,9 @@ class Backbone:
             raise AdapterExists(f"adapter set {key!r} is already loaded")
         config = config or AdapterSetConfig()
         for component, host in self._hosts().items():
-            host.add(self._name(component, key), peft_config(host.model_type, config.for_component(component)))
+            host.add(
+                self._name(component, key), peft_config(host.model_type, config.for_component(component))
+            )
         self._sets[key] = config
 
     def reserve_adapter_slots(self, count: int, config: AdapterSetConfig | None = None) -> None:
@@ -196,24 +209,32 @@ class Backbone:
     def trainable_parameters(self, key: str) -> dict[str, list[torch.nn.Parameter]]:
         return {c: self._hosts()[c].parameters(self._name(c, key)) for c in COMPONENTS}
 
-    # --- encoding ------------------------------------------------------------------------------------------------
+    # --- encoding -------------------------------------------------------------------------------------------
 
     def _keys(self, adapters: list[str | None] | str | None, n: int) -> list[str | None]:
         return list(adapters) if isinstance(adapters, list) else [adapters] * n
 
-    def encode_questions(self, questions: list[str], adapters: list[str | None] | str | None = None) -> torch.Tensor:
+    def encode_questions(
+        self, questions: list[str], adapters: list[str | None] | str | None = None
+    ) -> torch.Tensor:
         """[n, dim] float32; no gradients unless called inside a training scope under grad mode."""
         keys = self._keys(adapters, len(questions))
-        return self.question.encode(questions, None, self._names("question", keys), self.config.max_question_tokens)
-
-    def encode_passages(self, passages: list[Passage], adapters: list[str | None] | str | None = None) -> torch.Tensor:
-        keys = self._keys(adapters, len(passages))
-        return self.passage.encode(
-            [p.title for p in passages], [p.text for p in passages],
-            self._names("passage", keys), self.config.max_passage_tokens,
+        return self.question.encode(
+            questions, None, self._names("question", keys), self.config.max_question_tokens
         )
 
-    # --- RAG loss ------------------------------------------------------------------------------------------------
+    def encode_passages(
+        self, passages: list[Passage], adapters: list[str | None] | str | None = None
+    ) -> torch.Tensor:
+        keys = self._keys(adapters, len(passages))
+        return self.passage.encode(
+            [p.title for p in passages],
+            [p.text for p in passages],
+            self._names("passage", keys),
+            self.config.max_passage_tokens,
+        )
+
+    # --- RAG loss -------------------------------------------------------------------------------------------
 
     def rag_loss(
         self,
@@ -226,12 +247,12 @@ class Backbone:
         train: tuple[str, ...] = COMPONENTS,
         question_embeddings: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The RAG End2End marginal loss for n questions with k retrieved passages each, under adapter set `key`.
+        """The RAG End2End marginal loss of n questions, k retrieved passages each, under adapter set `key`.
 
-        The passages are re-encoded by the passage encoder here, so its LoRA receives gradients through the doc
-        scores. A question None is a reconstruction example (control token instead of a question; the target is a
-        domain sentence). `question_embeddings` [n, dim] stands in for the question encoder when given
-        (reconstruction inputs have no question to encode). Call under a `training` scope.
+        The passages are re-encoded by the passage encoder here, so its LoRA receives gradients through the
+        doc scores. A question None is a reconstruction example (control token instead of a question; the
+        target is a domain sentence). `question_embeddings` [n, dim] stands in for the question encoder when
+        given (reconstruction inputs have no question to encode). Call under a `training` scope.
         """
         n, k = len(questions), len(passages[0])
         flat = [p for row in passages for p in row]
@@ -247,8 +268,9 @@ class Backbone:
             return rag_token_nll(doc_logprobs, token_logprobs, mask[:, 0])
         return rag_sequence_nll(doc_logprobs, token_logprobs)
 
-    def answer_logprobs(self, questions: list[str | None], targets: list[str], passages: list[list[Passage]],
-                        key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def answer_logprobs(
+        self, questions: list[str | None], targets: list[str], passages: list[list[Passage]], key: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token log p(target_i | question_i, passage_ij) under set `key`'s generator: ([n, k, T] log
         probabilities, zero where masked; [n, k, T] mask). Every row has the same number k of passages."""
         n, k = len(questions), len(passages[0])
@@ -265,9 +287,9 @@ class Backbone:
         per-row adapter forwards; the generator trains as the active adapter (so checkpointing can apply)."""
         return _TrainingScope(self, key, components, checkpointing)
 
-    # --- answering -----------------------------------------------------------------------------------------------
+    # --- answering ------------------------------------------------------------------------------------------
 
-    def answering(self) -> "Answering":
+    def answering(self) -> Answering:
         """Questions answered together as they come and go (continuous batching); see `Answering`."""
         return Answering(self)
 
@@ -281,19 +303,25 @@ class Backbone:
         *,
         max_new_tokens: int = 32,
     ) -> list[Answer]:
-        """Answer each question from its retrieved passages, rows possibly under different adapter sets, decoded
-        together."""
+        """Answer each question from its retrieved passages, rows possibly under different adapter sets,
+        decoded together."""
         answering = self.answering()
-        tickets = answering.add(questions, passages, scores, self._keys(adapters, len(questions)),
-                                [max_new_tokens] * len(questions))
+        tickets = answering.add(
+            questions,
+            passages,
+            scores,
+            self._keys(adapters, len(questions)),
+            [max_new_tokens] * len(questions),
+        )
         done: dict[int, Answer] = {}
         while len(answering):
             done.update(answering.step())
         return [done[ticket] for ticket in tickets]
 
     @torch.inference_mode()
-    def generate(self, prompts: list[str], adapters: list[str | None] | str | None = None, *,
-                 max_new_tokens: int = 32) -> list[str]:
+    def generate(
+        self, prompts: list[str], adapters: list[str | None] | str | None = None, *, max_new_tokens: int = 32
+    ) -> list[str]:
         """Greedy continuations of ready-made prompts (e.g. a generator writing training questions)."""
         return [g.text for g in self._decode(prompts, adapters, max_new_tokens)]
 
@@ -308,11 +336,17 @@ class Backbone:
 
     @torch.inference_mode()
     def answer_closed_book(
-        self, questions: list[str], adapters: list[str | None] | str | None = None, *, max_new_tokens: int = 32
+        self,
+        questions: list[str],
+        adapters: list[str | None] | str | None = None,
+        *,
+        max_new_tokens: int = 32,
     ) -> list[Answer]:
         """Answer from the question alone, with no passage: what a fine-tuned generator has memorised (the
         closed-book baseline of Ovadia et al.)."""
-        generations = self._decode([self.generator.source(q, None) for q in questions], adapters, max_new_tokens)
+        generations = self._decode(
+            [self.generator.source(q, None) for q in questions], adapters, max_new_tokens
+        )
         return [Answer(g.text, g.logprob, []) for g in generations]
 
 
@@ -341,15 +375,22 @@ class Answering:
         """Generator rows the next step runs."""
         return self._decoding.rows
 
-    def add(self, questions: list[str], passages: list[list[Passage]], scores: list[list[float]],
-            adapters: list[str | None], max_new_tokens: list[int]) -> list[int]:
+    def add(
+        self,
+        questions: list[str],
+        passages: list[list[Passage]],
+        scores: list[list[float]],
+        adapters: list[str | None],
+        max_new_tokens: list[int],
+    ) -> list[int]:
         """Start answering these questions (one prefill for all their rows); returns their tickets. If the
         prefill fails, nothing was added and the questions in flight go on."""
         generator = self._backbone.generator
         tickets = list(range(self._next_ticket, self._next_ticket + len(questions)))
         sources, names, budgets, owners = [], [], [], []
         for ticket, question, row, name, budget in zip(
-                tickets, questions, passages, self._backbone._names("generator", adapters), max_new_tokens):
+            tickets, questions, passages, self._backbone._names("generator", adapters), max_new_tokens
+        ):
             sources += [generator.source(question, p) for p in row]
             names += [name] * len(row)
             budgets += [budget] * len(row)
@@ -398,16 +439,24 @@ class _Question:
         if not self.passages:
             return Answer("", float("-inf"), [])
         doc_logprobs = torch.log_softmax(torch.tensor(self.scores) * score_scale, dim=0).tolist()
-        candidates = fast_rag_sequence([g.text for g in self.generations], [g.logprob for g in self.generations],
-                                       doc_logprobs)
+        candidates = fast_rag_sequence(
+            [g.text for g in self.generations], [g.logprob for g in self.generations], doc_logprobs
+        )
         best = candidates[0]
-        supporting = [SupportingPassage(self.passages[i], self.scores[i], doc_logprobs[i]) for i in best.supporting]
+        supporting = [
+            SupportingPassage(self.passages[i], self.scores[i], doc_logprobs[i]) for i in best.supporting
+        ]
         return Answer(best.text, best.logprob, supporting, [(c.text, c.logprob) for c in candidates])
 
 
 class _TrainingScope:
     def __init__(self, backbone: Backbone, key: str, components: tuple[str, ...], checkpointing: bool):
-        self.backbone, self.key, self.components, self.checkpointing = backbone, key, components, checkpointing
+        self.backbone, self.key, self.components, self.checkpointing = (
+            backbone,
+            key,
+            components,
+            checkpointing,
+        )
         self._scopes = []
 
     def __enter__(self) -> list[torch.nn.Parameter]:
@@ -441,8 +490,11 @@ def _fingerprint(config: BackboneConfig, models: list[torch.nn.Module]) -> str:
     digest = hashlib.sha256()
     for model in models:
         # Paths, dtypes and library versions vary between hosts loading the same weights; leave them out.
-        settings = {k: v for k, v in model.config.to_dict().items()
-                    if not k.startswith("_") and k not in {"dtype", "torch_dtype", "transformers_version"}}
+        settings = {
+            k: v
+            for k, v in model.config.to_dict().items()
+            if not k.startswith("_") and k not in {"dtype", "torch_dtype", "transformers_version"}
+        }
         digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
         for name, tensor in sorted(model.state_dict().items())[:64]:
             digest.update(name.encode())

@@ -19,7 +19,9 @@ def rag_sequence_nll(doc_logprobs: torch.Tensor, token_logprobs: torch.Tensor) -
     return -torch.logsumexp(doc_logprobs + seq, dim=-1).mean()
 
 
-def rag_token_nll(doc_logprobs: torch.Tensor, token_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def rag_token_nll(
+    doc_logprobs: torch.Tensor, token_logprobs: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     """-sum_t log sum_k p(doc_k|q) p(y_t|q,doc_k,y<t): the documents are marginalised per token.
 
     mask [n, T] marks real answer tokens (shared across the k passages of a question).
@@ -28,8 +30,9 @@ def rag_token_nll(doc_logprobs: torch.Tensor, token_logprobs: torch.Tensor, mask
     return -(per_token * mask).sum(-1).mean()
 
 
-def info_nce(queries: torch.Tensor, passages: torch.Tensor, positives: torch.Tensor, temperature: float
-             ) -> torch.Tensor:
+def info_nce(
+    queries: torch.Tensor, passages: torch.Tensor, positives: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """Supervised contrastive loss (DPR): -log of the softmax mass of each query's positive passages among all
     passages of the batch (its hard negatives and every other row's passages), averaged over queries.
 
@@ -44,10 +47,11 @@ def info_nce(queries: torch.Tensor, passages: torch.Tensor, positives: torch.Ten
     return -(positive_mass - torch.logsumexp(scores, dim=-1)).mean()
 
 
-def lm_supervised_kl(doc_logprobs: torch.Tensor, answer_logprobs: torch.Tensor, temperature: float = 1.0
-                     ) -> torch.Tensor:
-    """LM-supervised retrieval (REPLUG, RA-DIT's LSR): KL(p_retriever(d|q) || p_LM(d|q,y)) over the top k, where
-    p_LM is the softmax of the generator's log-likelihood of the answer given each passage, detached.
+def lm_supervised_kl(
+    doc_logprobs: torch.Tensor, answer_logprobs: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """LM-supervised retrieval (REPLUG, RA-DIT's LSR): KL(p_retriever(d|q) || p_LM(d|q,y)) over the top k,
+    where p_LM is the softmax of the generator's log-likelihood of the answer given each passage, detached.
 
     doc_logprobs [n, k] (log_softmax of the doc scores); answer_logprobs [n, k] (log p(y | q, d))."""
     target = torch.log_softmax(answer_logprobs.detach() / temperature, dim=-1)  # [n, k]
@@ -69,9 +73,12 @@ class Candidate:
     supporting: tuple[int, ...]  # indices into the question's k passages
 
 
-def fast_rag_sequence(texts: list[str], seq_logprobs: list[float], doc_logprobs: list[float]) -> list[Candidate]:
+def fast_rag_sequence(
+    texts: list[str], seq_logprobs: list[float], doc_logprobs: list[float]
+) -> list[Candidate]:
     """RAG-sequence "fast decoding": each passage proposes its own answer; equal answers pool their mass
-    sum_k p(doc_k|q) p(y|q,doc_k) over the passages that proposed them (the rest count as zero). Best first."""
+    sum_k p(doc_k|q) p(y|q,doc_k) over the passages that proposed them (the rest count as zero). Best
+    first."""
     groups: dict[str, list[int]] = defaultdict(list)
     for index, text in enumerate(texts):
         groups[normalize_answer(text)].append(index)

@@ -33,11 +33,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from adapters.cli import adapt, evaluate_modes  # noqa: E402
+from adapters.execution import Workspace  # noqa: E402
 from adapters.qa import QaExample, QaSets  # noqa: E402
-from adapters.runs import RunRequest, RunStore  # noqa: E402
-from adapters.worker import Workspace  # noqa: E402
+from adapters.records import RunStore  # noqa: E402
+from adapters.spec import RunRequest  # noqa: E402
 from backbone import Backbone, embedded_default_config  # noqa: E402
-from indexing.cli import ingest  # noqa: E402
+from indexing.ingest import ingest  # noqa: E402
 from storage import LocalStore  # noqa: E402
 
 from reporting import RESULTS_DIR, record  # noqa: E402
@@ -169,7 +170,7 @@ def run_domain(domain: str, args, backbone: Backbone, config, work: Path) -> dic
         },
         "ingest_s": round(ingest_s, 1),
         "runs": runs,
-        "eval": {mode: {k: v for k, v in report.to_dict().items()} for mode, report in reports},
+        "eval": {mode: report.to_dict() for mode, report in reports},
     }
 
 

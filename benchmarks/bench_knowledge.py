@@ -1,27 +1,30 @@
 """Knowledge injection benchmark: what adaptation does to retrieval and answers, on whole knowledge bases.
 
     .venv/bin/python benchmarks/bench_knowledge.py --domain finance
-    .venv/bin/python benchmarks/bench_knowledge.py --domain covid --modes base,bm25,generator_only,closed_book_ft
+    .venv/bin/python benchmarks/bench_knowledge.py --domain covid \
+        --modes base,bm25,generator_only,closed_book_ft
 
-For each shared domain (`../shared/data/<domain>`), its FULL knowledge base is ingested into a fresh LocalStore
-with the embedded default backbone and the default index settings (hybrid retrieval), its train and dev QA
-published, and these modes run exactly as `ragadapt adapt` executes them (same records, checkpoints and index
-refreshes), never promoted, then evaluated on the dev split:
+For each shared domain (`../shared/data/<domain>`), its FULL knowledge base is ingested into a fresh
+LocalStore with the embedded default backbone and the default index settings (hybrid retrieval), its train and
+dev QA published, and these modes run exactly as `ragadapt adapt` executes them (same records, checkpoints and
+index refreshes), never promoted, then evaluated on the dev split:
 
 - `bm25`: BM25 alone (no model; recall only).
 - `base`: the base backbone, no adaptation.
 - `generator_only`: the generator fine-tuned on the train QA with retrieval (FT + RAG).
 - `closed_book_ft`: the same generator answering without passages (seed 003's FT-only).
-- `end2end_marginal`: RAG End2End as published: the marginal loss alone, no retriever phase, no synthetic data.
-- `end2end`: the defaults: synthetic inverse-cloze pairs, the contrastive retriever phase, then the joint phase
-  (marginal + contrastive losses, RAFT gold passages).
+- `end2end_marginal`: RAG End2End as published: the marginal loss alone, no retriever phase, no synthetic
+  data.
+- `end2end`: the defaults: synthetic inverse-cloze pairs, the contrastive retriever phase, then the joint
+  phase (marginal + contrastive losses, RAFT gold passages).
 - `passages_only`: no QA given: inverse-cloze pairs and generated questions only.
 
 Recall@1/5/20 (dense, BM25, hybrid) is over every dev question; EM and F1 are over a seeded random sample of
-`--answered` dev questions (all of them where there are fewer), answered from the top `--top-k` passages of the
-domain's serving mode (hybrid). Every figure has a 95% bootstrap interval, every difference to `base` a paired
-one. One domain (or some modes of it) per invocation: results merge into `benchmarks/results/knowledge.json`
-(top-level `domains`), with `knowledge.png` and one line in `benchmarks/RESULTS.md` per domain piece.
+`--answered` dev questions (all of them where there are fewer), answered from the top `--top-k` passages of
+the domain's serving mode (hybrid). Every figure has a 95% bootstrap interval, every difference to `base` a
+paired one. One domain (or some modes of it) per invocation: results merge into
+`benchmarks/results/knowledge.json` (top-level `domains`), with `knowledge.png` and one line in
+`benchmarks/RESULTS.md` per domain piece.
 """
 
 from __future__ import annotations
@@ -41,13 +44,14 @@ sys.path.insert(0, str(ROOT))
 
 from adapters.cli import adapt  # noqa: E402
 from adapters.evaluation import EvalReport, compare, evaluate  # noqa: E402
+from adapters.execution import Workspace  # noqa: E402
 from adapters.qa import QaExample, QaSets  # noqa: E402
+from adapters.records import RunStore  # noqa: E402
 from adapters.registry import AdapterRegistry  # noqa: E402
-from adapters.runs import RunRequest, RunStore  # noqa: E402
-from adapters.training import base_index_version  # noqa: E402
-from adapters.worker import Workspace  # noqa: E402
+from adapters.spec import RunRequest  # noqa: E402
 from backbone import Backbone, embedded_default_config  # noqa: E402
-from indexing.cli import ingest  # noqa: E402
+from indexing.ingest import ingest  # noqa: E402
+from indexing.publish import base_index_version  # noqa: E402
 from indexing.versions import IndexVersions  # noqa: E402
 from storage import DomainRegistry, LocalStore  # noqa: E402
 
@@ -174,11 +178,8 @@ def run_domain(domain: str, modes: list[str], args, backbone: Backbone, config, 
             index_version = base_index_version(backbone, versions, domain, work_dir=root / "eval")
         else:
             index_version = adapters.get(domain, adapter_version).metadata["index_version"]
-            key = f"bench-{adapter_version}"
-            target = root / "eval" / adapter_version
-            if not target.exists():  # closed_book_ft and generator_only share one version
-                adapters.fetch(domain, adapter_version, target, expected_fingerprint=backbone.fingerprint)
-            backbone.load_adapter_set(key, target)
+            # fetched once: closed_book_ft and generator_only share one version
+            key = adapters.attach(backbone, adapters.ref(domain, adapter_version), root / "eval")
         try:
             handle = versions.open(
                 domain, index_version, embedding_dim=backbone.embedding_dim, fingerprint=backbone.fingerprint
@@ -397,8 +398,9 @@ def _summary(domain: str, entry: dict, modes: list[str]) -> str:
         cells.append(f"{mode} " + " ".join(f"{v:.3f}" if v is not None else "-" for v in values))
     piece = entry["pieces"][-1]
     return (
-        f"{domain}, full knowledge base, dev split ({piece['minutes']} min, {piece['torch_threads']} threads); "
-        f"dense r@5, hybrid r@5, F1, EM (BM25 r@5 {entry['bm25_recall_at_5']:.3f}): " + "; ".join(cells)
+        f"{domain}, full knowledge base, dev split ({piece['minutes']} min, {piece['torch_threads']} "
+        f"threads); dense r@5, hybrid r@5, F1, EM (BM25 r@5 {entry['bm25_recall_at_5']:.3f}): "
+        + "; ".join(cells)
     )
 
 

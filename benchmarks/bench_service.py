@@ -19,9 +19,10 @@ over several short rounds and reports the best round of each (the least disturbe
 
 The backbone runs in float32 by default here (`--dtype`), so that results stay comparable with the first ones.
 That choice rested on bfloat16 measuring 2-4x slower for generation, a measurement later found to be taken
-under thread contention; on quiet cores bfloat16 answered faster (5.4 s vs 7.6 s, 32 tokens over 5 passages). Passages are clipped to `--max-passage-tokens` (128, the backbone default is 192)
-to keep prefill, which dominates CPU time, within the time the shared cores allow; both sides of every
-comparison use the same setting.
+under thread contention; on quiet cores bfloat16 answered faster (5.4 s vs 7.6 s, 32 tokens over 5
+passages). Passages are clipped to `--max-passage-tokens` (128, the backbone default is 192) to keep
+prefill, which dominates CPU time, within the time the shared cores allow; both sides of every comparison use
+the same setting.
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import uvicorn  # noqa: E402
 
-from adapters import AdapterRegistry  # noqa: E402
-from backbone import Backbone, Passage  # noqa: E402
+from adapters import AdapterRef, AdapterRegistry  # noqa: E402
+from backbone import AdapterSetConfig, Backbone, Passage  # noqa: E402
 from indexing import EncodeConfig, ingest, write_passages  # noqa: E402
 from indexing.versions import IndexVersions  # noqa: E402
 from service.adapter_cache import AdapterCache  # noqa: E402
@@ -61,15 +62,22 @@ from reporting import record  # noqa: E402
 
 DATA_DIR = ROOT.parent / "shared" / "data"
 # Four domains from the shared data: three corpora, the fourth a second slice of covid.
-SOURCES = {"covid": ("covid", 0), "conversations": ("conversations", 0), "finance": ("finance", 0),
-           "covid-b": ("covid", 1)}
+SOURCES = {
+    "covid": ("covid", 0),
+    "conversations": ("conversations", 0),
+    "finance": ("finance", 0),
+    "covid-b": ("covid", 1),
+}
 
 
 def percentiles(seconds: list[float]) -> dict:
     ms = np.array(seconds) * 1000
-    return {"p50_ms": round(float(np.percentile(ms, 50)), 1),
-            "p99_ms": round(float(np.percentile(ms, 99)), 1),
-            "mean_ms": round(float(ms.mean()), 1), "n": len(seconds)}
+    return {
+        "p50_ms": round(float(np.percentile(ms, 50)), 1),
+        "p99_ms": round(float(np.percentile(ms, 99)), 1),
+        "mean_ms": round(float(ms.mean()), 1),
+        "n": len(seconds),
+    }
 
 
 # --- the fixture: domains with adapters on a store ---------------------------------------------------------
@@ -82,17 +90,19 @@ def _rows(path: Path) -> list[dict]:
 def domain_slice(source: str, part: int, passages: int, questions: int, seed: int = 0) -> tuple[list, list]:
     """`questions` dev questions of a shared domain and a corpus of `passages` holding their gold passages."""
     rng = random.Random(seed)
-    qa = [row for row in _rows(DATA_DIR / source / "qa.jsonl")
-          if row["split"] == "dev" and row["passage_ids"]]
+    qa = [
+        row for row in _rows(DATA_DIR / source / "qa.jsonl") if row["split"] == "dev" and row["passage_ids"]
+    ]
     rng.shuffle(qa)
-    chosen = qa[part * questions:(part + 1) * questions]
+    chosen = qa[part * questions : (part + 1) * questions]
     corpus = {row["id"]: row for row in _rows(DATA_DIR / source / "passages.jsonl")}
     gold = [pid for row in chosen for pid in row["passage_ids"] if pid in corpus]
     others = [pid for pid in corpus if pid not in set(gold)]
     picked = list(dict.fromkeys(gold))[:passages]
     picked += rng.sample(others, max(0, passages - len(picked)))
-    return [Passage(pid, corpus[pid]["title"], corpus[pid]["text"]) for pid in picked], \
-        [row["question"] for row in chosen]
+    return [Passage(pid, corpus[pid]["title"], corpus[pid]["text"]) for pid in picked], [
+        row["question"] for row in chosen
+    ]
 
 
 def random_adapter(backbone: Backbone, key: str, directory: Path, seed: int) -> None:
@@ -108,8 +118,9 @@ def random_adapter(backbone: Backbone, key: str, directory: Path, seed: int) -> 
     backbone.remove_adapter_set(key)
 
 
-def prepare_domains(store: ObjectStore, backbone: Backbone, work: Path, passages: int,
-                    questions: int) -> dict[str, list[str]]:
+def prepare_domains(
+    store: ObjectStore, backbone: Backbone, work: Path, passages: int, questions: int
+) -> dict[str, list[str]]:
     """Ingest the four domains, publish and promote an adapter set for each; returns questions per domain."""
     asked = {}
     for seed, (name, (source, part)) in enumerate(SOURCES.items()):
@@ -118,8 +129,16 @@ def prepare_domains(store: ObjectStore, backbone: Backbone, work: Path, passages
         write_passages(corpus, path)
         ingest(name, path, store, backbone.config, backbone=backbone, encode=EncodeConfig(progress=False))
         random_adapter(backbone, f"bench-{name}", work / f"adapter-{name}", seed)
-        version = AdapterRegistry(store).publish(name, work / f"adapter-{name}",
-                                                 backbone_fingerprint=backbone.fingerprint).version
+        version = (
+            AdapterRegistry(store)
+            .publish(
+                name,
+                work / f"adapter-{name}",
+                backbone_fingerprint=backbone.fingerprint,
+                lora=AdapterSetConfig(),
+            )
+            .version
+        )
         DomainRegistry(store).promote(name, version)
         asked[name] = domain_questions
     return asked
@@ -147,15 +166,21 @@ def served(settings: Settings):
 
 def server_settings(args, data_dir: Path, **server) -> Settings:
     """The server's settings: the same backbone configuration as the benchmark's own."""
-    backbone = BackboneSettings(cache_dir=args.cache_dir, dtype=args.dtype,
-                                max_passage_tokens=args.max_passage_tokens)
-    return Settings(data_dir=data_dir, backbone=backbone,
-                    demo={"enabled": False}, runs={"max_concurrent": 0},
-                    server={"port": 0, "request_timeout_s": 600, **server})
+    backbone = BackboneSettings(
+        cache_dir=args.cache_dir, dtype=args.dtype, max_passage_tokens=args.max_passage_tokens
+    )
+    return Settings(
+        data_dir=data_dir,
+        backbone=backbone,
+        demo={"enabled": False},
+        runs={"max_concurrent": 0},
+        server={"port": 0, "request_timeout_s": 600, **server},
+    )
 
 
-def fire(client: httpx.Client, requests: list[tuple[str, dict]],
-         concurrency: int) -> tuple[float, list[float]]:
+def fire(
+    client: httpx.Client, requests: list[tuple[str, dict]], concurrency: int
+) -> tuple[float, list[float]]:
     """Closed loop: `concurrency` clients send the requests in order. Returns (wall seconds, latencies)."""
     pending = iter(requests)
     lock = threading.Lock()
@@ -200,8 +225,13 @@ class DirectPipeline:
     def ask(self, domain: str, key: str | None, question: str, top_k: int, max_new_tokens: int) -> str:
         query = self.backbone.encode_questions([question], [key])  # [1, dim]
         hits = self.handle(domain).search(query, [question], k=top_k, mode="dense")[0]
-        return self.backbone.answer([question], [[h.passage for h in hits]], [[h.score for h in hits]], [key],
-                                    max_new_tokens=max_new_tokens)[0].text
+        return self.backbone.answer(
+            [question],
+            [[h.passage for h in hits]],
+            [[h.score for h in hits]],
+            [key],
+            max_new_tokens=max_new_tokens,
+        )[0].text
 
 
 # --- throughput --------------------------------------------------------------------------------------------
@@ -210,10 +240,14 @@ class DirectPipeline:
 def bench_throughput(args, backbone: Backbone, store: ObjectStore, asked: dict, work: Path) -> None:
     body = {"top_k": args.top_k, "max_new_tokens": args.max_new_tokens, "retrieval": "dense"}
     domains = list(asked)
-    mixed = [(domains[i % len(domains)], {"question": asked[domains[i % len(domains)]][i // len(domains)],
-                                          **body}) for i in range(args.requests)]
-    single = [(domains[0], {"question": asked[domains[0]][i % len(asked[domains[0]])], **body})
-              for i in range(args.requests)]
+    mixed = [
+        (domains[i % len(domains)], {"question": asked[domains[i % len(domains)]][i // len(domains)], **body})
+        for i in range(args.requests)
+    ]
+    single = [
+        (domains[0], {"question": asked[domains[0]][i % len(asked[domains[0]])], **body})
+        for i in range(args.requests)
+    ]
 
     # Naive swapping: the adapter sets in host memory, attached per request (detaching the previous one).
     weights = {d: Backbone.read_adapter_set(work / f"adapter-{d}") for d in domains}
@@ -232,14 +266,19 @@ def bench_throughput(args, backbone: Backbone, store: ObjectStore, asked: dict, 
         backbone.remove_adapter_set(f"naive-{attached}")
         return time.perf_counter() - started
 
-    settings = server_settings(args, work / "data", max_batch_rows=args.concurrency,
-                               batch_wait_ms=args.batch_wait_ms, queue_size=4 * args.requests)
+    settings = server_settings(
+        args,
+        work / "data",
+        max_batch_rows=args.concurrency,
+        batch_wait_ms=args.batch_wait_ms,
+        queue_size=4 * args.requests,
+    )
     rounds: dict[str, list[float]] = {"mixed": [], "single": [], "naive": []}
     with served(settings) as client:
         fire(client, mixed[: args.concurrency], args.concurrency)  # warm-up: every adapter loaded and hot
         for number in range(args.rounds):
             order = ["mixed", "single", "naive"]
-            for name in order[number % 3:] + order[: number % 3]:
+            for name in order[number % 3 :] + order[: number % 3]:
                 if name == "naive":
                     seconds = naive()
                 else:
@@ -260,18 +299,31 @@ def bench_throughput(args, backbone: Backbone, store: ObjectStore, asked: dict, 
         "batch_adapters_mean_per_step": _histogram_mean(metrics, "ragadapt_batch_adapters"),
         "batch_rows_mean_per_step": _histogram_mean(metrics, "ragadapt_batch_rows"),
     }
-    settings_out = {"domains": domains, "requests_per_round": args.requests, "concurrency": args.concurrency,
-                    "rounds": args.rounds, "top_k": args.top_k, "max_new_tokens": args.max_new_tokens,
-                    "batch_wait_ms": args.batch_wait_ms, "max_batch_rows": args.concurrency,
-                    "passages_per_domain": args.passages, "retrieval": "dense", "dtype": str(backbone.dtype),
-                    "max_passage_tokens": backbone.config.max_passage_tokens}
-    record("service_throughput" + (f"_{args.tag}" if args.tag else ""), settings_out, results,
-           f"{args.requests} requests at concurrency {args.concurrency}, k={args.top_k}, "
-           f"{args.max_new_tokens} new tokens: 4 domains mixed {best['mixed']:.2f} req/s, 1 domain "
-           f"{best['single']:.2f}, naive per-request swapping {best['naive']:.2f}; mixed/single "
-           f"{results['mixed_over_single']}x (target >= 0.8), mixed/naive {results['mixed_over_naive']}x "
-           f"(target >= 3); {results['batch_adapters_mean_per_step']} adapter sets and "
-           f"{results['batch_rows_mean_per_step']} questions per decoding step on average")
+    settings_out = {
+        "domains": domains,
+        "requests_per_round": args.requests,
+        "concurrency": args.concurrency,
+        "rounds": args.rounds,
+        "top_k": args.top_k,
+        "max_new_tokens": args.max_new_tokens,
+        "batch_wait_ms": args.batch_wait_ms,
+        "max_batch_rows": args.concurrency,
+        "passages_per_domain": args.passages,
+        "retrieval": "dense",
+        "dtype": str(backbone.dtype),
+        "max_passage_tokens": backbone.config.max_passage_tokens,
+    }
+    record(
+        "service_throughput" + (f"_{args.tag}" if args.tag else ""),
+        settings_out,
+        results,
+        f"{args.requests} requests at concurrency {args.concurrency}, k={args.top_k}, "
+        f"{args.max_new_tokens} new tokens: 4 domains mixed {best['mixed']:.2f} req/s, 1 domain "
+        f"{best['single']:.2f}, naive per-request swapping {best['naive']:.2f}; mixed/single "
+        f"{results['mixed_over_single']}x (target >= 0.8), mixed/naive {results['mixed_over_naive']}x "
+        f"(target >= 3); {results['batch_adapters_mean_per_step']} adapter sets and "
+        f"{results['batch_rows_mean_per_step']} questions per decoding step on average",
+    )
 
 
 def _histogram_mean(text: str, name: str) -> float | None:
@@ -291,10 +343,13 @@ def bench_cold_load(args, backbone: Backbone, work: Path) -> None:
     from tests.s3server import SeaweedS3
 
     results = {}
-    settings_out = {"loads_per_store": args.loads, "lora": "r=8, alpha=16 on Q/K/V of all three",
-                    "dtype": str(backbone.dtype),
-                    "path": "AdapterCache.acquire (download, checksums, read), then make_hot (attach into a "
-                            "reserved slot); warm_bytes=0, hot_slots=1"}
+    settings_out = {
+        "loads_per_store": args.loads,
+        "lora": "r=8, alpha=16 on Q/K/V of all three",
+        "dtype": str(backbone.dtype),
+        "path": "AdapterCache.acquire (download, checksums, read), then make_hot (attach into a "
+        "reserved slot); warm_bytes=0, hot_slots=1",
+    }
     backbone.reserve_adapter_slots(1)  # as the service does at start-up (one per hot slot)
     with SeaweedS3(work / "s3") as s3:
         stores = (("local", LocalStore(work / "cold-store")), ("s3", open_store(s3.store_config())))
@@ -304,34 +359,44 @@ def bench_cold_load(args, backbone: Backbone, work: Path) -> None:
             for seed in range(args.loads):
                 directory = work / f"cold-{kind}-{seed}"
                 random_adapter(backbone, f"cold-{seed}", directory, seed)
-                versions.append(AdapterRegistry(store).publish("cold", directory,
-                                                               backbone_fingerprint=backbone.fingerprint).version)
+                manifest = AdapterRegistry(store).publish(
+                    "cold", directory, backbone_fingerprint=backbone.fingerprint, lora=AdapterSetConfig()
+                )
+                versions.append(AdapterRef.of("cold", manifest))
             metrics = Metrics()
             with ThreadPoolExecutor(2) as loader:
                 # No warm memory and one hot slot: every version comes from the store and replaces the last.
-                cache = AdapterCache(backbone, AdapterRegistry(store), work, loader, hot_slots=1,
-                                     warm_bytes=0, metrics=metrics)
+                cache = AdapterCache(
+                    backbone, AdapterRegistry(store), work, loader, hot_slots=1, warm_bytes=0, metrics=metrics
+                )
                 totals, fetches, attaches = [], [], []
                 for version in versions:
                     started = time.perf_counter()
-                    weights = cache.acquire("cold", version).result()
+                    weights = cache.acquire(version).result()
                     fetched = time.perf_counter()
-                    cache.make_hot([("cold", version)])
+                    cache.make_hot([version])
                     done = time.perf_counter()
-                    cache.release("cold", version)
+                    cache.release(version)
                     totals.append(done - started)
                     fetches.append(fetched - started)
                     attaches.append(done - fetched)
             for key in list(backbone.adapter_sets):
                 backbone.remove_adapter_set(key)
-            results[kind] = {"store_to_usable": percentiles(totals),
-                             "download_and_read": percentiles(fetches), "attach": percentiles(attaches),
-                             "adapter_set_mb": round(weights.nbytes / 1e6, 2)}
+            results[kind] = {
+                "store_to_usable": percentiles(totals),
+                "download_and_read": percentiles(fetches),
+                "attach": percentiles(attaches),
+                "adapter_set_mb": round(weights.nbytes / 1e6, 2),
+            }
     mb = results["local"]["adapter_set_mb"]
-    record("service_cold_load", settings_out, results,
-           f"{mb} MB adapter set, store to usable p50/p99 over {args.loads} loads: local "
-           f"{_p50_p99(results['local'])} ms, S3 (SeaweedFS on loopback) {_p50_p99(results['s3'])} ms "
-           f"(target < 150); of which attaching p50 {results['local']['attach']['p50_ms']} ms")
+    record(
+        "service_cold_load",
+        settings_out,
+        results,
+        f"{mb} MB adapter set, store to usable p50/p99 over {args.loads} loads: local "
+        f"{_p50_p99(results['local'])} ms, S3 (SeaweedFS on loopback) {_p50_p99(results['s3'])} ms "
+        f"(target < 150); of which attaching p50 {results['local']['attach']['p50_ms']} ms",
+    )
 
 
 def _p50_p99(result: dict) -> str:
@@ -358,15 +423,17 @@ def bench_latency(args, backbone: Backbone, store: ObjectStore, asked: dict, wor
             count = max(12, 2 * concurrency)
             requests = [(domain, {"question": questions[i % len(questions)], **body}) for i in range(count)]
             seconds, latencies = fire(client, requests, concurrency)
-            results[f"concurrency_{concurrency}"] = {**percentiles(latencies),
-                                                     "requests_per_s": round(count / seconds, 3)}
+            results[f"concurrency_{concurrency}"] = {
+                **percentiles(latencies),
+                "requests_per_s": round(count / seconds, 3),
+            }
             print(f"  concurrency {concurrency}: {results[f'concurrency_{concurrency}']}", flush=True)
 
         # Overhead at concurrency 1: the same question through HTTP and directly, alternating.
         service_s, direct_s = [], []
         for i in range(args.overhead_requests):
             question = questions[i % len(questions)]
-            for first in (("service", "direct") if i % 2 == 0 else ("direct", "service")):
+            for first in ("service", "direct") if i % 2 == 0 else ("direct", "service"):
                 started = time.perf_counter()
                 if first == "service":
                     client.post(f"/ask?domain={domain}", json={"question": question, **overhead_body})
@@ -377,27 +444,39 @@ def bench_latency(args, backbone: Backbone, store: ObjectStore, asked: dict, wor
     backbone.remove_adapter_set(key)
     # Per question pair, the less disturbed of the two is the honest estimate of each; compare medians too.
     results["overhead"] = {
-        "service": percentiles(service_s), "direct": percentiles(direct_s),
+        "service": percentiles(service_s),
+        "direct": percentiles(direct_s),
         "overhead_median": round(statistics.median(service_s) / statistics.median(direct_s) - 1, 4),
         "overhead_best": round(min(service_s) / min(direct_s) - 1, 4),
     }
-    settings_out = {"domain": domain, "passages": args.passages, "concurrency_levels": [1, 8, 32],
-                    "top_k": args.latency_top_k, "max_new_tokens": args.latency_max_new_tokens,
-                    "overhead": {"requests": args.overhead_requests, **overhead_body},
-                    "max_batch_rows": settings.server.max_batch_rows,
-                    "batch_wait_ms": settings.server.batch_wait_ms, "dtype": str(backbone.dtype),
-                    "max_passage_tokens": backbone.config.max_passage_tokens}
+    settings_out = {
+        "domain": domain,
+        "passages": args.passages,
+        "concurrency_levels": [1, 8, 32],
+        "top_k": args.latency_top_k,
+        "max_new_tokens": args.latency_max_new_tokens,
+        "overhead": {"requests": args.overhead_requests, **overhead_body},
+        "max_batch_rows": settings.server.max_batch_rows,
+        "batch_wait_ms": settings.server.batch_wait_ms,
+        "dtype": str(backbone.dtype),
+        "max_passage_tokens": backbone.config.max_passage_tokens,
+    }
     c = {n: results[f"concurrency_{n}"] for n in (1, 8, 32)}
-    record("service_latency", settings_out, results,
-           f"/ask p50/p99 (k={args.latency_top_k}, {args.latency_max_new_tokens} new tokens) c=1 "
-           f"{c[1]['p50_ms']}/{c[1]['p99_ms']} ms, c=8 {c[8]['p50_ms']}/{c[8]['p99_ms']} ms, c=32 "
-           f"{c[32]['p50_ms']}/{c[32]['p99_ms']} ms; overhead over the direct pipeline at c=1 (k=5, "
-           f"32 tokens): median {results['overhead']['overhead_median'] * 100:.1f}% (target <= 10%)")
+    record(
+        "service_latency",
+        settings_out,
+        results,
+        f"/ask p50/p99 (k={args.latency_top_k}, {args.latency_max_new_tokens} new tokens) c=1 "
+        f"{c[1]['p50_ms']}/{c[1]['p99_ms']} ms, c=8 {c[8]['p50_ms']}/{c[8]['p99_ms']} ms, c=32 "
+        f"{c[32]['p50_ms']}/{c[32]['p99_ms']} ms; overhead over the direct pipeline at c=1 (k=5, "
+        f"32 tokens): median {results['overhead']['overhead_median'] * 100:.1f}% (target <= 10%)",
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--only", choices=["throughput", "cold_load", "latency"], default=None)
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "ragadapt")
     parser.add_argument("--passages", type=int, default=300, help="passages per domain")
@@ -420,8 +499,11 @@ def main() -> None:
     try:
         from backbone import embedded_default_config
 
-        backbone = Backbone.load(embedded_default_config(cache_dir=args.cache_dir, dtype=args.dtype,
-                                                         max_passage_tokens=args.max_passage_tokens))
+        backbone = Backbone.load(
+            embedded_default_config(
+                cache_dir=args.cache_dir, dtype=args.dtype, max_passage_tokens=args.max_passage_tokens
+            )
+        )
         chosen = [args.only] if args.only else ["throughput", "cold_load", "latency"]
         if "throughput" in chosen or "latency" in chosen:
             store = LocalStore(work / "data" / "store")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import faiss
@@ -41,7 +41,7 @@ def machine() -> dict:
 def record(name: str, settings: dict, results: dict, summary: str, results_key: str = "results") -> Path:
     """Write results/<name>.json (machine, date, settings, numbers under `results_key`); append one line to
     RESULTS.md and print it."""
-    date = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    date = datetime.now(UTC).isoformat(timespec="seconds")
     payload = {
         "benchmark": name,
         "date": date,

@@ -5,12 +5,10 @@ Imports `backbone` and `storage`, never `service` or `adapters`.
 
 from .builder import BuildInfo, IndexConfig, build_index, write_index
 from .chunking import ChunkConfig, load_corpus, passages_checksum, read_passages, write_passages
-from .cli import IngestResult, ingest
 from .encoder import EncodeConfig, encode_passages
 from .errors import (
     AdapterMismatch,
     DimensionMismatch,
-    DomainNotFound,
     EmptyCorpus,
     EncoderMismatch,
     IndexingError,
@@ -23,7 +21,7 @@ from .errors import (
     RebuildFailed,
     RetrievalModeUnavailable,
 )
-from .handles import LiveIndexes
+from .ingest import IngestResult, ingest
 from .rebuild import RebuildJob, RebuildProgress, RebuildResult, RebuildSpec, RebuildState
 from .searcher import Hit, IndexHandle
 from .versions import IndexVersions
@@ -33,7 +31,6 @@ __all__ = [
     "BuildInfo",
     "ChunkConfig",
     "DimensionMismatch",
-    "DomainNotFound",
     "EmptyCorpus",
     "EncodeConfig",
     "EncoderMismatch",
@@ -47,7 +44,6 @@ __all__ = [
     "IngestResult",
     "InvalidIndexConfig",
     "LiveIndexMoved",
-    "LiveIndexes",
     "MalformedPassages",
     "RebuildCancelled",
     "RebuildFailed",

@@ -16,10 +16,11 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import faiss
 import numpy as np
@@ -92,7 +93,7 @@ class IndexConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "IndexConfig":
+    def from_dict(cls, data: dict) -> IndexConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -130,12 +131,12 @@ class BuildInfo:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "BuildInfo":
+    def from_dict(cls, data: dict) -> BuildInfo:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
     @classmethod
-    def read(cls, directory: Path) -> "BuildInfo":
+    def read(cls, directory: Path) -> BuildInfo:
         return cls.from_dict(json.loads((Path(directory) / BUILD_FILE).read_text()))
 
 
@@ -236,7 +237,7 @@ def write_index(
             dtype=dtype,
             max_passage_tokens=max_passage_tokens,
             index=config.to_dict(),
-            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
             seconds=seconds,
         )
         (staging / BUILD_FILE).write_text(json.dumps(info.to_dict(), indent=2, sort_keys=True))

@@ -16,9 +16,9 @@ import bisect
 import hashlib
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 from backbone import Passage
 
@@ -180,8 +180,11 @@ def load_corpus(path: Path, config: ChunkConfig = ChunkConfig()) -> list[Passage
                 where = f"line {first.line}" if first.line is not None else "a passage"
                 if first.source != document.source:
                     where += f" of {first.source}"
-                raise MalformedPassages(f"duplicate passage id {passage.id!r} (first on {where})",
-                                        path=document.source or None, line=document.line)
+                raise MalformedPassages(
+                    f"duplicate passage id {passage.id!r} (first on {where})",
+                    path=document.source or None,
+                    line=document.line,
+                )
             seen[passage.id] = document
             passages.append(passage)
     if not passages:

@@ -1,6 +1,7 @@
 """Typed errors of indexing, each with a stable `code` and HTTP `status` the service maps to problem details.
 
-Callers tell errors apart by class or `code`, never by message text; the message is the human "why".
+Callers tell errors apart by class or `code`, never by message text; the message is the human "why". A
+domain that does not exist is storage's `DomainNotFound`, raised as it is.
 """
 
 from __future__ import annotations
@@ -9,11 +10,6 @@ from __future__ import annotations
 class IndexingError(Exception):
     code = "indexing_error"
     status = 500
-
-
-class DomainNotFound(IndexingError):
-    code = "domain_not_found"
-    status = 404
 
 
 class IndexVersionNotFound(IndexingError):

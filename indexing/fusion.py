@@ -7,7 +7,7 @@ best first, ties broken by passage index so equal inputs always give equal outpu
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -40,7 +40,7 @@ class Bm25Index:
         return self._size
 
     @classmethod
-    def build(cls, passages: list[Passage], k1: float = 1.5, b: float = 0.75) -> "Bm25Index":
+    def build(cls, passages: list[Passage], k1: float = 1.5, b: float = 0.75) -> Bm25Index:
         stopwords = frozenset(STOPWORDS_EN)
         corpus = [tokenize(f"{p.title} {p.text}", stopwords) for p in passages]
         retriever = bm25s.BM25(k1=k1, b=b, method="lucene")
@@ -60,7 +60,7 @@ class Bm25Index:
         (directory / TOKENIZER_FILE).write_text(json.dumps(settings))
 
     @classmethod
-    def load(cls, directory: Path) -> "Bm25Index":
+    def load(cls, directory: Path) -> Bm25Index:
         directory = Path(directory)
         settings = json.loads((directory / TOKENIZER_FILE).read_text())
         if settings.get("version") != TOKENIZER_VERSION or settings.get("pattern") != _WORD.pattern:

@@ -25,22 +25,23 @@ import signal
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_for
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from backbone import Backbone, BackboneConfig
-from storage import new_version_id
+from storage import DomainNotFound, new_version_id
 
 from .builder import BuildInfo, IndexConfig, build_index
 from .chunking import ChunkConfig, load_corpus, read_passages
 from .encoder import EncodeConfig
 from .errors import EmptyCorpus, IndexingError, RebuildCancelled, RebuildFailed
+from .publish import publish_build
 from .versions import IndexVersions
 
 log = logging.getLogger(__name__)
@@ -179,7 +180,7 @@ class RebuildJob:
     ):
         """`versions` is required to publish or flip (and to rebuild the live passages); `work_dir` holds the
         job's scratch files and the encoder's resumable shards. `on_success` runs in the monitor thread after
-        the flip (e.g. open the new version and install it in `LiveIndexes`). A worker silent for
+        the flip (e.g. open the new version for the requests that follow). A worker silent for
         `stall_timeout_s` is killed and the job fails; `cancel_grace_s` is how long a cancelled worker may
         take to stop by itself before it is killed."""
         if (spec.publish or spec.flip or spec.passages is None) and versions is None:
@@ -243,7 +244,7 @@ class RebuildJob:
         """The new index version once published (also when the flip then failed), else None."""
         return self._index_version
 
-    def start(self) -> "RebuildJob":
+    def start(self) -> RebuildJob:
         """Start the monitor thread, which starts the worker. A job cancelled before start stays cancelled."""
         with self._lock:
             if self._thread is not None:
@@ -293,7 +294,7 @@ class RebuildJob:
             self._execute()
         except RebuildCancelled as exc:
             status, code, error = RebuildState.CANCELLED, exc.code, str(exc)
-        except IndexingError as exc:
+        except (IndexingError, DomainNotFound) as exc:  # typed: the message says it all
             status, code, error = RebuildState.FAILED, exc.code, str(exc)
         except Exception as exc:  # store errors and the unexpected: the job must end, and say why
             log.exception("rebuild of %s failed", self.domain)
@@ -365,13 +366,17 @@ class RebuildJob:
             )
             return
         self._set_progress("publishing")
-        if spec.passages is not None:
-            passages_version = self._versions.publish_passages(
-                spec.domain, output / "passages.jsonl", source=str(spec.passages)
-            )
-        version = self._versions.publish_index(spec.domain, output, passages_version=passages_version)
+        published = publish_build(
+            self._versions,
+            spec.domain,
+            output,
+            passages=output / "passages.jsonl" if spec.passages is not None else None,
+            source=str(spec.passages),
+            passages_version=passages_version,
+        )
+        version, passages_version = published.index_version, published.passages_version
         self._index_version = version
-        directory = self._versions.adopt(spec.domain, version, output)
+        directory = published.directory
         info = BuildInfo.read(directory)
         flipped = False
         if spec.flip:

@@ -8,11 +8,12 @@ index (not re-entrant) is searched under a lock.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
 
 import faiss
 import numpy as np
@@ -48,15 +49,15 @@ class IndexHandle:
     """One opened index version. Build it with `IndexHandle.open`; it never changes afterwards."""
 
     __slots__ = (
-        "_domain",
-        "_version",
-        "_directory",
-        "_info",
-        "_config",
-        "_passages",
-        "_index",
         "_bm25",
+        "_config",
+        "_directory",
+        "_domain",
         "_gpu_lock",
+        "_index",
+        "_info",
+        "_passages",
+        "_version",
     )
 
     def __init__(
@@ -92,7 +93,7 @@ class IndexHandle:
         embedding_dim: int | None = None,
         fingerprint: str | None = None,
         config: IndexConfig | None = None,
-    ) -> "IndexHandle":
+    ) -> IndexHandle:
         """Open an index version directory; `version` defaults to its build id (for unpublished builds).
 
         `embedding_dim` (the backbone's) is checked against the index: a mismatch raises DimensionMismatch.
@@ -286,10 +287,8 @@ def _tune(index: faiss.Index, config: IndexConfig) -> None:
     hnsw = getattr(inner, "hnsw", None)
     if hnsw is not None:
         hnsw.efSearch = config.hnsw_ef_search
-    try:
+    with contextlib.suppress(RuntimeError, AttributeError):  # not an IVF index
         faiss.extract_index_ivf(index).nprobe = config.ivf_nprobe
-    except (RuntimeError, AttributeError):
-        pass  # not an IVF index
 
 
 def _maybe_to_gpu(index: faiss.Index, config: IndexConfig) -> tuple[faiss.Index, threading.Lock | None]:

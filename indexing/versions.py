@@ -16,18 +16,17 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
 
 from storage import ArtifactKind, DomainRegistry, LivePointer, PreconditionFailed
-from storage import DomainNotFound as StoreDomainNotFound
 from storage import VersionNotFound as StoreVersionNotFound
 
 from .builder import BUILD_FILE, BuildInfo, IndexConfig
 from .chunking import passages_checksum, read_passages
-from .errors import AdapterMismatch, DomainNotFound, IndexNotReady, IndexVersionNotFound, LiveIndexMoved
+from .errors import AdapterMismatch, IndexNotReady, IndexVersionNotFound, LiveIndexMoved
 from .searcher import IndexHandle
 
 log = logging.getLogger(__name__)
@@ -200,8 +199,8 @@ class IndexVersions:
         index_version: str,
         *,
         passages_version: str | None = None,
-        replacing: str | None | Unchecked = UNCHECKED,
-        adapter_version: str | None | Unchecked = UNCHECKED,
+        replacing: str | Unchecked | None = UNCHECKED,
+        adapter_version: str | Unchecked | None = UNCHECKED,
         attempts: int = 5,
     ) -> LivePointer:
         """Point the domain's live index (and passages, if given) at new versions, by compare-and-swap.
@@ -253,10 +252,8 @@ class IndexVersions:
 
 @contextmanager
 def _domain_errors(domain: str, version: str | None = None) -> Iterator[None]:
-    """Translate the store's not-found errors into indexing's typed errors (same codes)."""
+    """The store's missing version as indexing's IndexVersionNotFound (a missing domain passes as it is)."""
     try:
         yield
-    except StoreDomainNotFound as exc:
-        raise DomainNotFound(f"domain {domain!r} does not exist") from exc
     except StoreVersionNotFound as exc:
         raise IndexVersionNotFound(str(exc)) from exc

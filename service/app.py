@@ -5,12 +5,15 @@ loop keeps answering `/healthz`, and `/readyz` says 503 until it is done); then 
 domain catalog, the model worker and the job runner; read every live pointer and create the demo domain if
 asked to and missing (a store that is down delays both, not the start); say ready (`/readyz` lists the demo as
 building until its index is live); start the run workers; finally poll live pointers and move jobs along
-every `poll_interval_s`. Shutdown reverses it. Nothing here is global: two apps in one process share nothing.
+every `poll_interval_s`. Shutdown reverses it. Two apps in one process share nothing of their own; what they
+do share is the process's: torch's thread count, which each app sets to its share of the cores when it opens
+(the last one opened wins), out of the cores torch saw before any app changed it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import shutil
 from collections.abc import AsyncIterator
@@ -29,7 +32,7 @@ from litestar.plugins.pydantic import PydanticPlugin
 from litestar.types import Message, Scope
 
 from adapters import AdapterRegistry
-from adapters.worker import RunManager
+from adapters.supervisor import RunManager
 from backbone import Backbone
 from indexing import IndexConfig, load_corpus, write_passages
 from indexing.versions import IndexVersions
@@ -42,14 +45,20 @@ from .metrics import Metrics
 from .openapi import ContractJsonPlugin
 from .problems import add_request_id, handle_exception
 from .requests import ServiceRequest
-from .run_checks import batch_passage_limit, host_memory
 from .routes import admin, ask, domains, operations, runs
+from .run_checks import batch_passage_limit, host_memory
 from .runtime import Loaded, Runtime
 from .settings import Settings
 from .worker import ModelWorker
 
 log = logging.getLogger(__name__)
-_CORES = torch.get_num_threads()  # torch's default, read before this process changes it: the cores it may use
+
+
+@functools.cache
+def _cores() -> int:
+    """The cores torch may use in this process: its default thread count (OMP_NUM_THREADS, else the CPUs this
+    process may run on), read the first time an app opens, before any app sets it."""
+    return torch.get_num_threads()
 
 
 def create_app(settings: Settings) -> Litestar:
@@ -102,10 +111,15 @@ def create_app(settings: Settings) -> Litestar:
         plugins=[PydanticPlugin(validate_strict=True)],
         logging_config=None,  # the CLI configures logging (plain or JSON)
         openapi_config=OpenAPIConfig(
-            title="ragadapt", version="0.1.0",
+            title="ragadapt",
+            version="0.1.0",
             description="One frozen RAG End2End backbone serving many knowledge domains.",
-            path="/schema", render_plugins=[ContractJsonPlugin(api_keys=bool(settings.server.api_keys)),
-                                            SwaggerRenderPlugin()]),
+            path="/schema",
+            render_plugins=[
+                ContractJsonPlugin(api_keys=bool(settings.server.api_keys)),
+                SwaggerRenderPlugin(),
+            ],
+        ),
     )
 
 
@@ -120,16 +134,28 @@ def _open(settings: Settings, metrics: Metrics) -> Runtime:
     cache_dir = settings.cache_dir
     cache_dir.mkdir(parents=True, exist_ok=True)
     log.info("store: %s", store.describe())
-    serving_threads, worker_threads = settings.thread_budget(_CORES)
+    serving_threads, worker_threads = settings.thread_budget(_cores())
     torch.set_num_threads(serving_threads)
     log.info("torch threads: %d for serving, %s per run worker", serving_threads, worker_threads or "-")
-    run_manager = RunManager(store, settings.backbone.config(), cache_dir / "runs",
-                             max_concurrent=max(settings.runs.max_concurrent, 1),
-                             store_config=settings.store_config, threads=worker_threads)
+    run_manager = RunManager(
+        store,
+        settings.backbone.config(),
+        cache_dir / "runs",
+        max_concurrent=max(settings.runs.max_concurrent, 1),
+        store_config=settings.store_config,
+        threads=worker_threads,
+    )
     metrics.watch_runs(run_manager.list)
-    return Runtime(settings=settings, metrics=metrics, store=store, registry=registry,
-                   adapters=AdapterRegistry(store), versions=IndexVersions(registry, cache_dir / "indexes"),
-                   loader=ThreadPoolExecutor(max_workers=4, thread_name_prefix="loader"), runs=run_manager)
+    return Runtime(
+        settings=settings,
+        metrics=metrics,
+        store=store,
+        registry=registry,
+        adapters=AdapterRegistry(store),
+        versions=IndexVersions(registry, cache_dir / "indexes"),
+        loader=ThreadPoolExecutor(max_workers=4, thread_name_prefix="loader"),
+        runs=run_manager,
+    )
 
 
 async def _load(runtime: Runtime) -> None:
@@ -142,18 +168,43 @@ async def _load(runtime: Runtime) -> None:
         await loop.run_in_executor(runtime.loader, backbone.reserve_adapter_slots, settings.cache.hot_slots)
         scratch = settings.cache_dir / "adapters"
         scratch.mkdir(parents=True, exist_ok=True)
-        cache = AdapterCache(backbone, runtime.adapters, scratch, runtime.loader,
-                             hot_slots=settings.cache.hot_slots, warm_bytes=settings.cache.warm_bytes,
-                             metrics=runtime.metrics)
-        catalog = DomainCatalog(runtime.registry, runtime.versions, cache, backbone, runtime.metrics,
-                                pinned=settings.cache.pinned)
-        worker = ModelWorker(backbone, cache, runtime.metrics, queue_size=settings.server.queue_size,
-                             max_batch_rows=settings.server.max_batch_rows,
-                             batch_wait_s=settings.server.batch_wait_ms / 1000,
-                             retry_after_s=settings.server.retry_after_s)
-        jobs = Jobs(runtime.store, runtime.versions, backbone.config, backbone.fingerprint,
-                    settings.cache_dir / "jobs", runtime.metrics, on_live=catalog.refresh_domain,
-                    max_concurrent=settings.jobs.max_concurrent)
+        cache = AdapterCache(
+            backbone,
+            runtime.adapters,
+            scratch,
+            runtime.loader,
+            hot_slots=settings.cache.hot_slots,
+            warm_bytes=settings.cache.warm_bytes,
+            metrics=runtime.metrics,
+        )
+        catalog = DomainCatalog(
+            runtime.registry,
+            runtime.adapters,
+            runtime.versions,
+            cache,
+            backbone,
+            runtime.metrics,
+            pinned=settings.cache.pinned,
+        )
+        worker = ModelWorker(
+            backbone,
+            cache,
+            runtime.metrics,
+            queue_size=settings.server.queue_size,
+            max_batch_rows=settings.server.max_batch_rows,
+            batch_wait_s=settings.server.batch_wait_ms / 1000,
+            retry_after_s=settings.server.retry_after_s,
+        )
+        jobs = Jobs(
+            runtime.store,
+            runtime.versions,
+            backbone.config,
+            backbone.fingerprint,
+            settings.cache_dir / "jobs",
+            runtime.metrics,
+            on_live=catalog.refresh_domain,
+            max_concurrent=settings.jobs.max_concurrent,
+        )
         worker.start()
     except Exception as exc:
         runtime.load_error = exc
@@ -167,9 +218,16 @@ async def _load(runtime: Runtime) -> None:
     if demo_pending:  # before the server says ready, so /readyz lists the demo as building
         demo_pending = not await _try_demo(runtime, jobs)
     max_batch_passages = settings.runs.max_batch_passages or batch_passage_limit(
-        backbone, host_memory(), max(settings.runs.max_concurrent, 1))
-    runtime.loaded = Loaded(backbone=backbone, cache=cache, catalog=catalog, worker=worker, jobs=jobs,
-                            max_batch_passages=max_batch_passages)
+        backbone, host_memory(), max(settings.runs.max_concurrent, 1)
+    )
+    runtime.loaded = Loaded(
+        backbone=backbone,
+        cache=cache,
+        catalog=catalog,
+        worker=worker,
+        jobs=jobs,
+        max_batch_passages=max_batch_passages,
+    )
     runtime.metrics.backbone_ready.set(1)
     runtime.metrics.backbone_load_seconds.set(backbone.load_seconds)
     log.info("ready: backbone %s, %d domains", backbone.fingerprint, len(catalog.names()))
@@ -186,8 +244,10 @@ async def _poll(runtime: Runtime, demo_pending: bool) -> None:
     loaded = runtime.serving()
     while True:
         await asyncio.sleep(runtime.settings.server.poll_interval_s)
-        for what, step in (("reading live pointers", loaded.catalog.refresh),
-                           ("running jobs", loaded.jobs.sweep)):
+        for what, step in (
+            ("reading live pointers", loaded.catalog.refresh),
+            ("running jobs", loaded.jobs.sweep),
+        ):
             try:
                 await to_thread.run_sync(step)
             except Exception:
@@ -240,8 +300,9 @@ def _create_demo(runtime: Runtime, jobs: Jobs) -> None:
     key = jobs.store_input(job_id, passages)
     try:
         if record is None:
-            runtime.registry.create_domain(demo.domain, demo.description, settings={"retrieval": "dense"},
-                                           build_job=job_id)
+            runtime.registry.create_domain(
+                demo.domain, demo.description, settings={"retrieval": "dense"}, build_job=job_id
+            )
         else:
             runtime.registry.update_domain(demo.domain, lambda d: d.model_copy(update={"build_job": job_id}))
     except (DomainExists, PreconditionFailed):  # another replica is creating it
@@ -249,8 +310,9 @@ def _create_demo(runtime: Runtime, jobs: Jobs) -> None:
         shutil.rmtree(input_dir, ignore_errors=True)
         return
     jobs.create(job_id, "ingest", demo.domain, input=key, index=IndexConfig(retrieval="dense"))
-    log.info("building the demo domain %s from %s (job %s)", demo.domain, ", ".join(map(str, sources)),
-             job_id)
+    log.info(
+        "building the demo domain %s from %s (job %s)", demo.domain, ", ".join(map(str, sources)), job_id
+    )
 
 
 async def _close(runtime: Runtime) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -11,42 +12,30 @@ from pathlib import Path
 import torch
 
 
-def _read_passages(path: Path):
-    from backbone import Passage
-
-    passages = []
-    with path.open() as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                passages.append(Passage(str(row["id"]), row.get("title", ""), row["text"]))
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise SystemExit(f"{path}:{number}: not a passage object with id and text ({exc})") from None
-    if not passages:
-        raise SystemExit(f"{path}: no passages")
-    return passages
-
-
 def cmd_ask(args: argparse.Namespace) -> int:
-    """Answer one question over a passages file with brute-force dense retrieval (no index needed)."""
+    """Answer one question over a corpus file with brute-force dense retrieval (no index needed); the corpus
+    is read and chunked as `ingest` reads it."""
     from backbone import Backbone
+    from indexing import EmptyCorpus, MalformedPassages, load_corpus
 
     from .settings import Settings
 
     settings = Settings()
+    try:  # read and checked before the backbone loads
+        passages = load_corpus(Path(args.passages))
+    except (MalformedPassages, EmptyCorpus) as exc:
+        raise SystemExit(str(exc)) from None
     backbone = Backbone.load(settings.backbone.config())
-    passages = _read_passages(Path(args.passages))
     with torch.inference_mode():
-        embeddings = torch.cat([
-            backbone.encode_passages(passages[i : i + 64]) for i in range(0, len(passages), 64)
-        ])  # [n, dim]
+        embeddings = torch.cat(
+            [backbone.encode_passages(passages[i : i + 64]) for i in range(0, len(passages), 64)]
+        )  # [n, dim]
         scores = (backbone.encode_questions([args.question]) @ embeddings.T)[0]  # [n]
     top = scores.topk(min(args.top_k, len(passages)))
     hits = [passages[i] for i in top.indices.tolist()]
-    answer = backbone.answer([args.question], [hits], [top.values.tolist()],
-                             max_new_tokens=args.max_new_tokens)[0]
+    answer = backbone.answer(
+        [args.question], [hits], [top.values.tolist()], max_new_tokens=args.max_new_tokens
+    )[0]
     print(answer.text)
     for support in answer.supporting:
         print(f"  [{support.passage.id}] {support.passage.title} (score {support.score:.3f})")
@@ -65,8 +54,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if overrides:
         settings = Settings(server={**settings.server.model_dump(), **overrides})
     _configure_logging(args.log_level, settings.server.log_json)
-    uvicorn.run(create_app(settings), host=settings.server.host, port=settings.server.port, log_config=None,
-                access_log=False, timeout_graceful_shutdown=30)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.server.host,
+        port=settings.server.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=30,
+    )
     return 0
 
 
@@ -92,25 +87,45 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="ragadapt-ingest-"))
     try:
         adapter_dir, adapter_version = None, None
-        try:
+        with contextlib.suppress(DomainNotFound):
             adapter_version = DomainRegistry(store).live(args.domain).adapter_version
-        except DomainNotFound:
-            pass
         if adapter_version is not None:
             adapter_dir = scratch / "adapter"
-            AdapterRegistry(store).fetch(args.domain, adapter_version, adapter_dir,
-                                         expected_fingerprint=backbone.fingerprint)
-        result = ingest(args.domain, Path(args.passages), store, backbone.config, backbone=backbone,
-                        cache_dir=settings.cache_dir / "indexes", index=IndexConfig(retrieval=args.retrieval),
-                        adapter_dir=adapter_dir, adapter_version=adapter_version,
-                        description=args.description)
+            adapters = AdapterRegistry(store)
+            adapters.fetch(
+                adapters.ref(args.domain, adapter_version),
+                adapter_dir,
+                expected_fingerprint=backbone.fingerprint,
+            )
+        result = ingest(
+            args.domain,
+            Path(args.passages),
+            store,
+            backbone.config,
+            backbone=backbone,
+            cache_dir=settings.cache_dir / "indexes",
+            index=IndexConfig(retrieval=args.retrieval),
+            adapter_dir=adapter_dir,
+            adapter_version=adapter_version,
+            description=args.description,
+        )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     if qa:
         QaSets(store).publish(args.domain, qa, source=str(args.qa))
-    print(json.dumps({"domain": result.domain, "passages": result.passage_count,
-                      "passages_version": result.passages_version, "index_version": result.index_version,
-                      "adapter_version": adapter_version, "qa_examples": len(qa), "seconds": result.seconds}))
+    print(
+        json.dumps(
+            {
+                "domain": result.domain,
+                "passages": result.passage_count,
+                "passages_version": result.passages_version,
+                "index_version": result.index_version,
+                "adapter_version": adapter_version,
+                "qa_examples": len(qa),
+                "seconds": result.seconds,
+            }
+        )
+    )
     return 0
 
 
@@ -156,9 +171,12 @@ def cmd_gc(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from adapters.cli import add_parsers
 
-    parser = argparse.ArgumentParser(prog="ragadapt", description=__doc__,
-                                     epilog="Settings come from RAGADAPT_* environment variables "
-                                            "(see service/settings.py), e.g. RAGADAPT_STORE__BACKEND=s3.")
+    parser = argparse.ArgumentParser(
+        prog="ragadapt",
+        description=__doc__,
+        epilog="Settings come from RAGADAPT_* environment variables "
+        "(see service/settings.py), e.g. RAGADAPT_STORE__BACKEND=s3.",
+    )
     parser.add_argument("--log-level", default="WARNING")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -176,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.set_defaults(func=cmd_ingest)
 
     ask = sub.add_parser("ask", help="answer a question over a passages JSONL file")
-    ask.add_argument("--passages", required=True, help="JSONL with id, title, text per line")
+    ask.add_argument("--passages", required=True, help="JSONL (id, title, text), .txt/.md, or a directory")
     ask.add_argument("--question", required=True)
     ask.add_argument("--top-k", type=int, default=5)
     ask.add_argument("--max-new-tokens", type=int, default=32)
@@ -197,8 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _configure_logging(level: str, as_json: bool) -> None:
     """Plain or JSON lines on stderr; JSON lines carry the logger, level, message and any extra ids."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JsonFormatter() if as_json else
-                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(
+        _JsonFormatter() if as_json else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -208,8 +227,12 @@ class _JsonFormatter(logging.Formatter):
     _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
-                 "message": record.getMessage()}
+        entry = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
         entry.update({k: v for k, v in vars(record).items() if k not in self._STANDARD})
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)

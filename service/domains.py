@@ -16,17 +16,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Mapping
 
+from adapters import AdapterIncompatible, AdapterRef, AdapterRegistry
 from backbone import Backbone
 from indexing import IndexHandle
 from indexing.versions import IndexVersions
 from storage import ArtifactKind, DomainNotFound, DomainRegistry, LivePointer
 from storage.registry import DOMAIN_NAME
-
-from adapters import AdapterIncompatible
 
 from .adapter_cache import AdapterCache
 from .metrics import Metrics
@@ -41,10 +40,14 @@ class Serving:
     domain: str
     description: str
     retrieval: str | None  # the domain's default retrieval mode (None: the index's)
-    adapter_version: str | None
+    adapter: AdapterRef | None  # what requests run on; None: the base backbone (or nothing loads: `error`)
     index: IndexHandle | None
     pointer: LivePointer
     error: Exception | None = None
+
+    @property
+    def adapter_version(self) -> str | None:
+        return self.pointer.adapter_version
 
     @property
     def index_version(self) -> str | None:
@@ -58,9 +61,20 @@ class Serving:
 
 
 class DomainCatalog:
-    def __init__(self, registry: DomainRegistry, versions: IndexVersions, cache: AdapterCache,
-                 backbone: Backbone, metrics: Metrics, *, pinned: list[str], discover_every_s: float = 10.0):
+    def __init__(
+        self,
+        registry: DomainRegistry,
+        adapters: AdapterRegistry,
+        versions: IndexVersions,
+        cache: AdapterCache,
+        backbone: Backbone,
+        metrics: Metrics,
+        *,
+        pinned: list[str],
+        discover_every_s: float = 10.0,
+    ):
         self._registry = registry
+        self._adapters = adapters
         self._versions = versions
         self._cache = cache
         self._backbone = backbone
@@ -128,27 +142,49 @@ class DomainCatalog:
             if current is not None and current.error is None and _same(current.pointer, pointer):
                 return current
             record = self._registry.get_domain(domain)
+            adapter = None
             try:
                 index = self._open_index(domain, pointer.index_version) if pointer.index_version else None
                 if pointer.adapter_version is not None:
-                    self._cache.prefetch(domain, pointer.adapter_version).result()
+                    adapter = self._adapters.ref(domain, pointer.adapter_version)
+                    self._cache.prefetch(adapter).result()
                 error = None
             except Exception as exc:
                 if current is not None and current.error is None:
-                    log.warning("domain %s: live pointer moved to adapter %s / index %s, which cannot be "
-                                "loaded (%s); still serving adapter %s / index %s", domain,
-                                pointer.adapter_version, pointer.index_version, exc, current.adapter_version,
-                                current.index_version)
+                    log.warning(
+                        "domain %s: live pointer moved to adapter %s / index %s, which cannot be "
+                        "loaded (%s); still serving adapter %s / index %s",
+                        domain,
+                        pointer.adapter_version,
+                        pointer.index_version,
+                        exc,
+                        current.adapter_version,
+                        current.index_version,
+                    )
                     return current
                 log.warning("domain %s cannot be served: %s", domain, exc)
                 index, error = None, exc
-            serving = Serving(domain, record.description, record.settings.get("retrieval"),
-                              pointer.adapter_version, index, pointer, error)
+            serving = Serving(
+                domain,
+                record.description,
+                record.settings.get("retrieval"),
+                adapter,
+                index,
+                pointer,
+                error,
+            )
             self._install(serving)
-            if current is None or current.adapter_version != serving.adapter_version \
-                    or current.index_version != serving.index_version:
-                log.info("domain %s serves adapter %s / index %s", domain, serving.adapter_version or "base",
-                         serving.index_version or "none")
+            if (
+                current is None
+                or current.adapter_version != serving.adapter_version
+                or current.index_version != serving.index_version
+            ):
+                log.info(
+                    "domain %s serves adapter %s / index %s",
+                    domain,
+                    serving.adapter_version or "base",
+                    serving.index_version or "none",
+                )
             return serving
 
     def promote(self, domain: str, version: str, expected_etag: str | None = None) -> Serving:
@@ -156,9 +192,11 @@ class DomainCatalog:
         manifest = self._registry.read_manifest(domain, ArtifactKind.ADAPTERS, version)
         trained_on = manifest.metadata.get("backbone_fingerprint")
         if trained_on != self._backbone.fingerprint:
-            raise AdapterIncompatible(f"adapter {domain}/{version} was trained on backbone {trained_on!r}, "
-                                      f"but this server runs {self._backbone.fingerprint!r}")
-        self._cache.prefetch(domain, version).result()
+            raise AdapterIncompatible(
+                f"adapter {domain}/{version} was trained on backbone {trained_on!r}, "
+                f"but this server runs {self._backbone.fingerprint!r}"
+            )
+        self._cache.prefetch(AdapterRef.of(domain, manifest)).result()
         index_version = manifest.metadata.get("index_version")
         if index_version:
             self._open_index(domain, index_version)
@@ -175,8 +213,12 @@ class DomainCatalog:
         with self._write_lock:
             handle = self._handles.get((domain, version))
         if handle is None:
-            handle = self._versions.open(domain, version, embedding_dim=self._backbone.embedding_dim,
-                                         fingerprint=self._backbone.fingerprint)
+            handle = self._versions.open(
+                domain,
+                version,
+                embedding_dim=self._backbone.embedding_dim,
+                fingerprint=self._backbone.fingerprint,
+            )
             with self._write_lock:
                 handle = self._handles.setdefault((domain, version), handle)
         return handle
@@ -207,8 +249,9 @@ class DomainCatalog:
         self._metrics.set_known_domains(self._serving)
         for serving in self._serving.values():
             self._metrics.set_live(serving.domain, serving.adapter_version, serving.index_version)
-        self._cache.set_pinned((s.domain, s.adapter_version) for s in self._serving.values()
-                               if s.domain in self._pinned and s.adapter_version is not None)
+        self._cache.set_pinned(
+            s.adapter for s in self._serving.values() if s.domain in self._pinned and s.adapter is not None
+        )
 
     def _domain_lock(self, domain: str) -> threading.Lock:
         with self._write_lock:

@@ -16,7 +16,9 @@ class InvalidRequest(ServiceError):
 
 
 class InvalidPassages(ServiceError):
-    """An uploaded passages (or QA) file that cannot be read; `line` is the 1-based JSONL line at fault."""
+    """Uploaded passages that cannot be read; `line` is the 1-based JSONL line at fault. The one HTTP face of
+    indexing's MalformedPassages and EmptyCorpus (`routes/admin.py` checks an upload before anything is
+    created), without the path where this server keeps the upload. A QA file's faults are `invalid_qa`."""
 
     code = "invalid_passages"
     status = 422
@@ -29,11 +31,6 @@ class InvalidPassages(ServiceError):
 class Unauthorized(ServiceError):
     code = "unauthorized"
     status = 401
-
-
-class RequestTooLarge(ServiceError):
-    code = "request_too_large"
-    status = 413
 
 
 class Overloaded(ServiceError):
@@ -99,4 +96,3 @@ class DomainInUse(ServiceError):
 
     code = "domain_in_use"
     status = 409
-

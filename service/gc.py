@@ -20,13 +20,14 @@ import logging
 import shutil
 from collections import defaultdict
 from collections.abc import Iterable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from pydantic import BaseModel
 
-from adapters.runs import RunRecord, RunState, RunStore
-from adapters.worker import SUBMIT_GRACE_S
+from adapters.queue import SUBMIT_GRACE_S, fail_stuck_submit
+from adapters.records import RunRecord, RunStore
+from adapters.spec import RunState
 from storage import DomainRegistry, ObjectStore
 from storage.artifacts import VERSION_ID
 
@@ -49,8 +50,14 @@ class GcReport(BaseModel):
     scratch: list[str]  # local scratch directories, relative to the data directory
 
 
-def collect(store: ObjectStore, *, keep_last: int, dry_run: bool = True, domains: Iterable[str] | None = None,
-            incomplete_older_than: timedelta = timedelta(hours=1)) -> GcReport:
+def collect(
+    store: ObjectStore,
+    *,
+    keep_last: int,
+    dry_run: bool = True,
+    domains: Iterable[str] | None = None,
+    incomplete_older_than: timedelta = timedelta(hours=1),
+) -> GcReport:
     """Collect the store (blocking). `domains`: only those (their versions); None: all, and the run, job and
     deletion leftovers too."""
     registry, runs = DomainRegistry(store), RunStore(store)
@@ -63,11 +70,24 @@ def collect(store: ObjectStore, *, keep_last: int, dry_run: bool = True, domains
     names = list(domains) if domains is not None else [domain.name for domain in registry.list_domains()]
     versions = []
     for name in names:
-        deleted = registry.gc(name, keep_last, incomplete_older_than=incomplete_older_than,
-                              protect=in_use[name], dry_run=dry_run)
+        deleted = registry.gc(
+            name,
+            keep_last,
+            incomplete_older_than=incomplete_older_than,
+            protect=in_use[name],
+            dry_run=dry_run,
+        )
         versions += [f"{name}/{entry}" for entry in deleted]
-    report = GcReport(dry_run=dry_run, keep_last=keep_last, versions=versions, runs=[], failed_runs=[],
-                      job_inputs=[], domains=[], scratch=[])
+    report = GcReport(
+        dry_run=dry_run,
+        keep_last=keep_last,
+        versions=versions,
+        runs=[],
+        failed_runs=[],
+        job_inputs=[],
+        domains=[],
+        scratch=[],
+    )
     if domains is not None:
         return report
     report.runs = _run_leftovers(runs, records, dry_run, incomplete_older_than)
@@ -96,15 +116,16 @@ def sweep_scratch(data_dir: Path, candidates: Iterable[Path], in_use: set[Path],
     return swept
 
 
-def _run_leftovers(runs: RunStore, records: list[RunRecord], dry_run: bool,
-                   older_than: timedelta) -> list[str]:
+def _run_leftovers(
+    runs: RunStore, records: list[RunRecord], dry_run: bool, older_than: timedelta
+) -> list[str]:
     by_run = defaultdict(list)
     for info in runs.store.list("runs/"):
         parts = info.key.split("/")
         if len(parts) >= 3 and VERSION_ID.fullmatch(parts[1]):
             by_run[parts[1]].append(info)
     known = {record.id: record for record in records}
-    cutoff = datetime.now(timezone.utc) - older_than
+    cutoff = datetime.now(UTC) - older_than
     cleaned = []
     for run_id, objects in sorted(by_run.items()):
         record = known.get(run_id)
@@ -126,26 +147,22 @@ def _run_leftovers(runs: RunStore, records: list[RunRecord], dry_run: bool,
 def _stuck_submits(runs: RunStore, records: list[RunRecord], dry_run: bool) -> list[str]:
     """Validating runs without a queue marker, older than any submit takes: nothing will ever queue them."""
     queued = set(runs.active())
-    cutoff = datetime.now(timezone.utc) - timedelta(seconds=SUBMIT_GRACE_S)
-    stuck = [record.id for record in records if record.state == RunState.VALIDATING
-             and record.id not in queued and record.created_at < cutoff]
-
-    def fail(record: RunRecord) -> RunRecord | None:
-        if record.state != RunState.VALIDATING:
-            return None
-        record.state, record.finished_at = RunState.FAILED, datetime.now(timezone.utc)
-        record.error_code, record.error = "submit_interrupted", "its submit ended before it was queued"
-        return record
+    cutoff = datetime.now(UTC) - timedelta(seconds=SUBMIT_GRACE_S)
+    stuck = [
+        record.id
+        for record in records
+        if record.state == RunState.VALIDATING and record.id not in queued and record.created_at < cutoff
+    ]
 
     if not dry_run:
         for run_id in stuck:
-            runs.update(run_id, fail)
-            runs.append_events(run_id, [{"kind": "state", "state": "failed", "code": "submit_interrupted"}])
+            fail_stuck_submit(runs, run_id)
     return stuck
 
 
-def _job_inputs(store: ObjectStore, registry: DomainRegistry, dry_run: bool,
-                older_than: timedelta) -> list[str]:
+def _job_inputs(
+    store: ObjectStore, registry: DomainRegistry, dry_run: bool, older_than: timedelta
+) -> list[str]:
     """Stored passages of finished jobs, except those of a domain's current build job, which a domain whose
     first build failed is rebuilt from (also when the job itself was lost before it was recorded). Passages
     written lately may belong to a domain being created: they stay `older_than`."""
@@ -162,7 +179,7 @@ def _job_inputs(store: ObjectStore, registry: DomainRegistry, dry_run: bool,
         if record.input:
             needed.add(record.input)
     active = set(jobs.active())
-    cutoff = datetime.now(timezone.utc) - older_than
+    cutoff = datetime.now(UTC) - older_than
     swept = []
     for info in store.list("jobs/"):
         parts = info.key.split("/")
@@ -174,4 +191,3 @@ def _job_inputs(store: ObjectStore, registry: DomainRegistry, dry_run: bool,
             store.delete(info.key)
         swept.append(parts[1])
     return swept
-

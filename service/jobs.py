@@ -33,22 +33,28 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
 from adapters import AdapterRegistry
-from adapters.runs import owner_is_dead_here, owner_token
+from adapters.records import owner_is_dead_here, owner_token
 from backbone import BackboneConfig
 from indexing import IndexConfig
 from indexing.encoder import EncodeConfig
 from indexing.errors import IndexNotReady
 from indexing.rebuild import RebuildJob, RebuildResult, RebuildSpec, RebuildState
 from indexing.versions import IndexVersions
-from storage import (DomainNotFound, ObjectNotFound, ObjectStore, PreconditionFailed, StoreError,
-                     new_version_id)
+from storage import (
+    DomainNotFound,
+    ObjectNotFound,
+    ObjectStore,
+    PreconditionFailed,
+    StoreError,
+    new_version_id,
+)
 from storage.artifacts import VERSION_ID
 
 from .errors import BuildInProgress, DomainBuildFailed, JobNotFound, NothingToRebuild
@@ -62,14 +68,23 @@ FINISHED = ("succeeded", "failed", "cancelled")
 PASSAGES = "passages.jsonl"
 ACTIVE_PREFIX = "jobs/active/"
 # How far along a job is, by the rebuild stage it reports; encoding spans most of the time.
-_STAGE_PROGRESS = {"pending": 0.0, "preparing": 0.02, "starting": 0.05, "loading": 0.1, "reading": 0.15,
-                   "indexing": 0.9, "publishing": 0.95, "flipping": 0.98, "done": 1.0}
+_STAGE_PROGRESS = {
+    "pending": 0.0,
+    "preparing": 0.02,
+    "starting": 0.05,
+    "loading": 0.1,
+    "reading": 0.15,
+    "indexing": 0.9,
+    "publishing": 0.95,
+    "flipping": 0.98,
+    "done": 1.0,
+}
 _MAX_RETRIES = 8  # store outages a job waits out before it fails
 _WRITE_EVERY_S = 2.0  # progress of a running job goes to its record at most this often
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class JobRecord(BaseModel):
@@ -102,8 +117,15 @@ class JobRecord(BaseModel):
 
     def info(self) -> JobInfo:
         error = None if self.error is None else f"{self.error_code}: {self.error}"
-        return JobInfo(id=self.id, kind=self.kind, domain=self.domain, state=self.state,
-                       progress=self.progress, error=error, result=self.result)
+        return JobInfo(
+            id=self.id,
+            kind=self.kind,
+            domain=self.domain,
+            state=self.state,
+            progress=self.progress,
+            error=error,
+            result=self.result,
+        )
 
 
 class JobStore:
@@ -131,8 +153,9 @@ class JobStore:
             raise JobNotFound(f"no job {job_id!r}") from None
         return JobRecord.model_validate_json(data).model_copy(update={"etag": info.etag})
 
-    def update(self, job_id: str, change: Callable[[JobRecord], JobRecord | None], *,
-               owner: str | None = None) -> JobRecord | None:
+    def update(
+        self, job_id: str, change: Callable[[JobRecord], JobRecord | None], *, owner: str | None = None
+    ) -> JobRecord | None:
         """Read-modify-write job.json until the write wins. With `owner`, only while the job is held by it
         (None when it is not: another server took it over)."""
         for _ in range(20):
@@ -158,7 +181,7 @@ class JobStore:
 
     def active(self) -> list[str]:
         """Ids of pending and running jobs, oldest first (ids sort by creation time)."""
-        return sorted(info.key[len(ACTIVE_PREFIX):] for info in self.store.list(ACTIVE_PREFIX))
+        return sorted(info.key[len(ACTIVE_PREFIX) :] for info in self.store.list(ACTIVE_PREFIX))
 
 
 def _dump(record: JobRecord) -> bytes:
@@ -177,9 +200,20 @@ class _Local:
 
 
 class Jobs:
-    def __init__(self, store: ObjectStore, versions: IndexVersions, backbone: BackboneConfig,
-                 fingerprint: str, work_dir: Path, metrics: Metrics, on_live: Callable[[str], object], *,
-                 max_concurrent: int = 2, lease_s: float = 60.0, max_crashes: int = 2):
+    def __init__(
+        self,
+        store: ObjectStore,
+        versions: IndexVersions,
+        backbone: BackboneConfig,
+        fingerprint: str,
+        work_dir: Path,
+        metrics: Metrics,
+        on_live: Callable[[str], object],
+        *,
+        max_concurrent: int = 2,
+        lease_s: float = 60.0,
+        max_crashes: int = 2,
+    ):
         self._jobs = JobStore(store)
         self._versions = versions
         self._registry = versions.registry
@@ -220,12 +254,25 @@ class Jobs:
     def discard_input(self, job_id: str) -> None:
         self._jobs.store.delete(self._jobs.key(job_id, PASSAGES))
 
-    def create(self, job_id: str, kind: Literal["ingest", "rebuild"], domain: str, *, input: str | None,
-               index: IndexConfig | None) -> JobInfo:
+    def create(
+        self,
+        job_id: str,
+        kind: Literal["ingest", "rebuild"],
+        domain: str,
+        *,
+        input: str | None,
+        index: IndexConfig | None,
+    ) -> JobInfo:
         """Record a pending job and start it if this process has room (blocking: store writes)."""
         replacing = self._registry.live(domain).index_version
-        record = JobRecord(id=job_id, kind=kind, domain=domain, input=input, replacing=replacing,
-                           index=dataclasses.asdict(index) if index is not None else None)
+        record = JobRecord(
+            id=job_id,
+            kind=kind,
+            domain=domain,
+            input=input,
+            replacing=replacing,
+            index=dataclasses.asdict(index) if index is not None else None,
+        )
         record = self._jobs.create(record)
         log.info("job %s: %s of domain %s", job_id, kind, domain)
         self.pump()
@@ -252,8 +299,9 @@ class Jobs:
             else:  # lost before it was recorded: its passages were stored first, under its id
                 source = self._jobs.key(record.build_job, PASSAGES) if record.build_job else None
             if source is None or not self._jobs.store.exists(source):
-                raise NothingToRebuild(f"the passages of domain {domain!r} are gone; delete it and create it "
-                                       "again")
+                raise NothingToRebuild(
+                    f"the passages of domain {domain!r} are gone; delete it and create it again"
+                )
             kind, index = "ingest", IndexConfig(retrieval=record.settings.get("retrieval") or "dense")
         job_id = new_version_id()
 
@@ -287,25 +335,32 @@ class Jobs:
         try:
             info = self.get(job_id)
         except JobNotFound:
-            return DomainBuildFailed(f"domain {domain!r} has no index: its build job {job_id} was lost "
-                                     f"before it started; rebuild (POST /admin/domains/{domain}/rebuild) or "
-                                     "delete it")
+            return DomainBuildFailed(
+                f"domain {domain!r} has no index: its build job {job_id} was lost "
+                f"before it started; rebuild (POST /admin/domains/{domain}/rebuild) or "
+                "delete it"
+            )
         if info.state in FINISHED:
             if info.state == "succeeded":
                 return IndexNotReady(f"domain {domain!r} has no live index")
-            return DomainBuildFailed(f"domain {domain!r} has no index: its build job {job_id} {info.state}"
-                                     f" ({info.error}); rebuild (POST /admin/domains/{domain}/rebuild) or "
-                                     "delete it")
-        return IndexNotReady(f"domain {domain!r} has no index yet: job {job_id} is building it "
-                             f"({info.state}, {info.progress:.0%})")
+            return DomainBuildFailed(
+                f"domain {domain!r} has no index: its build job {job_id} {info.state}"
+                f" ({info.error}); rebuild (POST /admin/domains/{domain}/rebuild) or "
+                "delete it"
+            )
+        return IndexNotReady(
+            f"domain {domain!r} has no index yet: job {job_id} is building it "
+            f"({info.state}, {info.progress:.0%})"
+        )
 
     def building(self) -> list[str]:
         """Domains whose first index a job of this process is building."""
         with self._lock:
             locals_ = list(self._local.values())
         building = [local for local in locals_ if local.record.kind == "ingest"]
-        return sorted({local.record.domain for local in building
-                       if _info(local, self._work_dir).state not in FINISHED})
+        return sorted(
+            {local.record.domain for local in building if _info(local, self._work_dir).state not in FINISHED}
+        )
 
     def scratch(self) -> tuple[list[Path], set[Path]]:
         """This server's job scratch directories, and those its jobs use now (for gc)."""
@@ -381,8 +436,9 @@ class Jobs:
             if here:
                 continue
             if _startable(record):  # nobody runs it: cancel it in the store
-                self._jobs.update(record.id, lambda r: _ended(r, "cancelled", "job_cancelled",
-                                                             "its domain was deleted"))
+                self._jobs.update(
+                    record.id, lambda r: _ended(r, "cancelled", "job_cancelled", "its domain was deleted")
+                )
             else:
                 elsewhere.append(record)
         return elsewhere
@@ -419,8 +475,12 @@ class Jobs:
                 return None
             current.crashes += current.state == "running"
             if current.crashes > self._max_crashes:
-                return _ended(current, "failed", "server_died",
-                              f"the servers running it stopped {current.crashes} times")
+                return _ended(
+                    current,
+                    "failed",
+                    "server_died",
+                    f"the servers running it stopped {current.crashes} times",
+                )
             current.state, current.owner = "running", self._owner
             current.lease_until = _now() + timedelta(seconds=self._lease_s)
             current.started_at = current.started_at or _now()
@@ -450,17 +510,29 @@ class Jobs:
         def on_success(result: RebuildResult) -> None:
             self._metrics.rebuild_seconds.labels(claimed.kind).observe(result.seconds)
             self._metrics.passages_encoded.labels(self._metrics.domain(claimed.domain)).inc(
-                result.info.passage_count)
+                result.info.passage_count
+            )
             self._on_live(claimed.domain)
-            log.info("domain %s is ready: index %s live (job %s, %.1fs)", claimed.domain,
-                     result.index_version, claimed.id, result.seconds)
+            log.info(
+                "domain %s is ready: index %s live (job %s, %.1fs)",
+                claimed.domain,
+                result.index_version,
+                claimed.id,
+                result.seconds,
+            )
 
         # A cancelled build (its domain is being deleted) has nothing to save: its worker gets 2 s to stop.
-        local.rebuild = RebuildJob(spec, self._versions, self._work_dir / "rebuilds", on_success=on_success,
-                                   cancel_grace_s=2.0)
+        local.rebuild = RebuildJob(
+            spec, self._versions, self._work_dir / "rebuilds", on_success=on_success, cancel_grace_s=2.0
+        )
         local.rebuild.start()
-        log.info("job %s: %s of domain %s started%s", claimed.id, claimed.kind, claimed.domain,
-                 " again after its server stopped" if crashed else "")
+        log.info(
+            "job %s: %s of domain %s started%s",
+            claimed.id,
+            claimed.kind,
+            claimed.domain,
+            " again after its server stopped" if crashed else "",
+        )
 
     def _done_before(self, local: _Local) -> bool:
         """A job taken over from a server that stopped may have moved the live index already."""
@@ -490,12 +562,22 @@ class Jobs:
             if adapter_version is not None:
                 adapter_dir = directory / "adapter"
                 shutil.rmtree(adapter_dir, ignore_errors=True)
-                AdapterRegistry(self._jobs.store).fetch(record.domain, adapter_version, adapter_dir,
-                                                        expected_fingerprint=self._fingerprint)
+                adapters = AdapterRegistry(self._jobs.store)
+                adapters.fetch(
+                    adapters.ref(record.domain, adapter_version),
+                    adapter_dir,
+                    expected_fingerprint=self._fingerprint,
+                )
         index = IndexConfig(**record.index) if record.index is not None else None
-        return RebuildSpec(domain=record.domain, backbone=self._backbone, passages=passages, index=index,
-                           adapter_dir=adapter_dir, adapter_version=adapter_version,
-                           encode=EncodeConfig(progress=False))
+        return RebuildSpec(
+            domain=record.domain,
+            backbone=self._backbone,
+            passages=passages,
+            index=index,
+            adapter_dir=adapter_dir,
+            adapter_version=adapter_version,
+            encode=EncodeConfig(progress=False),
+        )
 
     def _write_progress(self, local: _Local) -> None:
         info = _info(local, self._work_dir)
@@ -526,8 +608,9 @@ class Jobs:
         try:
             if status is RebuildState.SUCCEEDED:
                 summary = _summary(rebuild.result(timeout=0))
-                self._jobs.update(local.record.id, lambda r: _ended(r, "succeeded", None, None, summary),
-                                  owner=self._owner)
+                self._jobs.update(
+                    local.record.id, lambda r: _ended(r, "succeeded", None, None, summary), owner=self._owner
+                )
             elif status is RebuildState.CANCELLED and local.stopping:
                 self._back_or_fail(local, None)
                 return
@@ -535,12 +618,16 @@ class Jobs:
                 self._back_or_fail(local, rebuild)
                 return
             elif status is RebuildState.CANCELLED or cancelled:
-                self._jobs.update(local.record.id, lambda r: _ended(
-                    r, "cancelled", "job_cancelled", "its domain was deleted"), owner=self._owner)
+                self._jobs.update(
+                    local.record.id,
+                    lambda r: _ended(r, "cancelled", "job_cancelled", "its domain was deleted"),
+                    owner=self._owner,
+                )
             else:
                 code, error = rebuild.error_code, _public(rebuild.error, self._work_dir)
-                self._jobs.update(local.record.id, lambda r: _ended(r, "failed", code, error),
-                                  owner=self._owner)
+                self._jobs.update(
+                    local.record.id, lambda r: _ended(r, "failed", code, error), owner=self._owner
+                )
         except StoreError as exc:
             log.warning("job %s ended %s, which is not recorded yet: %s", local.record.id, status.value, exc)
             return
@@ -550,8 +637,10 @@ class Jobs:
         """Back to pending (to start again later), or failed once its store outages exceed _MAX_RETRIES.
         `cause` None: this server stops (the job resumes at the next start, not counted)."""
         error = None if cause is None else (cause.error if isinstance(cause, RebuildJob) else str(cause))
-        transient = cause is None or (getattr(cause, "error_code", None) or getattr(cause, "code", None)) \
-            == "store_unavailable"
+        transient = (
+            cause is None
+            or (getattr(cause, "error_code", None) or getattr(cause, "code", None)) == "store_unavailable"
+        )
 
         def back(record: JobRecord) -> JobRecord:
             if cause is not None and (record.retries >= _MAX_RETRIES or not transient):
@@ -559,7 +648,7 @@ class Jobs:
                 return _ended(record, "failed", code, _public(error, self._work_dir))
             if cause is not None:
                 record.retries += 1
-                record.retry_at = _now() + timedelta(seconds=min(2 ** record.retries, 60))
+                record.retry_at = _now() + timedelta(seconds=min(2**record.retries, 60))
                 record.error, record.error_code = _public(error, self._work_dir), "store_unavailable"
             record.state, record.owner, record.lease_until = "pending", None, None
             return record
@@ -597,8 +686,13 @@ def _startable(record: JobRecord) -> bool:
     return record.lease_until is None or record.lease_until < _now() or owner_is_dead_here(record.owner)
 
 
-def _ended(record: JobRecord, state: JobState, code: str | None, error: str | None,
-           result: dict[str, Any] | None = None) -> JobRecord:
+def _ended(
+    record: JobRecord,
+    state: JobState,
+    code: str | None,
+    error: str | None,
+    result: dict[str, Any] | None = None,
+) -> JobRecord:
     record.state, record.error_code, record.error, record.result = state, code, error, result
     record.progress = 1.0 if state == "succeeded" else record.progress
     record.finished_at, record.owner, record.lease_until, record.retry_at = _now(), None, None, None
@@ -616,19 +710,30 @@ def _info(local: _Local, work_dir: Path) -> JobInfo:
     else:
         fraction = _STAGE_PROGRESS.get(progress.stage, 0.0)
     state = "running" if not rebuild.status.finished else rebuild.status.value
-    if rebuild.status is RebuildState.FAILED and rebuild.error_code == "store_unavailable" or \
-            rebuild.status is RebuildState.CANCELLED and local.stopping:
+    if (rebuild.status is RebuildState.FAILED and rebuild.error_code == "store_unavailable") or (
+        rebuild.status is RebuildState.CANCELLED and local.stopping
+    ):
         state = "pending"  # to be started again
     error = None if rebuild.error is None else f"{rebuild.error_code}: {_public(rebuild.error, work_dir)}"
     succeeded = rebuild.status is RebuildState.SUCCEEDED
-    return JobInfo(id=record.id, kind=record.kind, domain=record.domain, state=state,
-                   progress=1.0 if succeeded else round(fraction, 3), error=error,
-                   result=_summary(rebuild.result(timeout=0)) if succeeded else None)
+    return JobInfo(
+        id=record.id,
+        kind=record.kind,
+        domain=record.domain,
+        state=state,
+        progress=1.0 if succeeded else round(fraction, 3),
+        error=error,
+        result=_summary(rebuild.result(timeout=0)) if succeeded else None,
+    )
 
 
 def _summary(result: RebuildResult) -> dict[str, Any]:
-    return {"index_version": result.index_version, "passages_version": result.passages_version,
-            "passages": result.info.passage_count, "seconds": result.seconds}
+    return {
+        "index_version": result.index_version,
+        "passages_version": result.passages_version,
+        "passages": result.info.passage_count,
+        "seconds": result.seconds,
+    }
 
 
 def _public(error: str | None, work_dir: Path) -> str | None:

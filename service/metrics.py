@@ -60,46 +60,85 @@ class Metrics:
         self._live: dict[str, tuple[str, str]] = {}
         self._live_lock = threading.Lock()
         r = self.registry
-        self.http_requests = Counter("ragadapt_http_requests", "HTTP requests by route and status",
-                                     ["method", "route", "status"], registry=r)
-        self.ask_requests = Counter("ragadapt_ask_requests", "POST /ask requests by domain and outcome code",
-                                    ["domain", "code"], registry=r)
-        self.ask_stage_seconds = Histogram("ragadapt_ask_stage_seconds", "Seconds per /ask stage",
-                                           ["domain", "stage"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.answer_tokens = Counter("ragadapt_answer_tokens", "Generator tokens in returned answers",
-                                     ["domain"], registry=r)
+        self.http_requests = Counter(
+            "ragadapt_http_requests",
+            "HTTP requests by route and status",
+            ["method", "route", "status"],
+            registry=r,
+        )
+        self.ask_requests = Counter(
+            "ragadapt_ask_requests",
+            "POST /ask requests by domain and outcome code",
+            ["domain", "code"],
+            registry=r,
+        )
+        self.ask_stage_seconds = Histogram(
+            "ragadapt_ask_stage_seconds",
+            "Seconds per /ask stage",
+            ["domain", "stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.answer_tokens = Counter(
+            "ragadapt_answer_tokens", "Generator tokens in returned answers", ["domain"], registry=r
+        )
         self.queue_depth = Gauge("ragadapt_queue_depth", "Requests waiting for the model worker", registry=r)
-        self.batch_rows = Histogram("ragadapt_batch_rows", "Questions in flight per decoding step",
-                                    buckets=_BATCH_BUCKETS, registry=r)
-        self.batch_adapters = Histogram("ragadapt_batch_adapters", "Distinct adapter sets per decoding step",
-                                        buckets=_BATCH_BUCKETS, registry=r)
-        self.adapter_hits = Counter("ragadapt_adapter_cache_hits", "Adapter cache hits by tier", ["tier"],
-                                    registry=r)
-        self.adapter_misses = Counter("ragadapt_adapter_cache_misses", "Adapter cache misses by tier",
-                                      ["tier"], registry=r)
-        self.adapter_loads = Counter("ragadapt_adapter_loads", "Adapter set loads from the store", ["result"],
-                                     registry=r)
-        self.adapter_load_seconds = Histogram("ragadapt_adapter_load_seconds",
-                                              "Seconds from store to host memory", buckets=_LATENCY_BUCKETS,
-                                              registry=r)
-        self.adapter_evictions = Counter("ragadapt_adapter_evictions", "Adapter sets evicted by tier",
-                                         ["tier"], registry=r)
-        self.adapter_hot_sets = Gauge("ragadapt_adapter_hot_sets", "Adapter sets attached to the model",
-                                      registry=r)
-        self.adapter_warm_sets = Gauge("ragadapt_adapter_warm_sets", "Adapter sets held in host memory",
-                                       registry=r)
-        self.adapter_warm_bytes = Gauge("ragadapt_adapter_warm_bytes", "Bytes of adapter sets in host memory",
-                                        registry=r)
-        self.live_version = Gauge("ragadapt_live_version_info", "Versions serving each domain",
-                                  ["domain", "adapter_version", "index_version"], registry=r)
-        self.rebuild_seconds = Histogram("ragadapt_index_rebuild_seconds",
-                                         "Seconds per ingestion or rebuild job", ["kind"],
-                                         buckets=(1, 5, 15, 30, 60, 120, 300, 900, 1800, 3600), registry=r)
-        self.passages_encoded = Counter("ragadapt_passages_encoded", "Passages encoded by finished jobs",
-                                        ["domain"], registry=r)
+        self.batch_rows = Histogram(
+            "ragadapt_batch_rows", "Questions in flight per decoding step", buckets=_BATCH_BUCKETS, registry=r
+        )
+        self.batch_adapters = Histogram(
+            "ragadapt_batch_adapters",
+            "Distinct adapter sets per decoding step",
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.adapter_hits = Counter(
+            "ragadapt_adapter_cache_hits", "Adapter cache hits by tier", ["tier"], registry=r
+        )
+        self.adapter_misses = Counter(
+            "ragadapt_adapter_cache_misses", "Adapter cache misses by tier", ["tier"], registry=r
+        )
+        self.adapter_loads = Counter(
+            "ragadapt_adapter_loads", "Adapter set loads from the store", ["result"], registry=r
+        )
+        self.adapter_load_seconds = Histogram(
+            "ragadapt_adapter_load_seconds",
+            "Seconds from store to host memory",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.adapter_evictions = Counter(
+            "ragadapt_adapter_evictions", "Adapter sets evicted by tier", ["tier"], registry=r
+        )
+        self.adapter_hot_sets = Gauge(
+            "ragadapt_adapter_hot_sets", "Adapter sets attached to the model", registry=r
+        )
+        self.adapter_warm_sets = Gauge(
+            "ragadapt_adapter_warm_sets", "Adapter sets held in host memory", registry=r
+        )
+        self.adapter_warm_bytes = Gauge(
+            "ragadapt_adapter_warm_bytes", "Bytes of adapter sets in host memory", registry=r
+        )
+        self.live_version = Gauge(
+            "ragadapt_live_version_info",
+            "Versions serving each domain",
+            ["domain", "adapter_version", "index_version"],
+            registry=r,
+        )
+        self.rebuild_seconds = Histogram(
+            "ragadapt_index_rebuild_seconds",
+            "Seconds per ingestion or rebuild job",
+            ["kind"],
+            buckets=(1, 5, 15, 30, 60, 120, 300, 900, 1800, 3600),
+            registry=r,
+        )
+        self.passages_encoded = Counter(
+            "ragadapt_passages_encoded", "Passages encoded by finished jobs", ["domain"], registry=r
+        )
         self.backbone_ready = Gauge("ragadapt_backbone_ready", "1 once the backbone is loaded", registry=r)
-        self.backbone_load_seconds = Gauge("ragadapt_backbone_load_seconds",
-                                           "Seconds the backbone took to load", registry=r)
+        self.backbone_load_seconds = Gauge(
+            "ragadapt_backbone_load_seconds", "Seconds the backbone took to load", registry=r
+        )
         # Series of label values known in advance exist from the start at zero, so the first event is an
         # increase rate() sees (a series born at 1 has rate 0, and a histogram quantile of it is NaN).
         for kind in ("ingest", "rebuild"):
@@ -154,8 +193,10 @@ class _RunCollector:
         self._runs = runs
 
     def describe(self):
-        return [GaugeMetricFamily("ragadapt_runs", _RUNS_HELP, labels=["state"]),
-                GaugeMetricFamily("ragadapt_training_loss", _LOSS_HELP, labels=["domain"])]
+        return [
+            GaugeMetricFamily("ragadapt_runs", _RUNS_HELP, labels=["state"]),
+            GaugeMetricFamily("ragadapt_training_loss", _LOSS_HELP, labels=["domain"]),
+        ]
 
     def collect(self):
         runs = self._runs()

@@ -22,21 +22,54 @@ from litestar.openapi.plugins import JsonRenderPlugin
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from adapters.runs import RunInfo, RunRequest
+from adapters.spec import RunInfo, RunRequest
 from storage.artifacts import VERSION_ID
 
 from .gc import GcReport
 from .routes.runs import RunCheckpoints, RunEvents, RunList
-from .schemas import (DOMAIN_PATTERN, AskRequest, AskResponse, CreateDomainRequest, CreateDomainResponse,
-                      DomainInfo, DomainList, GcRequest, Health, JobInfo, Problem, PromoteRequest, Ready,
-                      RebuildRequest, RollbackRequest)
+from .schemas import (
+    DOMAIN_PATTERN,
+    AskRequest,
+    AskResponse,
+    CreateDomainRequest,
+    CreateDomainResponse,
+    DomainInfo,
+    DomainList,
+    GcRequest,
+    Health,
+    JobInfo,
+    Problem,
+    PromoteRequest,
+    Ready,
+    RebuildRequest,
+    RollbackRequest,
+)
 
 # What handlers validate request bodies with, and what they answer with.
-REQUESTS: tuple[type[BaseModel], ...] = (AskRequest, CreateDomainRequest, PromoteRequest, RollbackRequest,
-                                         RebuildRequest, GcRequest, RunRequest)
-RESPONSES: tuple[type[BaseModel], ...] = (AskResponse, DomainInfo, DomainList, JobInfo, CreateDomainResponse,
-                                          RunInfo, RunList, RunEvents, RunCheckpoints, Health, Ready, Problem,
-                                          GcReport)
+REQUESTS: tuple[type[BaseModel], ...] = (
+    AskRequest,
+    CreateDomainRequest,
+    PromoteRequest,
+    RollbackRequest,
+    RebuildRequest,
+    GcRequest,
+    RunRequest,
+)
+RESPONSES: tuple[type[BaseModel], ...] = (
+    AskResponse,
+    DomainInfo,
+    DomainList,
+    JobInfo,
+    CreateDomainResponse,
+    RunInfo,
+    RunList,
+    RunEvents,
+    RunCheckpoints,
+    Health,
+    Ready,
+    Problem,
+    GcReport,
+)
 ID_PATTERN = f"^{VERSION_ID.pattern}$"
 _PARAMETERS = {
     "name": {"type": "string", "pattern": DOMAIN_PATTERN},
@@ -50,8 +83,12 @@ ADMIN_SECURITY = "adminToken"
 API_KEY_SECURITY = "apiKey"
 
 
-def _link(operation: str, description: str, parameters: dict[str, str] | None = None,
-          body: dict[str, str] | None = None) -> dict[str, Any]:
+def _link(
+    operation: str,
+    description: str,
+    parameters: dict[str, str] | None = None,
+    body: dict[str, str] | None = None,
+) -> dict[str, Any]:
     link: dict[str, Any] = {"operationId": operation, "description": description}
     if parameters:
         link["parameters"] = parameters
@@ -62,46 +99,73 @@ def _link(operation: str, description: str, parameters: dict[str, str] | None = 
 
 # operationId -> status -> link name -> link
 LINKS: dict[str, dict[str, dict[str, dict[str, Any]]]] = {
-    "createDomain": {"202": {
-        "GetJob": _link("getJob", "Follow the ingest job", {"job_id": "$response.body#/job/id"}),
-        "GetDomain": _link("getDomain", "The new domain", {"name": "$response.body#/domain"}),
-        "Ask": _link("ask", "Ask the new domain (503 index_not_ready until its job succeeded)",
-                     {"domain": "$response.body#/domain"}),
-        "Adapt": _link("adapt", "Start an adaptation run on the new domain",
-                       body={"domain": "$response.body#/domain"}),
-        "Rebuild": _link("rebuildDomain", "Build its index again", {"name": "$response.body#/domain"}),
-        "Delete": _link("deleteDomain", "Delete the new domain", {"name": "$response.body#/domain"}),
-    }},
-    "rebuildDomain": {"202": {
-        "GetJob": _link("getJob", "Follow the rebuild", {"job_id": "$response.body#/id"}),
-    }},
-    "getJob": {"200": {
-        "Ask": _link("ask", "Ask the job's domain", {"domain": "$response.body#/domain"}),
-        "GetDomain": _link("getDomain", "The job's domain", {"name": "$response.body#/domain"}),
-    }},
-    "adapt": {"202": {
-        "GetRun": _link("getRun", "Follow the run", {"run_id": "$response.body#/id"}),
-        "GetRunEvents": _link("getRunEvents", "The run's events", {"run_id": "$response.body#/id"}),
-        "GetRunCheckpoints": _link("getRunCheckpoints", "The run's checkpoints",
-                                   {"run_id": "$response.body#/id"}),
-        "CancelRun": _link("cancelRun", "Cancel the run", {"run_id": "$response.body#/id"}),
-    }},
-    "getRun": {"200": {
-        "GetRunEvents": _link("getRunEvents", "The run's events", {"run_id": "$response.body#/id"}),
-        "CancelRun": _link("cancelRun", "Cancel the run", {"run_id": "$response.body#/id"}),
-    }},
-    "getRunEvents": {"200": {
-        "NextPage": _link("getRunEvents", "The page that follows",
-                          {"run_id": "$request.path.run_id", "after": "$response.body#/next"}),
-    }},
-    "promote": {"200": {
-        "Rollback": _link("rollback", "Return to what served before", {"name": "$request.path.name"}),
-        "GetDomain": _link("getDomain", "The domain now", {"name": "$request.path.name"}),
-    }},
-    "deleteDomain": {"204": {
-        "GetDomain": _link("getDomain", "The deleted domain (404 from then on)",
-                           {"name": "$request.path.name"}),
-    }},
+    "createDomain": {
+        "202": {
+            "GetJob": _link("getJob", "Follow the ingest job", {"job_id": "$response.body#/job/id"}),
+            "GetDomain": _link("getDomain", "The new domain", {"name": "$response.body#/domain"}),
+            "Ask": _link(
+                "ask",
+                "Ask the new domain (503 index_not_ready until its job succeeded)",
+                {"domain": "$response.body#/domain"},
+            ),
+            "Adapt": _link(
+                "adapt",
+                "Start an adaptation run on the new domain",
+                body={"domain": "$response.body#/domain"},
+            ),
+            "Rebuild": _link("rebuildDomain", "Build its index again", {"name": "$response.body#/domain"}),
+            "Delete": _link("deleteDomain", "Delete the new domain", {"name": "$response.body#/domain"}),
+        }
+    },
+    "rebuildDomain": {
+        "202": {
+            "GetJob": _link("getJob", "Follow the rebuild", {"job_id": "$response.body#/id"}),
+        }
+    },
+    "getJob": {
+        "200": {
+            "Ask": _link("ask", "Ask the job's domain", {"domain": "$response.body#/domain"}),
+            "GetDomain": _link("getDomain", "The job's domain", {"name": "$response.body#/domain"}),
+        }
+    },
+    "adapt": {
+        "202": {
+            "GetRun": _link("getRun", "Follow the run", {"run_id": "$response.body#/id"}),
+            "GetRunEvents": _link("getRunEvents", "The run's events", {"run_id": "$response.body#/id"}),
+            "GetRunCheckpoints": _link(
+                "getRunCheckpoints", "The run's checkpoints", {"run_id": "$response.body#/id"}
+            ),
+            "CancelRun": _link("cancelRun", "Cancel the run", {"run_id": "$response.body#/id"}),
+        }
+    },
+    "getRun": {
+        "200": {
+            "GetRunEvents": _link("getRunEvents", "The run's events", {"run_id": "$response.body#/id"}),
+            "CancelRun": _link("cancelRun", "Cancel the run", {"run_id": "$response.body#/id"}),
+        }
+    },
+    "getRunEvents": {
+        "200": {
+            "NextPage": _link(
+                "getRunEvents",
+                "The page that follows",
+                {"run_id": "$request.path.run_id", "after": "$response.body#/next"},
+            ),
+        }
+    },
+    "promote": {
+        "200": {
+            "Rollback": _link("rollback", "Return to what served before", {"name": "$request.path.name"}),
+            "GetDomain": _link("getDomain", "The domain now", {"name": "$request.path.name"}),
+        }
+    },
+    "deleteDomain": {
+        "204": {
+            "GetDomain": _link(
+                "getDomain", "The deleted domain (404 from then on)", {"name": "$request.path.name"}
+            ),
+        }
+    },
 }
 
 
@@ -125,13 +189,20 @@ def exact(document: dict[str, Any], *, api_keys: bool) -> dict[str, Any]:
     components = document.setdefault("components", {})
     components["schemas"] = _schemas()
     components["securitySchemes"] = {
-        ADMIN_SECURITY: {"type": "http", "scheme": "bearer",
-                         "description": "the admin token (RAGADAPT_SERVER__ADMIN_TOKEN)"},
-        API_KEY_SECURITY: {"type": "apiKey", "in": "header", "name": "X-API-Key",
-                           "description": "one of RAGADAPT_SERVER__API_KEYS, when any are configured"},
+        ADMIN_SECURITY: {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "the admin token (RAGADAPT_SERVER__ADMIN_TOKEN)",
+        },
+        API_KEY_SECURITY: {
+            "type": "apiKey",
+            "in": "header",
+            "name": "X-API-Key",
+            "description": "one of RAGADAPT_SERVER__API_KEYS, when any are configured",
+        },
     }
     for path, operations in document["paths"].items():
-        for method, operation in operations.items():
+        for _method, operation in operations.items():
             if not isinstance(operation, dict) or "responses" not in operation:
                 continue
             for parameter in operation.get("parameters", []):

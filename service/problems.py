@@ -15,8 +15,6 @@ from http import HTTPStatus
 from typing import Any
 
 from litestar import Request, Response
-from litestar.openapi import ResponseSpec
-from litestar.openapi.spec import Operation
 from litestar.exceptions import (
     HTTPException,
     MethodNotAllowedException,
@@ -25,6 +23,8 @@ from litestar.exceptions import (
     ValidationException,
 )
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
+from litestar.openapi import ResponseSpec
+from litestar.openapi.spec import Operation
 from litestar.types import Message, Scope
 
 from .schemas import Problem
@@ -37,10 +37,8 @@ REQUEST_ID_HEADER = "x-request-id"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # matched whole
 _TOO_LARGE_HINTS = {
     "/admin/adapt": "; send large training sets as train.uri (a store key) or as the domain's QA set "
-                    "(the qa file of POST /admin/domains)",
+    "(the qa file of POST /admin/domains)",
 }
-# The contract's codes for errors other packages name differently.
-_RENAMED = {"malformed_passages": "invalid_passages", "empty_corpus": "invalid_passages"}
 
 
 def request_id(scope: Scope) -> str:
@@ -63,11 +61,25 @@ async def add_request_id(message: Message, scope: Scope) -> None:
             message["headers"] = headers
 
 
-def problem(request: Request, status: int, code: str, detail: str, *, headers: dict[str, str] | None = None,
-            **extra: Any) -> Response:
+def problem(
+    request: Request,
+    status: int,
+    code: str,
+    detail: str,
+    *,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> Response:
     title = code.replace("_", " ").capitalize()
-    body = {"type": PROBLEM_TYPE + code, "title": title, "status": status, "detail": detail, "code": code,
-            "request_id": request_id(request.scope), **extra}
+    body = {
+        "type": PROBLEM_TYPE + code,
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "code": code,
+        "request_id": request_id(request.scope),
+        **extra,
+    }
     return Response(body, status_code=status, media_type=MEDIA_TYPE, headers=headers)
 
 
@@ -75,13 +87,23 @@ def handle_exception(request: Request, exc: Exception) -> Response:
     """The one exception handler of the app."""
     code, status = getattr(exc, "code", None), getattr(exc, "status", None)
     if isinstance(code, str) and isinstance(status, int) and not isinstance(exc, HTTPException):
-        return _typed(request, exc, _RENAMED.get(code, code), status)
+        return _typed(request, exc, code, status)
     if isinstance(exc, HTTPException):
         return _litestar(request, exc)
-    log.exception("unhandled error on %s %s (request %s)", request.method, request.url.path,
-                  request_id(request.scope))
-    return problem(request, 500, "internal_error", "the server failed to handle this request; "
-                   f"quote request id {request_id(request.scope)} when reporting it")
+    log.error(
+        "unhandled error on %s %s (request %s)",
+        request.method,
+        request.url.path,
+        request_id(request.scope),
+        exc_info=exc,
+    )
+    return problem(
+        request,
+        500,
+        "internal_error",
+        "the server failed to handle this request; "
+        f"quote request id {request_id(request.scope)} when reporting it",
+    )
 
 
 def _typed(request: Request, exc: Exception, code: str, status: int) -> Response:
@@ -107,8 +129,11 @@ def _litestar(request: Request, exc: HTTPException) -> Response:
     if isinstance(exc, ValidationException) or status == 400:
         # Validation errors and bodies that are not JSON: the contract calls both invalid_request (422).
         errors = _validation_errors(exc.extra)
-        detail = "; ".join(f"{e['key']}: {e['message']}" if e.get("key") else e["message"] for e in errors) \
-            if errors else exc.detail
+        detail = (
+            "; ".join(f"{e['key']}: {e['message']}" if e.get("key") else e["message"] for e in errors)
+            if errors
+            else exc.detail
+        )
         return problem(request, 422, "invalid_request", detail, **({"errors": errors} if errors else {}))
     if isinstance(exc, NotFoundException):
         return problem(request, 404, "not_found", f"no route {request.method} {request.url.path}")
@@ -116,8 +141,9 @@ def _litestar(request: Request, exc: HTTPException) -> Response:
         return problem(request, 405, "method_not_allowed", exc.detail, headers=exc.headers)
     if isinstance(exc, RequestEntityTooLarge) or status == 413:
         hint = _TOO_LARGE_HINTS.get(request.url.path, "")
-        return problem(request, 413, "request_too_large",
-                       f"the request body is larger than this server takes{hint}")
+        return problem(
+            request, 413, "request_too_large", f"the request body is larger than this server takes{hint}"
+        )
     if isinstance(exc, NotAuthorizedException):
         return problem(request, 401, "unauthorized", exc.detail, headers={"WWW-Authenticate": "Bearer"})
     if status >= 500:
@@ -155,9 +181,15 @@ _DESCRIPTIONS = {
 
 def problem_responses(*statuses: int) -> dict[int, ResponseSpec]:
     """OpenAPI entries for the problem responses a handler may give."""
-    return {status: ResponseSpec(data_container=Problem, media_type=MEDIA_TYPE,
-                                 description=_DESCRIPTIONS[status], generate_examples=False)
-            for status in statuses}
+    return {
+        status: ResponseSpec(
+            data_container=Problem,
+            media_type=MEDIA_TYPE,
+            description=_DESCRIPTIONS[status],
+            generate_examples=False,
+        )
+        for status in statuses
+    }
 
 
 class ProblemOperation(Operation):

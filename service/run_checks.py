@@ -1,7 +1,7 @@
 """Checks of an adaptation run against what this server loaded and what its host can hold, made before the
-run is queued (`adapters.runs.prepare` checks the request against the store). A run that fails them would
-only fail later, in its worker: LoRA targets naming no module of the backbone, or more generator rows per
-step than fit in memory."""
+run is queued (`adapters.validation.prepare` checks the request against the store). A run that fails them
+would only fail later, in its worker: LoRA targets naming no module of the backbone, or more generator rows
+per step than fit in memory."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 from torch import nn
 
 from adapters.errors import InvalidRun
-from adapters.runs import RunRequest
+from adapters.spec import RunRequest
 from backbone import Backbone
 
 # Linear-like layers PEFT's LoRA wraps (transformers' GPT-2 style Conv1D included, by name).
@@ -29,8 +29,11 @@ def check_lora_targets(backbone: Backbone, request: RunRequest) -> None:
     lora = request.hyperparameters.lora
     if lora is None:
         return
-    models = {"question": backbone.question.host.base, "passage": backbone.passage.host.base,
-              "generator": backbone.generator.host.base}
+    models = {
+        "question": backbone.question.host.base,
+        "passage": backbone.passage.host.base,
+        "generator": backbone.generator.host.base,
+    }
     for component, model in models.items():
         targets = getattr(lora, component).targets
         if not targets:
@@ -40,11 +43,15 @@ def check_lora_targets(backbone: Backbone, request: RunRequest) -> None:
             matched = [m for name, m in modules if name == target or name.endswith(f".{target}")]
             if not matched:
                 known = sorted({name.rsplit(".", 1)[-1] for name, m in modules if _wrappable(m)})
-                raise InvalidRun(f"hyperparameters.lora.{component}.targets: {target!r} names no module of "
-                                 f"the {component} model; LoRA can wrap {', '.join(known)}")
+                raise InvalidRun(
+                    f"hyperparameters.lora.{component}.targets: {target!r} names no module of "
+                    f"the {component} model; LoRA can wrap {', '.join(known)}"
+                )
             if not any(_wrappable(m) for m in matched):
-                raise InvalidRun(f"hyperparameters.lora.{component}.targets: {target!r} names "
-                                 f"{type(matched[0]).__name__} modules, which LoRA cannot wrap")
+                raise InvalidRun(
+                    f"hyperparameters.lora.{component}.targets: {target!r} names "
+                    f"{type(matched[0]).__name__} modules, which LoRA cannot wrap"
+                )
 
 
 def _wrappable(module: nn.Module) -> bool:
@@ -57,8 +64,11 @@ def batch_passage_limit(backbone: Backbone, memory_bytes: int, workers: int) -> 
     config = backbone.generator.host.base.config
     hidden = config.hidden_size
     intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
-    tokens = backbone.config.max_question_tokens + backbone.config.max_passage_tokens \
+    tokens = (
+        backbone.config.max_question_tokens
+        + backbone.config.max_passage_tokens
         + backbone.config.max_answer_tokens
+    )
     element = _BYTES.get(str(backbone.dtype).removeprefix("torch."), 4)
     per_token = _HIDDEN_FACTOR * hidden + _INTERMEDIATE_FACTOR * intermediate
     per_row = config.num_hidden_layers * tokens * per_token
@@ -69,8 +79,10 @@ def check_batch_fits(request: RunRequest, limit: int) -> None:
     hp = request.hyperparameters
     rows = hp.batch_size * hp.top_k
     if rows > limit:
-        raise InvalidRun(f"batch_size x top_k = {hp.batch_size} x {hp.top_k} = {rows} generator rows a step, "
-                         f"more than this host holds ({limit}); lower them and raise grad_accumulation")
+        raise InvalidRun(
+            f"batch_size x top_k = {hp.batch_size} x {hp.top_k} = {rows} generator rows a step, "
+            f"more than this host holds ({limit}); lower them and raise grad_accumulation"
+        )
 
 
 def host_memory() -> int:

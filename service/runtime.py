@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from adapters import AdapterRegistry
-from adapters.worker import RunManager
+from adapters.supervisor import RunManager
 from backbone import Backbone
 from indexing.versions import IndexVersions
 from storage import DomainRegistry, ObjectStore

@@ -7,7 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from adapters.runs import QaExampleIn, integral_floats
+from adapters.spec import QaExampleIn
+from backbone.config import integral_floats
 from storage.artifacts import VERSION_ID
 from storage.registry import DOMAIN_PATTERN
 
@@ -28,8 +29,13 @@ class _Request(BaseModel):
 
 
 class AskRequest(_Request):
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {"question": "Which package ships the generator weights?", "top_k": 3, "max_new_tokens": 16}]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"question": "Which package ships the generator weights?", "top_k": 3, "max_new_tokens": 16}
+            ]
+        }
+    )
 
     question: NonBlank = Field(max_length=4000)
     top_k: int = Field(5, ge=1, le=20)
@@ -126,10 +132,15 @@ class PassageIn(_Request):
 class CreateDomainRequest(_Request):
     """JSON form of POST /admin/domains; give the passages inline or as a store key / s3:// URI."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": [
-        {"required": ["passages_uri"], "properties": {"passages_uri": {"type": "string"}}},
-        {"required": ["passages"], "properties": {"passages": {"type": "array"}}},
-    ]})
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "oneOf": [
+                {"required": ["passages_uri"], "properties": {"passages_uri": {"type": "string"}}},
+                {"required": ["passages"], "properties": {"passages": {"type": "array"}}},
+            ]
+        },
+    )
 
     name: DomainName
     description: str = ""
@@ -139,7 +150,7 @@ class CreateDomainRequest(_Request):
     retrieval: Retrieval | None = None
 
     @model_validator(mode="after")
-    def _one_source(self) -> "CreateDomainRequest":
+    def _one_source(self) -> CreateDomainRequest:
         if (self.passages_uri is None) == (self.passages is None):
             raise ValueError("give exactly one of passages_uri and passages")
         return self

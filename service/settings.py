@@ -36,16 +36,22 @@ class BackboneSettings(BaseModel):
     max_answer_tokens: int = Field(48, ge=2)
 
     @model_validator(mode="after")
-    def _all_or_nothing(self) -> "BackboneSettings":
+    def _all_or_nothing(self) -> BackboneSettings:
         named = [bool(self.question_encoder), bool(self.passage_encoder), bool(self.generator)]
         if any(named) and not all(named):
             raise ValueError("set question_encoder, passage_encoder and generator together, or none of them")
         return self
 
     def config(self) -> BackboneConfig:
-        common = dict(cache_dir=self.cache_dir, dtype=self.dtype, device=self.device,
-                      allow_hub=self.allow_hub, max_question_tokens=self.max_question_tokens,
-                      max_passage_tokens=self.max_passage_tokens, max_answer_tokens=self.max_answer_tokens)
+        common = dict(
+            cache_dir=self.cache_dir,
+            dtype=self.dtype,
+            device=self.device,
+            allow_hub=self.allow_hub,
+            max_question_tokens=self.max_question_tokens,
+            max_passage_tokens=self.max_passage_tokens,
+            max_answer_tokens=self.max_answer_tokens,
+        )
         if not self.generator:
             return embedded_default_config(**common)
         return BackboneConfig(
@@ -101,8 +107,14 @@ class StoreSettings(BaseModel):
     def config(self, data_dir: Path) -> StoreConfig:
         if self.backend == "local":
             return StoreConfig(backend="local", root=self.root or Path(data_dir) / "store")
-        fields = dict(backend="s3", endpoint=self.endpoint, bucket=self.bucket, access_key=self.access_key,
-                      secret_key=self.secret_key, region=self.region)
+        fields = dict(
+            backend="s3",
+            endpoint=self.endpoint,
+            bucket=self.bucket,
+            access_key=self.access_key,
+            secret_key=self.secret_key,
+            region=self.region,
+        )
         if self.secure is not None:
             fields["secure"] = self.secure
         return StoreConfig(**fields)
@@ -159,19 +171,23 @@ class Settings(BaseSettings):
     jobs: JobSettings = JobSettings()
 
     @model_validator(mode="after")
-    def _consistent(self) -> "Settings":
+    def _consistent(self) -> Settings:
         """Cross-field checks, so a bad combination fails at start-up rather than on the first request."""
         if not self.server.is_loopback() and self.server.admin_token is None:
             raise ValueError(f"serving on {self.server.host} (not loopback) needs server.admin_token")
         if len(self.cache.pinned) >= self.cache.hot_slots:
-            raise ValueError(f"{len(self.cache.pinned)} pinned domains need more than cache.hot_slots="
-                             f"{self.cache.hot_slots} hot slots (one must stay free for other domains)")
+            raise ValueError(
+                f"{len(self.cache.pinned)} pinned domains need more than cache.hot_slots="
+                f"{self.cache.hot_slots} hot slots (one must stay free for other domains)"
+            )
         for name in [*self.cache.pinned, self.demo.domain]:
             if not DOMAIN_NAME.fullmatch(name):
                 raise ValueError(f"domain name {name!r} must match ^{DOMAIN_NAME.pattern}$")
         if self.server.max_batch_rows > self.server.queue_size:
-            raise ValueError(f"server.max_batch_rows={self.server.max_batch_rows} exceeds "
-                             f"server.queue_size={self.server.queue_size}: batches could never fill")
+            raise ValueError(
+                f"server.max_batch_rows={self.server.max_batch_rows} exceeds "
+                f"server.queue_size={self.server.queue_size}: batches could never fill"
+            )
         try:
             self.store.config(self.data_dir)
         except ValidationError as exc:

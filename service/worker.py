@@ -21,6 +21,7 @@ event loop: the HTTP layer awaits an asyncio future the worker resolves.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import threading
@@ -31,10 +32,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from adapters import AdapterRef
 from backbone import Answer, Backbone
 from indexing import Hit, IndexHandle
 
-from .adapter_cache import AdapterCache, AdapterId, adapter_key
+from .adapter_cache import AdapterCache
 from .errors import NotReady, Overloaded
 from .metrics import Metrics
 
@@ -47,7 +49,7 @@ class AskJob:
 
     question: str
     domain: str
-    adapter: AdapterId | None  # None: the base backbone
+    adapter: AdapterRef | None  # None: the base backbone
     index: IndexHandle
     top_k: int
     max_new_tokens: int
@@ -65,7 +67,7 @@ class AskJob:
 
     @property
     def key(self) -> str | None:
-        return adapter_key(*self.adapter) if self.adapter is not None else None
+        return self.adapter.key if self.adapter is not None else None
 
 
 @dataclass(frozen=True)
@@ -77,8 +79,17 @@ class AskResult:
 
 
 class ModelWorker:
-    def __init__(self, backbone: Backbone, cache: AdapterCache, metrics: Metrics, *, queue_size: int,
-                 max_batch_rows: int, batch_wait_s: float, retry_after_s: int = 1):
+    def __init__(
+        self,
+        backbone: Backbone,
+        cache: AdapterCache,
+        metrics: Metrics,
+        *,
+        queue_size: int,
+        max_batch_rows: int,
+        batch_wait_s: float,
+        retry_after_s: int = 1,
+    ):
         self._backbone = backbone
         self._cache = cache
         self._metrics = metrics
@@ -132,8 +143,10 @@ class ModelWorker:
             if len(self._queue) >= self.queue_size:
                 self._drop_expired()
             if len(self._queue) >= self.queue_size:
-                raise Overloaded(f"{len(self._queue)} requests are already waiting; retry shortly",
-                                 retry_after=self.retry_after_s)
+                raise Overloaded(
+                    f"{len(self._queue)} requests are already waiting; retry shortly",
+                    retry_after=self.retry_after_s,
+                )
             self._queue.append(job)
             self._metrics.queue_depth.set(len(self._queue))
             self._cond.notify()
@@ -179,7 +192,7 @@ class ModelWorker:
     def _release(self, job: AskJob) -> None:
         """Give back the adapter lease the HTTP layer handed over with the job."""
         if job.adapter is not None:
-            self._cache.release(*job.adapter)
+            self._cache.release(job.adapter)
 
     def _finish(self, job: AskJob, outcome: AskResult | BaseException) -> None:
         """Answer (or fail) a job once and give back its lease."""
@@ -260,8 +273,11 @@ class ModelWorker:
             t = time.perf_counter()
             try:
                 results = handle.search(embeddings[rows], [batch[i].question for i in rows], k=k, mode=mode)
-                doc_scores = ([[hit.score for hit in hits] for hits in results] if mode == "dense"
-                              else _dense_scores(handle, embeddings[rows], results, k))
+                doc_scores = (
+                    [[hit.score for hit in hits] for hits in results]
+                    if mode == "dense"
+                    else _dense_scores(handle, embeddings[rows], results, k)
+                )
             except Exception as exc:  # e.g. RetrievalModeUnavailable: fails these rows only
                 for i in rows:
                     self._finish(batch[i], exc)
@@ -277,10 +293,13 @@ class ModelWorker:
         now = time.perf_counter()
         for job in answerable:
             job.generating_since = now
-        tickets = answering.add([job.question for job in answerable],
-                                [[hit.passage for hit in job.hits] for job in answerable],
-                                [job.doc_scores for job in answerable], [job.key for job in answerable],
-                                [job.max_new_tokens for job in answerable])
+        tickets = answering.add(
+            [job.question for job in answerable],
+            [[hit.passage for hit in job.hits] for job in answerable],
+            [job.doc_scores for job in answerable],
+            [job.key for job in answerable],
+            [job.max_new_tokens for job in answerable],
+        )
         in_flight.update(zip(tickets, answerable))
 
     def _step(self, answering, in_flight: dict[int, AskJob]) -> None:
@@ -296,8 +315,9 @@ class ModelWorker:
             self._finish(job, AskResult(answer, job.hits, dict(job.timings), tokens))
 
 
-def _dense_scores(handle: IndexHandle, queries: np.ndarray, results: list[list[Hit]],
-                  k: int) -> list[list[float]]:
+def _dense_scores(
+    handle: IndexHandle, queries: np.ndarray, results: list[list[Hit]], k: int
+) -> list[list[float]]:
     """The query-passage dot products of BM25 or fused hits, which is what the generator's document posterior
     (RAG's p(z|x)) is made for; fused and BM25 scores are on other scales. A hit outside the dense top `depth`
     gets the depth-th dot product, an upper bound of its own."""
@@ -322,7 +342,5 @@ def _deliver(job: AskJob, outcome: AskResult | BaseException) -> None:
         else:
             job.future.set_result(outcome)
 
-    try:
+    with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody is waiting any more
         job.loop.call_soon_threadsafe(resolve)
-    except RuntimeError:  # the event loop is closed: nobody is waiting any more
-        pass

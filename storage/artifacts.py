@@ -51,6 +51,14 @@ class Manifest(BaseModel):
     files: dict[str, FileEntry]
     metadata: dict[str, Any] = Field(default_factory=dict)
 
+    @property
+    def checksum(self) -> str:
+        """SHA-256 over the files' paths and checksums: what the version holds, in one value."""
+        digest = hashlib.sha256()
+        for relpath, entry in sorted(self.files.items()):
+            digest.update(f"{relpath}\0{entry.sha256}\n".encode())
+        return digest.hexdigest()
+
 
 def new_version_id(now: datetime | None = None) -> str:
     """A version id that sorts by creation time to the second, e.g. ``20261121T211500Z-3f9a1c``."""

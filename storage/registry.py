@@ -402,8 +402,11 @@ class DomainRegistry:
         keep = {version for version in (*pointer.versions().values(), *pointer.pinned, *protect) if version}
         deleted = []
         # Adapters first: a kept adapter keeps its index, and a kept index its passages.
-        order = ((ArtifactKind.ADAPTERS, "index_version"), (ArtifactKind.INDEXES, "passages_version"),
-                 (ArtifactKind.PASSAGES, None))
+        order = (
+            (ArtifactKind.ADAPTERS, "index_version"),
+            (ArtifactKind.INDEXES, "passages_version"),
+            (ArtifactKind.PASSAGES, None),
+        )
         for kind, needs in order:
             prefix = self.prefix(domain, kind)
             manifests = artifacts.list_versions(self._store, prefix)

@@ -333,7 +333,7 @@ class LocalStore(ObjectStore):
 
     def _open(self, key: str, path: Path) -> BinaryIO:
         try:
-            fh = open(path, "rb")
+            fh = open(path, "rb")  # noqa: SIM115 - the caller reads and closes it
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
             raise ObjectNotFound(f"object {key!r} not found in the store") from exc
         if not stat_mode.S_ISREG(os.fstat(fh.fileno()).st_mode):
@@ -417,7 +417,7 @@ class LocalStore(ObjectStore):
 
     def _current_etag(self, path: Path, meta: Path) -> str | None:
         try:
-            fh = open(path, "rb")
+            fh = open(path, "rb")  # noqa: SIM115 - closed by the with below
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
         with fh:

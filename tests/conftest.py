@@ -26,9 +26,15 @@ def tiny_backbone_settings(tiny_root):
     from tests.models import tiny_backbone_config
 
     config = tiny_backbone_config(tiny_root)
-    return BackboneSettings(question_encoder=config.question_encoder, passage_encoder=config.passage_encoder,
-                            generator=config.generator, cache_dir=config.cache_dir, dtype="float32",
-                            max_passage_tokens=48, max_answer_tokens=12)
+    return BackboneSettings(
+        question_encoder=config.question_encoder,
+        passage_encoder=config.passage_encoder,
+        generator=config.generator,
+        cache_dir=config.cache_dir,
+        dtype="float32",
+        max_passage_tokens=48,
+        max_answer_tokens=12,
+    )
 
 
 @pytest.fixture(scope="session")

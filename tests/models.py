@@ -40,8 +40,9 @@ def _word_tokenizer() -> Tokenizer:
     words = sorted({word for line in CORPUS for word in line.split()})
     characters = sorted({char for word in words for char in word})
     pieces = [*SPECIALS, *characters, *(f"##{char}" for char in characters), *words]
-    tokenizer = Tokenizer(models.WordPiece({piece: i for i, piece in enumerate(dict.fromkeys(pieces))},
-                                           unk_token="[UNK]"))
+    tokenizer = Tokenizer(
+        models.WordPiece({piece: i for i, piece in enumerate(dict.fromkeys(pieces))}, unk_token="[UNK]")
+    )
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tokenizer.decoder = decoders.WordPiece()
     return tokenizer
@@ -54,14 +55,22 @@ def _save_tokenizer(directory: Path, encoder: bool) -> int:
 
         cls_id, sep_id = raw.token_to_id("[CLS]"), raw.token_to_id("[SEP]")
         raw.post_processor = TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            single="[CLS] $A [SEP]",
+            pair="[CLS] $A [SEP] $B:1 [SEP]:1",
             special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
         )
-        tok = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="[PAD]", unk_token="[UNK]",
-                                      cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+        tok = PreTrainedTokenizerFast(
+            tokenizer_object=raw,
+            pad_token="[PAD]",
+            unk_token="[UNK]",
+            cls_token="[CLS]",
+            sep_token="[SEP]",
+            mask_token="[MASK]",
+        )
     else:
-        tok = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="[PAD]", unk_token="[UNK]",
-                                      bos_token="<s>", eos_token="</s>")
+        tok = PreTrainedTokenizerFast(
+            tokenizer_object=raw, pad_token="[PAD]", unk_token="[UNK]", bos_token="<s>", eos_token="</s>"
+        )
     tok.save_pretrained(directory)
     return raw.get_vocab_size()
 
@@ -71,8 +80,14 @@ def build_bert(directory: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     vocab = _save_tokenizer(directory, encoder=True)
-    config = BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=256)
+    config = BertConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=256,
+    )
     BertModel(config, add_pooling_layer=False).save_pretrained(directory)
     return directory
 
@@ -82,8 +97,14 @@ def build_dpr(directory: Path, role: str, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     vocab = _save_tokenizer(directory, encoder=True)
-    config = DPRConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                       intermediate_size=64, max_position_embeddings=256)
+    config = DPRConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=256,
+    )
     cls = DPRQuestionEncoder if role == "question" else DPRContextEncoder
     cls(config).save_pretrained(directory)
     return directory
@@ -94,10 +115,20 @@ def build_llama(directory: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     vocab = _save_tokenizer(directory, encoder=False)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         bos_token_id=5, eos_token_id=6, pad_token_id=0, tie_word_embeddings=True,
-                         initializer_range=0.2)  # large enough that logits can become confident
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=5,
+        eos_token_id=6,
+        pad_token_id=0,
+        tie_word_embeddings=True,
+        initializer_range=0.2,
+    )  # large enough that logits can become confident
     LlamaForCausalLM(config).save_pretrained(directory)
     return directory
 
@@ -107,15 +138,30 @@ def build_bart(directory: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     vocab = _save_tokenizer(directory, encoder=False)
-    config = BartConfig(vocab_size=vocab, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
-                        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
-                        max_position_embeddings=512, pad_token_id=0, bos_token_id=5, eos_token_id=6,
-                        decoder_start_token_id=6, forced_eos_token_id=None, init_std=0.2)
+    config = BartConfig(
+        vocab_size=vocab,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=5,
+        eos_token_id=6,
+        decoder_start_token_id=6,
+        forced_eos_token_id=None,
+        init_std=0.2,
+    )
     BartForConditionalGeneration(config).save_pretrained(directory)
     return directory
 
 
-def tiny_backbone_config(root: Path, generator: str = "llama", encoder: str = "bert", **overrides) -> BackboneConfig:
+def tiny_backbone_config(
+    root: Path, generator: str = "llama", encoder: str = "bert", **overrides
+) -> BackboneConfig:
     """Builds (once per root) tiny random encoders and a generator and returns a config pointing at them."""
     root.mkdir(parents=True, exist_ok=True)
 
@@ -132,7 +178,14 @@ def tiny_backbone_config(root: Path, generator: str = "llama", encoder: str = "b
     else:
         question = passage = once("bert", build_bert)
     generator_path = once(generator, build_llama if generator == "llama" else build_bart)
-    settings = dict(question_encoder=question, passage_encoder=passage, generator=generator_path,
-                    cache_dir=root / "cache", dtype="float32", max_passage_tokens=48, max_answer_tokens=12)
+    settings = dict(
+        question_encoder=question,
+        passage_encoder=passage,
+        generator=generator_path,
+        cache_dir=root / "cache",
+        dtype="float32",
+        max_passage_tokens=48,
+        max_answer_tokens=12,
+    )
     settings.update(overrides)
     return BackboneConfig(**settings)

@@ -76,19 +76,25 @@ def extract_blocks(markdown: str, source: str = "README.md") -> list[Block]:
             end = number + 1
             while end < len(lines):
                 closing = _FENCE.match(lines[end])
-                if closing and closing.group("fence")[0] == opening[0] and \
-                        len(closing.group("fence")) >= len(opening) and not closing.group("info"):
+                if (
+                    closing
+                    and closing.group("fence")[0] == opening[0]
+                    and len(closing.group("fence")) >= len(opening)
+                    and not closing.group("info")
+                ):
                     break
                 text = lines[end]
-                body.append(text[len(indent):] if text.startswith(indent) else text.lstrip())
+                body.append(text[len(indent) :] if text.startswith(indent) else text.lstrip())
                 end += 1
             else:
                 raise ValueError(f"{source}:{number + 1}: the code block is never closed")
             if lang in LANGUAGES:
                 blocks.append(Block(lang, "\n".join(body) + "\n", number + 1, pending))
             elif pending is not None:
-                raise ValueError(f"{source}:{number + 1}: a not-tested marker on a {lang or 'plain'} block, "
-                                 "which is never run anyway")
+                raise ValueError(
+                    f"{source}:{number + 1}: a not-tested marker on a {lang or 'plain'} block, "
+                    "which is never run anyway"
+                )
             pending = None
             number = end
         elif line.strip():
@@ -114,18 +120,31 @@ def run_block(block: Block, url: str, env: dict[str, str], namespace: dict, cwd:
             os.environ.clear()
             os.environ.update(saved_env)
         return
-    done = subprocess.run([*LANGUAGES[block.lang], code], cwd=cwd, env={**os.environ, **env}, text=True,
-                          capture_output=True, timeout=BLOCK_TIMEOUT_S)
+    done = subprocess.run(
+        [*LANGUAGES[block.lang], code],
+        cwd=cwd,
+        env={**os.environ, **env},
+        text=True,
+        capture_output=True,
+        timeout=BLOCK_TIMEOUT_S,
+    )
     if done.returncode != 0:
-        pytest.fail(f"{where} ({block.lang}) exited {done.returncode}\n--- code\n{code}--- stdout\n"
-                    f"{done.stdout[-4000:]}\n--- stderr\n{done.stderr[-4000:]}", pytrace=False)
+        pytest.fail(
+            f"{where} ({block.lang}) exited {done.returncode}\n--- code\n{code}--- stdout\n"
+            f"{done.stdout[-4000:]}\n--- stderr\n{done.stderr[-4000:]}",
+            pytrace=False,
+        )
 
 
 def example_env(url: str) -> dict[str, str]:
     """What a reader's shell would have after following the README: the venv first on PATH, the SDK's URL."""
     venv_bin = str(Path(sys.executable).parent)
-    return {"PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}", "RAGADAPT_URL": url,
-            "RAGADAPT_ADMIN_TOKEN": ADMIN_TOKEN, NESTED: "1"}
+    return {
+        "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
+        "RAGADAPT_URL": url,
+        "RAGADAPT_ADMIN_TOKEN": ADMIN_TOKEN,
+        NESTED: "1",
+    }
 
 
 def _free_port() -> int:
@@ -136,7 +155,7 @@ def _free_port() -> int:
 
 # --- the extraction and the runner, on a small markdown file ------------------------------------------------
 
-FIXTURE = '''\
+FIXTURE = """\
 # Example
 
 ```bash
@@ -173,22 +192,29 @@ client = Client()
 ```console
 $ not run either
 ```
-'''
+"""
 
 
 def test_extract_blocks_finds_languages_markers_and_nesting():
     blocks = extract_blocks(FIXTURE)
     assert [(b.lang, b.line, b.skip) for b in blocks] == [
-        ("bash", 3, None), ("sh", 11, "needs Docker"), ("python", 18, None), ("python", 29, None)]
+        ("bash", 3, None),
+        ("sh", 11, "needs Docker"),
+        ("python", 18, None),
+        ("python", 29, None),
+    ]
     assert blocks[0].code == "curl -fsS http://localhost:8080/healthz\n"
     assert blocks[3].code == 'status = client.health().status\nprint("```", status)\n'
 
 
-@pytest.mark.parametrize(("markdown", "message"), [
-    ("<!-- not-tested -->\n```bash\nls\n```\n", "needs a reason"),
-    ("<!-- not-tested: x -->\n```json\n{}\n```\n", "never run anyway"),
-    ("```bash\nls\n", "never closed"),
-])
+@pytest.mark.parametrize(
+    ("markdown", "message"),
+    [
+        ("<!-- not-tested -->\n```bash\nls\n```\n", "needs a reason"),
+        ("<!-- not-tested: x -->\n```json\n{}\n```\n", "never run anyway"),
+        ("```bash\nls\n", "never closed"),
+    ],
+)
 def test_extract_blocks_rejects_mistakes(markdown, message):
     with pytest.raises(ValueError, match=message):
         extract_blocks(markdown)
@@ -261,12 +287,22 @@ def readme_server(tmp_path_factory):
 
     port = _free_port()
     data = tmp_path_factory.mktemp("readme-server")
-    env = {**os.environ, "RAGADAPT_SERVER__HOST": "127.0.0.1", "RAGADAPT_SERVER__PORT": str(port),
-           "RAGADAPT_SERVER__ADMIN_TOKEN": ADMIN_TOKEN, "RAGADAPT_DATA_DIR": str(data),
-           "RAGADAPT_BACKBONE__CACHE_DIR": str(EMBEDDED_CACHE)}
+    env = {
+        **os.environ,
+        "RAGADAPT_SERVER__HOST": "127.0.0.1",
+        "RAGADAPT_SERVER__PORT": str(port),
+        "RAGADAPT_SERVER__ADMIN_TOKEN": ADMIN_TOKEN,
+        "RAGADAPT_DATA_DIR": str(data),
+        "RAGADAPT_BACKBONE__CACHE_DIR": str(EMBEDDED_CACHE),
+    }
     log = (data / "server.log").open("w")
-    process = subprocess.Popen([str(Path(sys.executable).parent / "ragadapt"), "serve"], cwd=ROOT, env=env,
-                               stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ragadapt"), "serve"],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_for_demo(url, process, data / "server.log")
@@ -285,8 +321,7 @@ def _wait_for_demo(url: str, process: subprocess.Popen, log: Path, timeout_s: fl
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"ragadapt serve exited with {process.returncode}:\n"
-                               f"{log.read_text()[-4000:]}")
+            raise RuntimeError(f"ragadapt serve exited with {process.returncode}:\n{log.read_text()[-4000:]}")
         try:
             demo = httpx.get(f"{url}/domains/demo", timeout=5)
             if demo.status_code == 200 and demo.json()["live"]["index_version"]:
@@ -303,7 +338,8 @@ def readme_namespace() -> dict:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("block", [pytest.param(block, id=block.id, marks=_marks(block))
-                                   for block in README_BLOCKS])
+@pytest.mark.parametrize(
+    "block", [pytest.param(block, id=block.id, marks=_marks(block)) for block in README_BLOCKS]
+)
 def test_readme_example(block, readme_server, readme_namespace):
     run_block(block, readme_server, example_env(readme_server), readme_namespace, ROOT)

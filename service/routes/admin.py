@@ -23,11 +23,22 @@ from storage.store import check_key
 
 from ..auth import admin_guard
 from ..errors import DomainInUse, InvalidPassages, InvalidRequest
+from ..gc import GcReport, collect, sweep_scratch
 from ..problems import ProblemOperation, problem_responses
 from ..runtime import Runtime
-from ..gc import GcReport, collect, sweep_scratch
-from ..schemas import (DOMAIN_PATTERN, CreateDomainRequest, CreateDomainResponse, DomainInfo, DomainName,
-                       GcRequest, JobInfo, PromoteRequest, RebuildRequest, Retrieval, RollbackRequest)
+from ..schemas import (
+    DOMAIN_PATTERN,
+    CreateDomainRequest,
+    CreateDomainResponse,
+    DomainInfo,
+    DomainName,
+    GcRequest,
+    JobInfo,
+    PromoteRequest,
+    RebuildRequest,
+    Retrieval,
+    RollbackRequest,
+)
 from .domains import describe
 
 PASSAGES_FILE = "passages.jsonl"
@@ -72,10 +83,13 @@ class _CreateDomainOperation(ProblemOperation):
 
     def to_schema(self) -> dict[str, Any]:
         schema = super().to_schema()
-        schema["requestBody"] = {"required": True, "content": {
-            "application/json": {"schema": _inline_refs(CreateDomainRequest.model_json_schema())},
-            "multipart/form-data": {"schema": _MULTIPART_SCHEMA},
-        }}
+        schema["requestBody"] = {
+            "required": True,
+            "content": {
+                "application/json": {"schema": _inline_refs(CreateDomainRequest.model_json_schema())},
+                "multipart/form-data": {"schema": _MULTIPART_SCHEMA},
+            },
+        }
         return schema
 
 
@@ -90,11 +104,20 @@ class _DomainFields(BaseModel):
 def create_domain_handler(max_upload_bytes: int):
     """POST /admin/domains, with the upload size limit from the settings."""
 
-    @post("/admin/domains", status_code=202, guards=[admin_guard], request_max_body_size=max_upload_bytes,
-          operation_class=_CreateDomainOperation, responses=problem_responses(401, 404, 409, 413, 422, 503),
-          tags=["admin"], operation_id="createDomain", summary="Create a domain and build its index")
-    async def create_domain(request: Request,
-                            runtime: NamedDependency[Runtime]) -> Response[CreateDomainResponse]:
+    @post(
+        "/admin/domains",
+        status_code=202,
+        guards=[admin_guard],
+        request_max_body_size=max_upload_bytes,
+        operation_class=_CreateDomainOperation,
+        responses=problem_responses(401, 404, 409, 413, 422, 503),
+        tags=["admin"],
+        operation_id="createDomain",
+        summary="Create a domain and build its index",
+    )
+    async def create_domain(
+        request: Request, runtime: NamedDependency[Runtime]
+    ) -> Response[CreateDomainResponse]:
         """Ingestion and the first index build run as a background job (`GET /admin/jobs/{id}`). The passages
         go to the store first, then the domain is created naming its job, so a server that stops midway leaves
         a domain that says why it has no index (and can be rebuilt or deleted), never one stuck building."""
@@ -111,14 +134,16 @@ def create_domain_handler(max_upload_bytes: int):
                 key = jobs.store_input(job_id, passages)
                 try:
                     record = runtime.registry.create_domain(
-                        fields.name, fields.description, settings={"retrieval": retrieval}, build_job=job_id)
+                        fields.name, fields.description, settings={"retrieval": retrieval}, build_job=job_id
+                    )
                 except BaseException:
                     jobs.discard_input(job_id)
                     raise
                 if qa:
                     QaSets(runtime.store).publish(record.name, qa, source="POST /admin/domains")
-                return jobs.create(job_id, "ingest", record.name, input=key,
-                                   index=IndexConfig(retrieval=retrieval))
+                return jobs.create(
+                    job_id, "ingest", record.name, input=key, index=IndexConfig(retrieval=retrieval)
+                )
 
             job = await to_thread.run_sync(create)
         except BaseException:
@@ -130,8 +155,9 @@ def create_domain_handler(max_upload_bytes: int):
     return create_domain
 
 
-async def _read_body(request: Request, runtime: Runtime,
-                     input_dir: Path) -> CreateDomainRequest | _DomainFields:
+async def _read_body(
+    request: Request, runtime: Runtime, input_dir: Path
+) -> CreateDomainRequest | _DomainFields:
     """Write the passages (and QA) of a JSON or multipart body into `input_dir`; return the other fields."""
     content_type = request.content_type[0]
     target = input_dir / PASSAGES_FILE
@@ -141,9 +167,13 @@ async def _read_body(request: Request, runtime: Runtime,
         if not isinstance(upload, UploadFile):
             raise InvalidRequest("a multipart upload needs a 'passages' file (JSONL)")
         try:
-            fields = _DomainFields.model_validate({key: form.get(key)
-                                                   for key in ("name", "description", "retrieval")
-                                                   if isinstance(form.get(key), str)})
+            fields = _DomainFields.model_validate(
+                {
+                    key: form.get(key)
+                    for key in ("name", "description", "retrieval")
+                    if isinstance(form.get(key), str)
+                }
+            )
         except ValidationError as exc:
             raise InvalidRequest(_first_error(exc)) from None
         await to_thread.run_sync(_save_upload, upload, target)
@@ -162,8 +192,9 @@ async def _read_body(request: Request, runtime: Runtime,
     else:
         await to_thread.run_sync(_fetch_uri, runtime, body.passages_uri, target)
     if body.qa is not None:
-        await to_thread.run_sync(_write_jsonl, [e.model_dump(exclude_none=True) for e in body.qa],
-                                 input_dir / QA_FILE)
+        await to_thread.run_sync(
+            _write_jsonl, [e.model_dump(exclude_none=True) for e in body.qa], input_dir / QA_FILE
+        )
     return body
 
 
@@ -226,27 +257,48 @@ def _check_passages(path: Path) -> None:
 # --- jobs, promotion, rollback ------------------------------------------------------------------------------
 
 
-@get("/admin/jobs/{job_id:str}", guards=[admin_guard], tags=["admin"], operation_id="getJob",
-     summary="Follow a background job",
-     operation_class=ProblemOperation, responses=problem_responses(401, 404, 503))
+@get(
+    "/admin/jobs/{job_id:str}",
+    guards=[admin_guard],
+    tags=["admin"],
+    operation_id="getJob",
+    summary="Follow a background job",
+    operation_class=ProblemOperation,
+    responses=problem_responses(401, 404, 503),
+)
 async def get_job(job_id: FromPath[str], runtime: NamedDependency[Runtime]) -> JobInfo:
     return await to_thread.run_sync(runtime.serving().jobs.get, job_id)
 
 
-@post("/admin/domains/{name:str}/rebuild", status_code=202, guards=[admin_guard], tags=["admin"],
-      operation_id="rebuildDomain", summary="Build a domain's index again", operation_class=ProblemOperation,
-      responses=problem_responses(401, 404, 409, 413, 422, 503))
-async def rebuild(name: FromPath[str], runtime: NamedDependency[Runtime],
-                  data: JSONBody[RebuildRequest | None] = None) -> Response[JobInfo]:
+@post(
+    "/admin/domains/{name:str}/rebuild",
+    status_code=202,
+    guards=[admin_guard],
+    tags=["admin"],
+    operation_id="rebuildDomain",
+    summary="Build a domain's index again",
+    operation_class=ProblemOperation,
+    responses=problem_responses(401, 404, 409, 413, 422, 503),
+)
+async def rebuild(
+    name: FromPath[str], runtime: NamedDependency[Runtime], data: JSONBody[RebuildRequest | None] = None
+) -> Response[JobInfo]:
     """From the live passages with the live adapter's passage encoder; a domain whose first build failed is
     built from the passages it was created with. `409 build_in_progress` while a job builds it."""
     job = await to_thread.run_sync(runtime.serving().jobs.rebuild, name)
     return Response(job, status_code=202)
 
 
-@delete("/admin/domains/{name:str}", status_code=204, guards=[admin_guard], tags=["admin"],
-        operation_id="deleteDomain", summary="Delete a domain and all its versions",
-        operation_class=ProblemOperation, responses=problem_responses(401, 404, 409, 422, 503))
+@delete(
+    "/admin/domains/{name:str}",
+    status_code=204,
+    guards=[admin_guard],
+    tags=["admin"],
+    operation_id="deleteDomain",
+    summary="Delete a domain and all its versions",
+    operation_class=ProblemOperation,
+    responses=problem_responses(401, 404, 409, 422, 503),
+)
 async def delete_domain(name: FromPath[str], runtime: NamedDependency[Runtime]) -> None:
     """Refused (`409 domain_in_use`) while an adaptation run of the domain is queued or running, or another
     server builds its index; a build running here is cancelled. Its live pointer goes first (nothing serves
@@ -257,8 +309,10 @@ async def delete_domain(name: FromPath[str], runtime: NamedDependency[Runtime]) 
         runtime.registry.get_domain(name, deleting=True)  # 404 for no domain; a deletion under way goes on
         using = [run for run in runtime.runs.list(name) if not run.state.finished]
         if using:
-            raise DomainInUse(f"run {using[0].id} of domain {name!r} is {using[0].state.value}; cancel it "
-                              "first (POST /admin/runs/{id}/cancel)")
+            raise DomainInUse(
+                f"run {using[0].id} of domain {name!r} is {using[0].state.value}; cancel it "
+                "first (POST /admin/runs/{id}/cancel)"
+            )
         elsewhere = loaded.jobs.cancel(name)
         if elsewhere:
             raise DomainInUse(f"job {elsewhere[0].id} is building domain {name!r} on another server")
@@ -268,12 +322,19 @@ async def delete_domain(name: FromPath[str], runtime: NamedDependency[Runtime]) 
     await to_thread.run_sync(remove)
 
 
-
-@post("/admin/domains/{name:str}/promote", status_code=200, guards=[admin_guard], tags=["admin"],
-      operation_id="promote", summary="Make an adapter version live", operation_class=ProblemOperation,
-      responses=problem_responses(401, 404, 409, 413, 422, 503))
-async def promote(name: FromPath[str], data: JSONBody[PromoteRequest],
-                  runtime: NamedDependency[Runtime]) -> DomainInfo:
+@post(
+    "/admin/domains/{name:str}/promote",
+    status_code=200,
+    guards=[admin_guard],
+    tags=["admin"],
+    operation_id="promote",
+    summary="Make an adapter version live",
+    operation_class=ProblemOperation,
+    responses=problem_responses(401, 404, 409, 413, 422, 503),
+)
+async def promote(
+    name: FromPath[str], data: JSONBody[PromoteRequest], runtime: NamedDependency[Runtime]
+) -> DomainInfo:
     """Checks the version against the loaded backbone and loads it before the live pointer moves; requests
     admitted before the move finish on the version they started with."""
     loaded = runtime.serving()
@@ -281,19 +342,34 @@ async def promote(name: FromPath[str], data: JSONBody[PromoteRequest],
     return await to_thread.run_sync(describe, runtime, name)
 
 
-@post("/admin/domains/{name:str}/rollback", status_code=200, guards=[admin_guard], tags=["admin"],
-      operation_id="rollback", summary="Return to the previous live versions",
-      operation_class=ProblemOperation, responses=problem_responses(401, 404, 409, 413, 422, 503))
-async def rollback(name: FromPath[str], runtime: NamedDependency[Runtime],
-                   data: JSONBody[RollbackRequest | None] = None) -> DomainInfo:
+@post(
+    "/admin/domains/{name:str}/rollback",
+    status_code=200,
+    guards=[admin_guard],
+    tags=["admin"],
+    operation_id="rollback",
+    summary="Return to the previous live versions",
+    operation_class=ProblemOperation,
+    responses=problem_responses(401, 404, 409, 413, 422, 503),
+)
+async def rollback(
+    name: FromPath[str], runtime: NamedDependency[Runtime], data: JSONBody[RollbackRequest | None] = None
+) -> DomainInfo:
     loaded = runtime.serving()
     await to_thread.run_sync(loaded.catalog.rollback, name, data.expected_etag if data is not None else None)
     return await to_thread.run_sync(describe, runtime, name)
 
 
-@post("/admin/gc", status_code=200, guards=[admin_guard], tags=["admin"], operation_id="collectGarbage",
-      summary="Delete old versions and what faults left behind (a dry run by default)",
-      operation_class=ProblemOperation, responses=problem_responses(401, 404, 413, 422, 503))
+@post(
+    "/admin/gc",
+    status_code=200,
+    guards=[admin_guard],
+    tags=["admin"],
+    operation_id="collectGarbage",
+    summary="Delete old versions and what faults left behind (a dry run by default)",
+    operation_class=ProblemOperation,
+    responses=problem_responses(401, 404, 413, 422, 503),
+)
 async def gc(runtime: NamedDependency[Runtime], data: JSONBody[GcRequest | None] = None) -> GcReport:
     """Keeps per domain the newest `keep_last` versions of each kind, the live and pinned ones, what they need
     and what queued runs start from; see `service.gc`. With `domains`, only those domains' versions."""
@@ -301,13 +377,15 @@ async def gc(runtime: NamedDependency[Runtime], data: JSONBody[GcRequest | None]
     loaded = runtime.serving()
 
     def run() -> GcReport:
-        report = collect(runtime.store, keep_last=request.keep_last, dry_run=request.dry_run,
-                         domains=request.domains)
+        report = collect(
+            runtime.store, keep_last=request.keep_last, dry_run=request.dry_run, domains=request.domains
+        )
         if request.domains is None:
             job_dirs, jobs_use = loaded.jobs.scratch()
             worker_dirs, workers_use = runtime.runs.scratch()
-            report.scratch = sweep_scratch(runtime.settings.data_dir, [*job_dirs, *worker_dirs],
-                                           jobs_use | workers_use, request.dry_run)
+            report.scratch = sweep_scratch(
+                runtime.settings.data_dir, [*job_dirs, *worker_dirs], jobs_use | workers_use, request.dry_run
+            )
         return report
 
     return await to_thread.run_sync(run)

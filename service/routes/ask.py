@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-
-from anyio import to_thread
 from typing import Annotated
 
+from anyio import to_thread
 from litestar import post
 from litestar.di import NamedDependency
 from litestar.params import JSONBody, QueryParameter
@@ -20,11 +19,21 @@ from ..schemas import AskRequest, AskResponse, PassageOut, Timings
 from ..worker import AskJob
 
 
-@post("/ask", status_code=200, guards=[api_key_guard], tags=["asking"], operation_id="ask",
-      summary="Answer a question in a domain", operation_class=ProblemOperation,
-      responses=problem_responses(401, 404, 409, 413, 422, 503, 504))
-async def ask(data: JSONBody[AskRequest], runtime: NamedDependency[Runtime],
-              domain: Annotated[str, QueryParameter(min_length=1, max_length=63)]) -> AskResponse:
+@post(
+    "/ask",
+    status_code=200,
+    guards=[api_key_guard],
+    tags=["asking"],
+    operation_id="ask",
+    summary="Answer a question in a domain",
+    operation_class=ProblemOperation,
+    responses=problem_responses(401, 404, 409, 413, 422, 503, 504),
+)
+async def ask(
+    data: JSONBody[AskRequest],
+    runtime: NamedDependency[Runtime],
+    domain: Annotated[str, QueryParameter(min_length=1, max_length=63)],
+) -> AskResponse:
     """Answers from the domain's live index with its live adapter set (the base backbone while it has none).
 
     The adapter and index versions are fixed when the request is admitted; a promotion meanwhile does not
@@ -41,19 +50,28 @@ async def ask(data: JSONBody[AskRequest], runtime: NamedDependency[Runtime],
             raise serving.error.with_traceback(None)
         if serving.index is None:  # its first build is under way (503) or failed (409), as its job says
             raise await to_thread.run_sync(loaded.jobs.not_ready, domain)
-        adapter = (domain, serving.adapter_version) if serving.adapter_version is not None else None
+        adapter = serving.adapter  # the version this request is answered with, whatever is promoted meanwhile
         loop = asyncio.get_running_loop()
-        job = AskJob(question=data.question, domain=domain, adapter=adapter, index=serving.index,
-                     top_k=data.top_k, max_new_tokens=data.max_new_tokens,
-                     retrieval=data.retrieval or serving.default_retrieval, loop=loop,
-                     future=loop.create_future(), admitted=started, deadline=deadline)
+        job = AskJob(
+            question=data.question,
+            domain=domain,
+            adapter=adapter,
+            index=serving.index,
+            top_k=data.top_k,
+            max_new_tokens=data.max_new_tokens,
+            retrieval=data.retrieval or serving.default_retrieval,
+            loop=loop,
+            future=loop.create_future(),
+            admitted=started,
+            deadline=deadline,
+        )
         if adapter is not None:
-            weights = loaded.cache.acquire(*adapter)  # the lease passes to the worker with the job
+            weights = loaded.cache.acquire(adapter)  # the lease passes to the worker with the job
             try:
                 await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(weights)), _left(deadline))
                 loaded.worker.submit(job)
             except BaseException:
-                loaded.cache.release(*adapter)
+                loaded.cache.release(adapter)
                 raise
         else:
             loaded.worker.submit(job)
@@ -61,7 +79,7 @@ async def ask(data: JSONBody[AskRequest], runtime: NamedDependency[Runtime],
             result = await asyncio.wait_for(job.future, _left(deadline))
         finally:
             job.cancelled = True  # timeout or client gone: the worker skips it or stops decoding it
-    except (TimeoutError, asyncio.TimeoutError):
+    except TimeoutError:
         code = RequestTimeout.code
         raise RequestTimeout(f"no answer within {runtime.settings.server.request_timeout_s:g}s") from None
     except Exception as exc:
@@ -77,13 +95,30 @@ async def ask(data: JSONBody[AskRequest], runtime: NamedDependency[Runtime],
         metrics.ask_stage_seconds.labels(label, stage).observe(timings.get(stage, 0.0))
     metrics.answer_tokens.labels(label).inc(result.answer_tokens)
     supporting = {s.passage.id for s in result.answer.supporting}
-    passages = [PassageOut(id=hit.passage.id, title=hit.passage.title, text=hit.passage.text, score=hit.score,
-                           supporting=hit.passage.id in supporting) for hit in result.hits] \
-        if data.return_passages else []
-    return AskResponse(answer=result.answer.text, domain=domain, adapter_version=serving.adapter_version,
-                       index_version=serving.index.version, passages=passages,
-                       timings=Timings(**{stage: round(timings.get(stage, 0.0), 6)
-                                          for stage in ("queue", "embed", "search", "generate")}))
+    passages = (
+        [
+            PassageOut(
+                id=hit.passage.id,
+                title=hit.passage.title,
+                text=hit.passage.text,
+                score=hit.score,
+                supporting=hit.passage.id in supporting,
+            )
+            for hit in result.hits
+        ]
+        if data.return_passages
+        else []
+    )
+    return AskResponse(
+        answer=result.answer.text,
+        domain=domain,
+        adapter_version=serving.adapter_version,
+        index_version=serving.index.version,
+        passages=passages,
+        timings=Timings(
+            **{stage: round(timings.get(stage, 0.0), 6) for stage in ("queue", "embed", "search", "generate")}
+        ),
+    )
 
 
 def _left(deadline: float) -> float:

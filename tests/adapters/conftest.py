@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 
 from adapters.qa import QaExample, QaSets
 from backbone import Backbone, BackboneConfig
-from indexing.cli import ingest
+from indexing.ingest import ingest
 from storage import LocalStore, ObjectStore
 from tests.models import tiny_backbone_config
 
@@ -48,8 +49,13 @@ def tiny_backbone(tiny_config) -> Backbone:
     return Backbone.load(tiny_config)
 
 
-def make_domain(root: Path, config: BackboneConfig, backbone: Backbone, name: str = "toy",
-                store: ObjectStore | None = None) -> Domain:
+def make_domain(
+    root: Path,
+    config: BackboneConfig,
+    backbone: Backbone,
+    name: str = "toy",
+    store: ObjectStore | None = None,
+) -> Domain:
     """The domain on `store` (default: a LocalStore under `root`)."""
     store = store if store is not None else LocalStore(root / "store")
     records = [
@@ -80,3 +86,13 @@ def events_of(manager, run_id: str) -> list[dict]:
         page, after, more = manager.events(run_id, after)
         found += page
     return found
+
+
+def run_workers() -> dict[int, str]:
+    """The run worker processes this process started and that are alive: pid -> token (as in their name,
+    `run-worker-<token>`, and their scratch directory)."""
+    return {
+        process.pid: process.name.removeprefix("run-worker-")
+        for process in multiprocessing.active_children()
+        if process.name.startswith("run-worker-")
+    }

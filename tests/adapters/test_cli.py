@@ -6,9 +6,9 @@ import argparse
 
 import pytest
 
-from adapters.cli import add_parsers, adapt, cmd_eval, request_from_args
-from adapters.runs import RunRequest, RunState
-from adapters.worker import Workspace
+from adapters.cli import adapt, add_parsers, cmd_eval, request_from_args
+from adapters.execution import Workspace
+from adapters.spec import RunRequest, RunState
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -56,13 +56,28 @@ def test_adapt_flags_build_the_api_request():
 
 
 def test_adapt_flags_for_synthetic_data_and_the_retriever_phase():
-    args = parse("adapt", "--domain", "toy", "--passages-only", "--generate-questions", "50", "--no-ict",
-                 "--retriever-steps", "7", "--contrastive-weight", "0.5", "--query-side-only",
-                 "--promote-metric", "recall@5")
+    args = parse(
+        "adapt",
+        "--domain",
+        "toy",
+        "--passages-only",
+        "--generate-questions",
+        "50",
+        "--no-ict",
+        "--retriever-steps",
+        "7",
+        "--contrastive-weight",
+        "0.5",
+        "--query-side-only",
+        "--promote-metric",
+        "recall@5",
+    )
     request = request_from_args(args)
     assert request.train.model_dump(exclude_none=True) == {
-        "synthetic": {"generated": {"max_passages": 50, "shots": 2, "round_trip_k": 20, "max_new_tokens": 48},
-                      "ratio": 0.5}
+        "synthetic": {
+            "generated": {"max_passages": 50, "shots": 2, "round_trip_k": 20, "max_new_tokens": 48},
+            "ratio": 0.5,
+        }
     }
     assert not request.train.real
     hp = request.hyperparameters
@@ -115,7 +130,10 @@ def test_eval_compares_base_and_each_modes_newest_version(
     deltas = {line.split()[0]: line.split()[1:] for line in differences.splitlines()[3:]}
     assert list(deltas) == ["generator_only", "end2end"]
     # F1, EM, then recall@5 of dense, BM25 and hybrid, each "value [low,high]"; BM25 is the same model twice.
-    assert all(len(cells) == 10 for cells in deltas.values()) and deltas["end2end"][6:8] == ["+0.000", "[+0.00,+0.00]"]
+    assert all(len(cells) == 10 for cells in deltas.values()) and deltas["end2end"][6:8] == [
+        "+0.000",
+        "[+0.00,+0.00]",
+    ]
     assert rows["base"][1] == "base"
     assert (
         rows["generator_only"][1] == versions["generator_only"] and rows["end2end"][1] == versions["end2end"]

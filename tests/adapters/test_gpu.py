@@ -8,8 +8,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from adapters.training import autocast, backbone_for
-from backbone import Passage
+from adapters.training import autocast
+from backbone import Backbone, Passage
+from backbone.quantization import quantize_generator_4bit
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -23,8 +24,9 @@ PASSAGES = [
 def test_a_rag_end2end_step_trains_every_component_on_the_gpu(tiny_config, quantize):
     if quantize == "4bit":
         bnb = pytest.importorskip("bitsandbytes")
-    backbone = backbone_for(replace(tiny_config, device="cuda"), quantize)
+    backbone = Backbone.load(replace(tiny_config, device="cuda"))
     if quantize == "4bit":
+        quantize_generator_4bit(backbone)
         linear = [m for n, m in backbone.generator.host.base.named_modules() if n.endswith("q_proj")]
         assert linear and all(isinstance(m, bnb.nn.Linear4bit) for m in linear)
     backbone.add_adapter_set("gpu")

@@ -10,11 +10,12 @@ from datetime import datetime
 
 import pytest
 
+from adapters.records import RunStore
 from adapters.registry import AdapterRegistry
-from adapters.runs import RunInfo, RunRequest, RunState, RunStore
-from adapters.worker import RunManager
+from adapters.spec import RunInfo, RunRequest, RunState
+from adapters.supervisor import RunManager
 from storage import ArtifactKind, DomainRegistry
-from tests.adapters.conftest import events_of, make_domain
+from tests.adapters.conftest import events_of, make_domain, run_workers
 
 TIMEOUT = 300
 # Small and quick on the tiny models: one example a step, two passages, four-token answers.
@@ -106,7 +107,8 @@ def test_a_run_refreshes_its_index_mid_run_survives_a_restart_and_succeeds(
     )  # none lost or repeated
     switched = [e for e in events if e["kind"] == "rebuild" and e["state"] == "switched"]
     assert switched and all(
-        e["started_step"] < e["step"] <= e["started_step"] + 40 and e["started_step"] % 50 == 0 for e in switched
+        e["started_step"] < e["step"] <= e["started_step"] + 40 and e["started_step"] % 50 == 0
+        for e in switched
     )
     assert {e["phase"] for e in events if e["kind"] == "eval"} == {"base", "final"}
     assert [e["step"] for e in events if e["kind"] == "checkpoint"] == [stopped.checkpoint_step, steps]
@@ -173,7 +175,7 @@ def test_a_killed_worker_is_replaced_and_its_run_resumes_from_the_checkpoint(man
     done = wait(manager, info.id, finished, "the resumed run to finish")
     assert done.state == RunState.SUCCEEDED, done.error
     assert done.step == 60 and done.adapter_version is not None
-    assert victim not in manager.worker_pids()
+    assert victim not in run_workers()
 
     events = events_of(manager, info.id)
     requeued = next(
@@ -211,7 +213,8 @@ def test_checkpoints_are_adapter_versions_and_runs_carry_metadata_and_an_estimat
     assert done.adapter_version not in {c["adapter_version"] for c in checkpoints}
     events = events_of(manager, info.id)
     assert [e["adapter_version"] for e in events if e["kind"] == "checkpoint"][:3] == [
-        c["adapter_version"] for c in reversed(checkpoints)]
+        c["adapter_version"] for c in reversed(checkpoints)
+    ]
 
     # Events come in pages that chain through `next`, none lost or repeated.
     pages, after, more = [], 0, True
@@ -219,5 +222,8 @@ def test_checkpoints_are_adapter_versions_and_runs_carry_metadata_and_an_estimat
         page, after, more = manager.events(info.id, after, limit=7)
         assert len(page) <= 7 and (not more or len(page) == 7)
         pages.append(page)
-    assert [e["seq"] for page in pages for e in page] == [e["seq"] for e in events] == list(
-        range(1, len(events) + 1))
+    assert (
+        [e["seq"] for page in pages for e in page]
+        == [e["seq"] for e in events]
+        == list(range(1, len(events) + 1))
+    )

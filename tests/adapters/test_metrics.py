@@ -78,7 +78,7 @@ def test_the_bootstrap_interval_holds_the_mean_and_is_the_same_every_time():
     values = [1.0] * 30 + [0.0] * 70
     low, high = bootstrap_ci(values)
     assert low < 0.3 < high
-    assert 0.15 < low and high < 0.45  # about +-0.09 for 100 Bernoulli outcomes at p=0.3
+    assert low > 0.15 and high < 0.45  # about +-0.09 for 100 Bernoulli outcomes at p=0.3
     assert bootstrap_ci(values) == (low, high)
     assert bootstrap_ci([]) is None
 

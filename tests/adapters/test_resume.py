@@ -9,9 +9,12 @@ from safetensors.torch import load_file
 
 from adapters.cli import adapt, resume
 from adapters.errors import RunInterrupted
-from adapters.registry import AdapterRegistry
-from adapters.runs import RunRequest, RunState, RunStore, owner_token
-from adapters.worker import RunContext, Workspace, queue_run, run_claimed
+from adapters.execution import Workspace, execute
+from adapters.lease import RunContext
+from adapters.queue import submit
+from adapters.records import RunStore, owner_token
+from adapters.registry import AdapterRef, AdapterRegistry
+from adapters.spec import RunRequest, RunState
 from storage import DomainRegistry
 
 STEPS = 8
@@ -42,9 +45,10 @@ def request(mode: str = "end2end") -> RunRequest:
 
 def weights(store, version: str, tmp_path) -> dict[str, dict[str, torch.Tensor]]:
     target = tmp_path / f"fetched-{version}"
-    manifest = AdapterRegistry(store).get("toy", version)
-    AdapterRegistry(store).fetch(
-        "toy", version, target, expected_fingerprint=manifest.metadata["backbone_fingerprint"]
+    adapters = AdapterRegistry(store)
+    manifest = adapters.get("toy", version)
+    adapters.fetch(
+        AdapterRef.of("toy", manifest), target, expected_fingerprint=manifest.metadata["backbone_fingerprint"]
     )
     return {
         c: load_file(target / c / "adapter_model.safetensors") for c in ("question", "passage", "generator")
@@ -68,17 +72,17 @@ def test_an_interrupted_run_resumes_to_the_same_weights(domain, tiny_config, tin
     runs = RunStore(domain.store)
     for stopped_at in (RETRIEVER_STEPS, 5):
         owner = owner_token("test")
-        record = queue_run(runs, request(), owner=owner)
+        record = submit(runs, request(), owner=owner)
         ticks = []
 
-        def stop_now() -> bool:
+        def stop_now(stopped_at=stopped_at, record=record, ticks=ticks) -> bool:
             ticks.append(1)
             if stopped_at == RETRIEVER_STEPS:
                 return len(ticks) >= RETRIEVER_STEPS + 1
             return any(e["kind"] == "step" and e["step"] >= stopped_at for e in runs.events(record.id)[0])
 
         with pytest.raises(RunInterrupted):
-            run_claimed(RunContext(runs, record, owner, should_stop=stop_now, flush_s=0), workspace)
+            execute(RunContext(runs, record, owner, should_stop=stop_now, flush_s=0), workspace)
         stopped = runs.get(record.id)
         assert stopped.state == RunState.QUEUED and stopped.checkpoint_step == stopped_at  # saved on the way
 

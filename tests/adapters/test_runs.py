@@ -8,10 +8,14 @@ from datetime import timedelta
 import pytest
 from pydantic import ValidationError
 
-from adapters.errors import DomainNotFound, InvalidRun, RunFinished
-from adapters.runs import EVENTS_PER_PAGE, RunRequest, RunState, RunStore, now, prepare
-from adapters.worker import RunManager, claim_next, queue_run
-from storage import new_version_id
+from adapters.errors import InvalidRun, RunFinished
+from adapters.queue import claim_next, submit
+from adapters.records import EVENTS_PER_PAGE, RunStore, now
+from adapters.spec import RunRequest, RunState
+from adapters.supervisor import RunManager
+from adapters.validation import prepare
+from backbone import AdapterLoadError
+from storage import ArtifactKind, DomainNotFound, DomainRegistry, new_version_id
 
 
 def request(**body) -> RunRequest:
@@ -26,7 +30,7 @@ def assert_nothing_queued(store) -> None:
 
 def test_unknown_domain_is_404_before_anything_is_stored(domain):
     with pytest.raises(DomainNotFound) as caught:
-        queue_run(RunStore(domain.store), request(domain="nosuch"))
+        submit(RunStore(domain.store), request(domain="nosuch"))
     assert caught.value.status == 404 and caught.value.code == "domain_not_found"
     assert_nothing_queued(domain.store)
 
@@ -44,7 +48,7 @@ def test_unknown_domain_is_404_before_anything_is_stored(domain):
 )
 def test_bad_data_and_contradicting_settings_are_rejected_before_queueing(domain, body, why):
     with pytest.raises(InvalidRun, match=why) as caught:
-        queue_run(RunStore(domain.store), request(**body), cuda_available=False)
+        submit(RunStore(domain.store), request(**body), cuda_available=False)
     assert caught.value.status == 422 and caught.value.code == "invalid_run"
     assert_nothing_queued(domain.store)
 
@@ -52,7 +56,7 @@ def test_bad_data_and_contradicting_settings_are_rejected_before_queueing(domain
 def test_a_malformed_uploaded_file_is_rejected_with_its_line(domain):
     domain.store.put_bytes("uploads/train.jsonl", b'{"question": "q", "answers": ["a"]}\n{"question": "q2"\n')
     with pytest.raises(InvalidRun, match="line 2"):
-        queue_run(RunStore(domain.store), request(train={"uri": "uploads/train.jsonl"}))
+        submit(RunStore(domain.store), request(train={"uri": "uploads/train.jsonl"}))
     assert_nothing_queued(domain.store)
 
 
@@ -74,8 +78,12 @@ def test_shape_errors_fail_while_parsing_the_request():
 
 def test_a_valid_run_is_queued_with_frozen_inputs_and_its_steps_counted(domain):
     runs = RunStore(domain.store)
-    record = queue_run(runs, request(hyperparameters={"epochs": 2, "batch_size": 2, "retriever_batch_size": 8,
-                                                      "retriever_epochs": 2}))
+    record = submit(
+        runs,
+        request(
+            hyperparameters={"epochs": 2, "batch_size": 2, "retriever_batch_size": 8, "retriever_epochs": 2}
+        ),
+    )
     assert record.state == RunState.QUEUED
     # The retriever phase: 2 epochs of 24 pairs (20 inverse-cloze ones, 4 questions with gold), 8 a step; then
     # the joint phase: 2 epochs of 4 training examples, 2 a step.
@@ -126,7 +134,7 @@ def test_cancelling_a_queued_run_ends_it_at_once_and_twice_is_409(domain, tiny_c
 
 def test_events_page_and_concurrent_appends_keep_one_gapless_sequence(domain):
     runs = RunStore(domain.store)
-    run_id = queue_run(runs, request()).id
+    run_id = submit(runs, request()).id
     writers = 4
     per_writer = EVENTS_PER_PAGE // 2 + 3  # enough to spill over two pages
 
@@ -148,3 +156,18 @@ def test_events_page_and_concurrent_appends_keep_one_gapless_sequence(domain):
     later, next_after = runs.events(run_id, after=EVENTS_PER_PAGE + 5)
     assert [e["seq"] for e in later] == list(range(EVENTS_PER_PAGE + 6, last + 1)) and next_after == last
     assert runs.events(run_id, after=last) == ([], last)
+
+
+def test_a_live_adapter_whose_lora_configuration_does_not_parse_is_a_clear_error(domain, tmp_path):
+    """A run that starts from the live adapter takes its LoRA configuration, read back whole; one that does
+    not parse refuses the run (it used to start from the defaults instead, silently)."""
+    registry = DomainRegistry(domain.store)
+    weights = tmp_path / "weights.bin"
+    weights.write_bytes(b"lora")
+    damaged = {"question": {"r": "eight"}, "passage": {}, "generator": {}}
+    version = registry.publish("toy", ArtifactKind.ADAPTERS, {"w.bin": weights}, {"lora": damaged}).version
+    registry.promote("toy", version)
+    with pytest.raises(AdapterLoadError, match=f"{version} records a LoRA configuration that does not parse"):
+        submit(RunStore(domain.store), request())
+    assert_nothing_queued(domain.store)
+    assert submit(RunStore(domain.store), request(hyperparameters={"init": "base"})).state == RunState.QUEUED

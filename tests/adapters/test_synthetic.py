@@ -12,8 +12,10 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from adapters.cli import adapt
+from adapters.execution import Workspace
+from adapters.records import RunStore
 from adapters.registry import AdapterRegistry
-from adapters.runs import RunRequest, RunState, RunStore
+from adapters.spec import RunRequest, RunState
 from adapters.synthetic import (
     GenerationConfig,
     SyntheticCache,
@@ -24,7 +26,6 @@ from adapters.synthetic import (
     sentences,
 )
 from adapters.training import Trainer, TrainerState, hard_negatives
-from adapters.worker import Workspace
 from backbone import AdapterSetConfig, Passage
 from indexing.versions import IndexVersions
 from storage import DomainRegistry, artifacts
@@ -227,8 +228,11 @@ def test_a_run_on_synthetic_data_alone_succeeds(domain, tiny_config, tiny_backbo
         "no QA examples: none given, none generated"
     ]
     target = tmp_path / "fetched"
-    AdapterRegistry(domain.store).fetch(
-        domain.name, info.adapter_version, target, expected_fingerprint=tiny_backbone.fingerprint
+    adapters = AdapterRegistry(domain.store)
+    adapters.fetch(
+        adapters.ref(domain.name, info.adapter_version),
+        target,
+        expected_fingerprint=tiny_backbone.fingerprint,
     )
     for component in ("question", "passage"):
         weights = load_file(target / component / "adapter_model.safetensors")

@@ -10,7 +10,10 @@ from backbone.decoding import Decoding, WholeBatchDecoding
 from tests.backbone.test_lora import PASSAGES, load, randomize
 
 QUESTIONS = [
-    "what is the capital", "how does covid spread through droplets", "revenue", "who said we were on a break",
+    "what is the capital",
+    "how does covid spread through droplets",
+    "revenue",
+    "who said we were on a break",
 ]
 
 
@@ -112,7 +115,7 @@ def test_a_row_stops_at_its_end_token_and_scores_it(llama):
     assert got.text == generator.tokenizer.decode(tokens[:stop_at], skip_special_tokens=True).strip()
     assert got.text == expected.text
     assert got.logprob == pytest.approx(expected.logprob, abs=1e-3)
-    assert got.logprob == pytest.approx(sum(logprobs[:stop_at + 1]), abs=1e-3)  # the end token counts
+    assert got.logprob == pytest.approx(sum(logprobs[: stop_at + 1]), abs=1e-3)  # the end token counts
 
 
 def test_dropped_rows_are_never_returned_and_the_rest_decode_unchanged(llama):

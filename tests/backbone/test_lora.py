@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backbone import AdapterLoadError, AdapterSetConfig, Backbone, LoraConfig, ModelLoadError, Passage, UnknownAdapter
+from backbone import (
+    AdapterLoadError,
+    AdapterSetConfig,
+    Backbone,
+    LoraConfig,
+    ModelLoadError,
+    Passage,
+    UnknownAdapter,
+)
 from backbone.config import BackboneConfig
 from tests.models import tiny_backbone_config
 
@@ -36,10 +44,16 @@ def test_lora_attaches_to_qkv_only(tiny_root, generator, encoder):
     bb = load(tiny_root, generator, encoder)
     bb.add_adapter_set("news")
     for host in (bb.question.host, bb.passage.host, bb.generator.host):
-        wrapped = {name.split(".")[-1] for name, module in host.peft.named_modules() if hasattr(module, "lora_A")}
+        wrapped = {
+            name.split(".")[-1] for name, module in host.peft.named_modules() if hasattr(module, "lora_A")
+        }
         assert wrapped and wrapped <= {"query", "key", "value", "q_proj", "k_proj", "v_proj"}
         kinds = {name.rsplit(".", 1)[-1] for name in wrapped}
-        assert kinds == ({"query", "key", "value"} if host.model_type in ("bert", "dpr") else {"q_proj", "k_proj", "v_proj"})
+        assert kinds == (
+            {"query", "key", "value"}
+            if host.model_type in ("bert", "dpr")
+            else {"q_proj", "k_proj", "v_proj"}
+        )
 
 
 def test_shared_encoder_weights_are_held_once(tiny_root):
@@ -51,8 +65,11 @@ def test_shared_encoder_weights_are_held_once(tiny_root):
 
 def test_custom_targets_and_rank(tiny_root):
     bb = load(tiny_root, "llama", "bert")
-    config = AdapterSetConfig(question=LoraConfig(r=2, targets=("query",)), passage=LoraConfig(r=4),
-                              generator=LoraConfig(r=3, targets=("q_proj", "v_proj")))
+    config = AdapterSetConfig(
+        question=LoraConfig(r=2, targets=("query",)),
+        passage=LoraConfig(r=4),
+        generator=LoraConfig(r=3, targets=("q_proj", "v_proj")),
+    )
     bb.add_adapter_set("x", config)
     params = bb.trainable_parameters("x")
     assert {p.shape[0] for p in params["question"] if p.dim() == 2 and p.shape[1] == 32} >= {2}
@@ -83,7 +100,11 @@ def test_training_step_leaves_frozen_base_unchanged(tiny_root, generator, encode
     }
     assert base_before.keys() == base_after.keys()
     assert all(torch.equal(base_before[n], base_after[n]) for n in base_before)
-    assert all(not p.requires_grad for h in (bb.question.host, bb.generator.host) for n, p in h.peft.named_parameters())
+    assert all(
+        not p.requires_grad
+        for h in (bb.question.host, bb.generator.host)
+        for n, p in h.peft.named_parameters()
+    )
 
 
 @pytest.mark.parametrize("generator,encoder", VARIANTS)
@@ -96,7 +117,12 @@ def test_gradients_reach_every_component_lora(tiny_root, generator, encoder):
     for component, params in bb.trainable_parameters("news").items():
         assert params, component
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params), component
-    frozen = [p for h in (bb.question.host, bb.generator.host) for n, p in h.peft.named_parameters() if "lora_" not in n]
+    frozen = [
+        p
+        for h in (bb.question.host, bb.generator.host)
+        for n, p in h.peft.named_parameters()
+        if "lora_" not in n
+    ]
     assert all(p.grad is None for p in frozen)
 
 
@@ -118,7 +144,12 @@ def test_mixed_adapter_batch_equals_per_adapter_runs(tiny_root, generator, encod
         bb.add_adapter_set(key)
         randomize(bb, key, seed=10 + seed)
     rows = [None, "news", "covid", "news"]
-    questions = ["what is the capital of france", "how does covid spread", "what was the revenue", "who said it"]
+    questions = [
+        "what is the capital of france",
+        "how does covid spread",
+        "what was the revenue",
+        "who said it",
+    ]
     passages = [PASSAGES[0], PASSAGES[1], PASSAGES[2], PASSAGES[0]]
     with torch.inference_mode():
         mixed_q = bb.encode_questions(questions, rows)
@@ -132,10 +163,14 @@ def test_mixed_adapter_batch_equals_per_adapter_runs(tiny_root, generator, encod
             single_g, _ = bb.generator.target_logprobs([sources[i]], ["paris"], [names[i]])
             torch.testing.assert_close(mixed_q[i : i + 1], single_q, atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(mixed_p[i : i + 1], single_p, atol=1e-5, rtol=1e-4)
-            torch.testing.assert_close(mixed_g[i : i + 1, -single_g.shape[1] :], single_g, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(
+                mixed_g[i : i + 1, -single_g.shape[1] :], single_g, atol=1e-4, rtol=1e-4
+            )
     # the adapters really differ from the base and from each other
     assert not torch.allclose(mixed_q[1], bb.encode_questions([questions[1]], None)[0])
-    assert not torch.allclose(bb.encode_questions([questions[0]], "news"), bb.encode_questions([questions[0]], "covid"))
+    assert not torch.allclose(
+        bb.encode_questions([questions[0]], "news"), bb.encode_questions([questions[0]], "covid")
+    )
 
 
 def test_mixed_batch_generation_matches_single_runs(tiny_root):
@@ -148,7 +183,10 @@ def test_mixed_batch_generation_matches_single_runs(tiny_root):
     passages = [PASSAGES[:2]] * 3
     scores = [[0.5, 0.1]] * 3
     mixed = bb.answer(questions, passages, scores, rows, max_new_tokens=6)
-    single = [bb.answer([q], [p], [s], [r], max_new_tokens=6)[0] for q, p, s, r in zip(questions, passages, scores, rows)]
+    single = [
+        bb.answer([q], [p], [s], [r], max_new_tokens=6)[0]
+        for q, p, s, r in zip(questions, passages, scores, rows)
+    ]
     assert [a.text for a in mixed] == [a.text for a in single]
     assert len({a.text for a in mixed}) > 1  # different adapters, different answers
 
@@ -173,18 +211,25 @@ def test_adapter_set_round_trip_through_files(tiny_root, tmp_path):
 def test_hub_ids_are_refused_offline(tiny_root):
     config = tiny_backbone_config(tiny_root)
     with pytest.raises(ModelLoadError, match="hub access is off"):
-        Backbone.load(BackboneConfig(**{**config.__dict__, "generator": "HuggingFaceTB/SmolLM2-135M-Instruct"}))
+        Backbone.load(
+            BackboneConfig(**{**config.__dict__, "generator": "HuggingFaceTB/SmolLM2-135M-Instruct"})
+        )
 
 
 def test_reused_slots_serve_each_adapter_exactly(tiny_root):
     """Attaching into a slot freed by another adapter (or reserved up front) must equal a fresh attach,
     including a different LoRA alpha, and a different rank must get a slot of its own."""
     bb = load(tiny_root, "llama", "bert")
-    bb.add_adapter_set("a", AdapterSetConfig(question=LoraConfig(alpha=4), passage=LoraConfig(alpha=4),
-                                             generator=LoraConfig(alpha=4)))
+    bb.add_adapter_set(
+        "a",
+        AdapterSetConfig(
+            question=LoraConfig(alpha=4), passage=LoraConfig(alpha=4), generator=LoraConfig(alpha=4)
+        ),
+    )
     bb.add_adapter_set("b")  # default alpha 16
-    bb.add_adapter_set("c", AdapterSetConfig(question=LoraConfig(r=2), passage=LoraConfig(r=2),
-                                             generator=LoraConfig(r=2)))
+    bb.add_adapter_set(
+        "c", AdapterSetConfig(question=LoraConfig(r=2), passage=LoraConfig(r=2), generator=LoraConfig(r=2))
+    )
     for seed, key in enumerate("abc"):
         randomize(bb, key, seed=30 + seed)
     weights = {key: bb.adapter_set_weights(key) for key in "abc"}

@@ -27,7 +27,9 @@ def test_sequence_and_token_losses_agree_on_single_token_answers():
 def test_sequence_loss_is_the_marginal_likelihood():
     doc = torch.log(torch.tensor([[0.75, 0.25]]))
     tokens = torch.log(torch.tensor([[[0.5, 0.5], [0.1, 1.0]]]))  # p(y|d1)=0.25, p(y|d2)=0.1
-    assert rag_sequence_nll(doc, tokens).item() == pytest.approx(-math.log(0.75 * 0.25 + 0.25 * 0.1), rel=1e-5)
+    assert rag_sequence_nll(doc, tokens).item() == pytest.approx(
+        -math.log(0.75 * 0.25 + 0.25 * 0.1), rel=1e-5
+    )
 
 
 def test_fast_decoding_pools_equal_answers():
@@ -57,7 +59,8 @@ def test_end2end_training_lowers_rag_loss(tiny_root, kind, generator):
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
-    # Mean of the last steps: single steps are noisy (LoRA dropout, and sums that differ with the thread count).
+    # Mean of the last steps: single steps are noisy (LoRA dropout, and sums that differ with the thread
+    # count).
     assert sum(losses[-5:]) / 5 < 0.65 * losses[0]
 
 
@@ -66,7 +69,9 @@ def test_reconstruction_examples_train_without_a_question(tiny_root):
     bb.add_adapter_set("toy")
     anchor = bb.encode_passages([PASSAGES[0]], None).detach()  # stands in for the control-token query
     with bb.training("toy"):
-        loss = bb.rag_loss([None], ["the capital of france is paris"], [PASSAGES], "toy", question_embeddings=anchor)
+        loss = bb.rag_loss(
+            [None], ["the capital of france is paris"], [PASSAGES], "toy", question_embeddings=anchor
+        )
         loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is not None for p in bb.trainable_parameters("toy")["generator"])

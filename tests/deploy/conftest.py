@@ -26,17 +26,23 @@ def tiny_service(tiny_root, tmp_path_factory) -> Iterator[str]:
     settings = Settings(
         data_dir=tmp_path_factory.mktemp("deploy-service"),
         server=ServerSettings(admin_token=ADMIN_TOKEN, poll_interval_s=0.2),
-        backbone=BackboneSettings(question_encoder=tiny.question_encoder,
-                                  passage_encoder=tiny.passage_encoder, generator=tiny.generator,
-                                  cache_dir=tiny.cache_dir, dtype="float32", max_passage_tokens=48,
-                                  max_answer_tokens=12),
+        backbone=BackboneSettings(
+            question_encoder=tiny.question_encoder,
+            passage_encoder=tiny.passage_encoder,
+            generator=tiny.generator,
+            cache_dir=tiny.cache_dir,
+            dtype="float32",
+            max_passage_tokens=48,
+            max_answer_tokens=12,
+        ),
         demo=DemoSettings(enabled=False),
     )
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
-                                           log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    )
     thread = threading.Thread(target=server.run, name="deploy-service", daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"

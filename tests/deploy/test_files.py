@@ -85,8 +85,11 @@ def _dockerfile_env(name: str) -> dict[str, str]:
 
 @pytest.mark.parametrize("name", DOCKERFILES)
 def test_dockerfile_copies_what_exists_and_its_dockerignore_lets_through(name):
-    allowed = {line[1:].strip() for line in (DEPLOY / f"{name}.dockerignore").read_text().splitlines()
-               if line.startswith("!")}
+    allowed = {
+        line[1:].strip()
+        for line in (DEPLOY / f"{name}.dockerignore").read_text().splitlines()
+        if line.startswith("!")
+    }
     copies = [shlex.split(rest)[:-1] for keyword, rest in _dockerfile(name) if keyword == "COPY"]
     assert copies
     for sources in copies:
@@ -115,14 +118,20 @@ def test_dockerfile_serves_on_8080_as_non_root_with_a_healthcheck(name, monkeypa
 
 
 def test_the_cuda_image_serves_bf16_on_the_gpu(monkeypatch):
-    settings = _settings_from({**_dockerfile_env("Dockerfile.cuda"), "RAGADAPT_SERVER__ADMIN_TOKEN": "t"},
-                              monkeypatch)
+    settings = _settings_from(
+        {**_dockerfile_env("Dockerfile.cuda"), "RAGADAPT_SERVER__ADMIN_TOKEN": "t"}, monkeypatch
+    )
     assert (settings.backbone.device, settings.backbone.dtype) == ("cuda", "bfloat16")
 
 
 def test_the_serve_command_the_images_run_exists():
-    done = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--help"], capture_output=True,
-                          text=True, timeout=120, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, "-m", "service.cli", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
 
 
@@ -131,8 +140,13 @@ def test_preload_converts_and_loads_the_embedded_default(tmp_path):
     """The image build step, run here against the session's converted-weights cache."""
     from tests.conftest import EMBEDDED_CACHE
 
-    done = subprocess.run([sys.executable, str(DEPLOY / "preload.py"), str(EMBEDDED_CACHE)],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    done = subprocess.run(
+        [sys.executable, str(DEPLOY / "preload.py"), str(EMBEDDED_CACHE)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert re.fullmatch(r"[0-9a-f]{8,}", done.stdout.strip().splitlines()[-1])
     assert any((EMBEDDED_CACHE / "converted").glob("*/config.json"))
@@ -179,8 +193,9 @@ def test_compose_bind_mounts_and_build_point_at_files(compose):
 
 
 def test_compose_configures_ragadapt_for_the_minio_store(compose, included, monkeypatch):
-    environment = {key: _interpolate(str(value))
-                   for key, value in compose["services"]["ragadapt"]["environment"].items()}
+    environment = {
+        key: _interpolate(str(value)) for key, value in compose["services"]["ragadapt"]["environment"].items()
+    }
     env = {**_dockerfile_env("Dockerfile"), **environment}
     settings = _settings_from(env, monkeypatch)
     assert settings.store.backend == "s3" and settings.store.secure is False
@@ -246,8 +261,10 @@ def test_k8s_deployment_probes_env_and_volumes(k8s):
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     assert container["resources"]["requests"] and container["resources"]["limits"]
     sources = {next(iter(source)): source[next(iter(source))]["name"] for source in container["envFrom"]}
-    assert sources == {"configMapRef": k8s["ConfigMap"]["metadata"]["name"],
-                       "secretRef": k8s["Secret"]["metadata"]["name"]}
+    assert sources == {
+        "configMapRef": k8s["ConfigMap"]["metadata"]["name"],
+        "secretRef": k8s["Secret"]["metadata"]["name"],
+    }
     volumes = {volume["name"] for volume in pod["spec"]["volumes"]}
     assert {mount["name"] for mount in container["volumeMounts"]} <= volumes
     data_mount = next(m["mountPath"] for m in container["volumeMounts"] if m["name"] == "data")
@@ -269,14 +286,18 @@ def test_k8s_configmap_and_secret_make_valid_settings(k8s, monkeypatch):
     assert (settings.server.host, settings.server.port) == ("0.0.0.0", 8080)
     assert settings.store.backend == "s3" and settings.store.endpoint
     assert settings.server.admin_token is not None and settings.store.secret_key is not None
-    assert set(k8s["Secret"]["stringData"]) == {"RAGADAPT_SERVER__ADMIN_TOKEN", "RAGADAPT_STORE__ACCESS_KEY",
-                                                "RAGADAPT_STORE__SECRET_KEY"}
+    assert set(k8s["Secret"]["stringData"]) == {
+        "RAGADAPT_SERVER__ADMIN_TOKEN",
+        "RAGADAPT_STORE__ACCESS_KEY",
+        "RAGADAPT_STORE__SECRET_KEY",
+    }
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
 def test_kustomize_builds_the_manifests():
-    done = subprocess.run(["kubectl", "kustomize", str(DEPLOY / "k8s")], capture_output=True, text=True,
-                          timeout=60)
+    done = subprocess.run(
+        ["kubectl", "kustomize", str(DEPLOY / "k8s")], capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stderr
     kinds = [document["kind"] for document in yaml.safe_load_all(done.stdout)]
     assert sorted(kinds) == ["ConfigMap", "Deployment", "Secret", "Service"]

@@ -19,13 +19,22 @@ from tests.deploy.test_dashboard import DASHBOARD, dashboard_queries
 from tests.service.support import ADMIN, ADMIN_TOKEN, publish_adapter, serve
 
 # What Grafana substitutes for the dashboard's variables with everything selected.
-VARIABLES = {"$__rate_interval": "1m", "$__range": "1h", "$domain": ".*",
-             "$stage": "queue|embed|search|generate"}
-PASSAGES = [{"id": f"p{i}", "title": title, "text": text} for i, (title, text) in enumerate([
-    ("covid", "the incubation period of covid is five days"),
-    ("geo", "the capital of france is paris and the river is the seine"),
-    ("finance", "the company revenue was 42 million dollars in 2019"),
-])]
+VARIABLES = {
+    "$__rate_interval": "1m",
+    "$__range": "1h",
+    "$domain": ".*",
+    "$stage": "queue|embed|search|generate",
+}
+PASSAGES = [
+    {"id": f"p{i}", "title": title, "text": text}
+    for i, (title, text) in enumerate(
+        [
+            ("covid", "the incubation period of covid is five days"),
+            ("geo", "the capital of france is paris and the river is the seine"),
+            ("finance", "the company revenue was 42 million dollars in 2019"),
+        ]
+    )
+]
 QUESTIONS = ["what is the incubation period", "what is the capital of france", "what was the revenue"]
 
 
@@ -41,10 +50,15 @@ def service(tmp_path_factory, tiny_backbone_settings, direct_backbone):
     from service.settings import Settings
 
     root = tmp_path_factory.mktemp("prometheus-service")
-    settings = Settings(data_dir=root / "data", backbone=tiny_backbone_settings, demo={"enabled": False},
-                        store={"backend": "local", "root": root / "store"}, runs={"max_concurrent": 1},
-                        cache={"hot_slots": 1, "warm_bytes": 0},
-                        server={"port": 0, "admin_token": ADMIN_TOKEN, "poll_interval_s": 0.2})
+    settings = Settings(
+        data_dir=root / "data",
+        backbone=tiny_backbone_settings,
+        demo={"enabled": False},
+        store={"backend": "local", "root": root / "store"},
+        runs={"max_concurrent": 1},
+        cache={"hot_slots": 1, "warm_bytes": 0},
+        server={"port": 0, "admin_token": ADMIN_TOKEN, "poll_interval_s": 0.2},
+    )
     with serve(settings) as served:
         yield served, root
 
@@ -54,22 +68,40 @@ def prometheus(service, tmp_path_factory):
     """Prometheus on a free loopback port, scraping the service every second."""
     binary = shutil.which("prometheus")
     if binary is None:
-        raise RuntimeError("the prometheus binary is missing: `make test` installs the Debian package "
-                           "(apt-get install prometheus)")
+        raise RuntimeError(
+            "the prometheus binary is missing: `make test` installs the Debian package "
+            "(apt-get install prometheus)"
+        )
     served, _ = service
     root = tmp_path_factory.mktemp("prometheus")
     target = served.url.removeprefix("http://")
-    (root / "prometheus.yml").write_text(json.dumps({  # YAML is a superset of JSON
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "scrape_configs": [{"job_name": "ragadapt", "metrics_path": "/metrics",
-                            "static_configs": [{"targets": [target]}]}],
-    }))
+    (root / "prometheus.yml").write_text(
+        json.dumps(
+            {  # YAML is a superset of JSON
+                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                "scrape_configs": [
+                    {
+                        "job_name": "ragadapt",
+                        "metrics_path": "/metrics",
+                        "static_configs": [{"targets": [target]}],
+                    }
+                ],
+            }
+        )
+    )
     port = _free_port()
     with open(root / "prometheus.log", "w") as log:
-        process = subprocess.Popen([binary, f"--config.file={root / 'prometheus.yml'}",
-                                    f"--storage.tsdb.path={root / 'data'}",
-                                    f"--web.listen-address=127.0.0.1:{port}"],
-                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={root / 'prometheus.yml'}",
+                f"--storage.tsdb.path={root / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -110,28 +142,46 @@ def traffic(service, prometheus, direct_backbone):
     served, root = service
     with served.client() as client:
         answers = [("five days", "train"), ("paris", "train"), ("42", "dev")]
-        qa = [{"question": question, "answers": [answer], "split": split}
-              for question, (answer, split) in zip(QUESTIONS, answers)]
-        created = client.post("/admin/domains", headers=ADMIN,
-                              json={"name": "dash", "passages": PASSAGES, "qa": qa})
+        qa = [
+            {"question": question, "answers": [answer], "split": split}
+            for question, (answer, split) in zip(QUESTIONS, answers)
+        ]
+        created = client.post(
+            "/admin/domains", headers=ADMIN, json={"name": "dash", "passages": PASSAGES, "qa": qa}
+        )
         assert created.status_code == 202, created.text
         _wait(client, f"/admin/jobs/{created.json()['job']['id']}", {"succeeded"})
-        run = client.post("/admin/adapt", headers=ADMIN, json={
-            "domain": "dash", "mode": "generator_only", "promote": "never",
-            "hyperparameters": {"steps": 3, "batch_size": 1, "top_k": 2, "eval_max_new_tokens": 2}})
+        run = client.post(
+            "/admin/adapt",
+            headers=ADMIN,
+            json={
+                "domain": "dash",
+                "mode": "generator_only",
+                "promote": "never",
+                "hyperparameters": {"steps": 3, "batch_size": 1, "top_k": 2, "eval_max_new_tokens": 2},
+            },
+        )
         assert run.status_code == 202, run.text
         store = served.runtime.store
-        versions = [publish_adapter(store, direct_backbone, "dash", seed, root / "adapters")
-                    for seed in (1, 2)]
+        versions = [
+            publish_adapter(store, direct_backbone, "dash", seed, root / "adapters") for seed in (1, 2)
+        ]
         deadline = time.monotonic() + 20  # long enough for rates over several scrapes
         turn = 0
         while time.monotonic() < deadline or turn < 10:
             if turn % 3 == 0:  # swap the live adapter: one hot slot, no warm room: loads and evictions
                 version = versions[(turn // 3) % 2]
-                assert client.post("/admin/domains/dash/promote", headers=ADMIN,
-                                   json={"version": version}).status_code == 200
-            answer = client.post("/ask", params={"domain": "dash"},
-                                 json={"question": QUESTIONS[turn % 3], "max_new_tokens": 3, "top_k": 2})
+                assert (
+                    client.post(
+                        "/admin/domains/dash/promote", headers=ADMIN, json={"version": version}
+                    ).status_code
+                    == 200
+                )
+            answer = client.post(
+                "/ask",
+                params={"domain": "dash"},
+                json={"question": QUESTIONS[turn % 3], "max_new_tokens": 3, "top_k": 2},
+            )
             assert answer.status_code == 200, answer.text
             missing = client.post("/ask", params={"domain": "missing"}, json={"question": "x"})
             assert missing.status_code == 404

@@ -75,7 +75,7 @@ def test_shards_of_another_adapter_or_corpus_are_not_reused(tiny_backbone, passa
     assert adapted[0] == 4  # encoded from scratch
     np.testing.assert_allclose(encoded, reference(tiny_backbone, passages, "encoder-test"), atol=1e-5)
     assert not np.allclose(encoded, reference(tiny_backbone, passages))
-    changed = passages[:-1] + [Passage("p39", "title 39", "a different last passage")]
+    changed = [*passages[:-1], Passage("p39", "title 39", "a different last passage")]
     fresh = []
     encode_passages(
         tiny_backbone,

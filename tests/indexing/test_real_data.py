@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from indexing.builder import IndexConfig
-from indexing.cli import ingest
+from indexing.ingest import ingest
 from indexing.versions import IndexVersions
 from storage import DomainRegistry, LocalStore
 
@@ -49,7 +49,7 @@ def test_ingest_builds_and_publishes_the_whole_corpus(conversations, embedded_ba
 
 
 def test_dev_questions_find_their_gold_passages(conversations, embedded_backbone):
-    result, versions = conversations
+    _result, versions = conversations
     handle = versions.open_live(
         "conversations",
         embedding_dim=embedded_backbone.embedding_dim,

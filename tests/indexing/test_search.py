@@ -8,8 +8,7 @@ import torch
 
 from backbone import Passage
 from indexing.builder import IndexConfig, write_index
-from indexing.errors import DimensionMismatch, IndexNotReady, InvalidIndexConfig
-from indexing.handles import LiveIndexes
+from indexing.errors import DimensionMismatch, InvalidIndexConfig
 from indexing.searcher import IndexHandle
 
 
@@ -135,21 +134,3 @@ def test_concurrent_searches_on_one_handle_agree_with_a_single_thread(tmp_path):
     with ThreadPoolExecutor(max_workers=8) as pool:
         rows = list(pool.map(lambda i: handle.search(queries[i : i + 1], k=5, mode="dense")[0], range(64)))
     assert [[h.passage.id for h in row] for row in rows] == expected
-
-
-def test_live_indexes_swap_handles_and_refuse_a_stale_swap(tmp_path):
-    live = LiveIndexes()
-    with pytest.raises(IndexNotReady) as caught:
-        live.get("news")
-    assert caught.value.status == 503
-    old, _ = open_random(tmp_path, 10, 8, name="v1")
-    new, _ = open_random(tmp_path, 10, 8, name="v2", seed=1)
-    assert live.install(old)
-    held = live.get("news")
-    assert live.install(new, replacing="v1")
-    assert not live.install(old, replacing="v1")  # v2 is live now; a slower swap must not undo it
-    assert live.get("news").version == "v2"
-    assert (
-        held.version == "v1" and len(held.search(random_unit(1, 8, 2), k=2, mode="dense")[0]) == 2
-    )  # old handle still works
-    assert live.versions() == {"news": "v2"}

@@ -5,11 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from indexing.cli import ingest
 from indexing.errors import (
     AdapterMismatch,
     DimensionMismatch,
-    DomainNotFound,
     EmptyCorpus,
     EncoderMismatch,
     IndexNotReady,
@@ -17,8 +15,9 @@ from indexing.errors import (
     LiveIndexMoved,
     MalformedPassages,
 )
+from indexing.ingest import ingest
 from indexing.versions import IndexVersions
-from storage import DomainRegistry, IntegrityError, LocalStore
+from storage import DomainNotFound, DomainRegistry, IntegrityError, LocalStore
 
 
 def write_corpus(path, records):

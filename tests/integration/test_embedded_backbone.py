@@ -18,10 +18,17 @@ def test_loads_offline_with_one_encoder_copy(embedded_backbone):
 def test_answers_from_the_passage_that_holds_the_answer(embedded_backbone):
     bb = embedded_backbone
     passages = [
-        Passage("eiffel", "Eiffel Tower", "The Eiffel Tower is a wrought-iron lattice tower in Paris. It was "
-                "completed in 1889 and designed by the company of Gustave Eiffel."),
-        Passage("covid", "COVID-19", "The incubation period of COVID-19 is typically five days, ranging from "
-                "two to fourteen days."),
+        Passage(
+            "eiffel",
+            "Eiffel Tower",
+            "The Eiffel Tower is a wrought-iron lattice tower in Paris. It was "
+            "completed in 1889 and designed by the company of Gustave Eiffel.",
+        ),
+        Passage(
+            "covid",
+            "COVID-19",
+            "The incubation period of COVID-19 is typically five days, ranging from two to fourteen days.",
+        ),
     ]
     question = "In which year was the Eiffel Tower completed?"
     scores = (bb.encode_questions([question]) @ bb.encode_passages(passages).T)[0].tolist()

@@ -15,9 +15,14 @@ def store_settings(request, tmp_path) -> StoreSettings:
     if request.param == "local":
         return StoreSettings(backend="local", root=tmp_path / "store")
     config = request.getfixturevalue("s3_server").store_config()
-    return StoreSettings(backend="s3", endpoint=config.endpoint, bucket=config.bucket,
-                         access_key=config.access_key, secret_key=config.secret_key.get_secret_value(),
-                         secure=False)
+    return StoreSettings(
+        backend="s3",
+        endpoint=config.endpoint,
+        bucket=config.bucket,
+        access_key=config.access_key,
+        secret_key=config.secret_key.get_secret_value(),
+        secure=False,
+    )
 
 
 @pytest.fixture
@@ -31,11 +36,22 @@ def make_settings(tmp_path, tiny_backbone_settings):
     they are separate processes that load a backbone each)."""
 
     def make(store: StoreSettings, **groups) -> Settings:
-        server = {"port": 0, "admin_token": ADMIN_TOKEN, "batch_wait_ms": 20, "poll_interval_s": 0.5,
-                  **groups.pop("server", {})}
-        return Settings(data_dir=tmp_path / "data", server=server, store=store,
-                        backbone=tiny_backbone_settings, demo=groups.pop("demo", {"enabled": False}),
-                        runs=groups.pop("runs", {"max_concurrent": 0}), **groups)
+        server = {
+            "port": 0,
+            "admin_token": ADMIN_TOKEN,
+            "batch_wait_ms": 20,
+            "poll_interval_s": 0.5,
+            **groups.pop("server", {}),
+        }
+        return Settings(
+            data_dir=tmp_path / "data",
+            server=server,
+            store=store,
+            backbone=tiny_backbone_settings,
+            demo=groups.pop("demo", {"enabled": False}),
+            runs=groups.pop("runs", {"max_concurrent": 0}),
+            **groups,
+        )
 
     return make
 

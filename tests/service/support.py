@@ -19,7 +19,7 @@ import torch
 import uvicorn
 
 from adapters import AdapterRegistry
-from backbone import Backbone, Passage
+from backbone import AdapterSetConfig, Backbone, Passage
 from indexing import EncodeConfig, IndexHandle, ingest, write_passages
 from indexing.versions import IndexVersions
 from service.app import create_app
@@ -49,8 +49,11 @@ QUESTIONS = [
 
 
 def corpus(rounds: int = 2) -> list[Passage]:
-    return [Passage(f"{title.lower()}-{r}", title, f"{text} note {r}")
-            for r in range(rounds) for title, text in TOPICS]
+    return [
+        Passage(f"{title.lower()}-{r}", title, f"{text} note {r}")
+        for r in range(rounds)
+        for title, text in TOPICS
+    ]
 
 
 @dataclass
@@ -89,18 +92,21 @@ def serve(settings: Settings, *, ready: bool = True, timeout: float = 120.0) -> 
         thread.join(60)
 
 
-def ingest_domain(store: ObjectStore, backbone: Backbone, name: str, work_dir: Path,
-                  passages: list[Passage] | None = None) -> str:
+def ingest_domain(
+    store: ObjectStore, backbone: Backbone, name: str, work_dir: Path, passages: list[Passage] | None = None
+) -> str:
     """A domain with a live base index, built in this process; returns the index version."""
     work_dir.mkdir(parents=True, exist_ok=True)
     path = work_dir / f"{name}.jsonl"
     write_passages(passages or corpus(), path)
-    return ingest(name, path, store, backbone.config, backbone=backbone,
-                  encode=EncodeConfig(progress=False)).index_version
+    return ingest(
+        name, path, store, backbone.config, backbone=backbone, encode=EncodeConfig(progress=False)
+    ).index_version
 
 
-def publish_adapter(store: ObjectStore, backbone: Backbone, domain: str, seed: int, work_dir: Path,
-                    scale: float = 0.3) -> str:
+def publish_adapter(
+    store: ObjectStore, backbone: Backbone, domain: str, seed: int, work_dir: Path, scale: float = 0.3
+) -> str:
     """A randomised adapter set (so it changes the outputs), published as a new version of `domain`."""
     key = f"publish-{domain}-{seed}"
     backbone.add_adapter_set(key)
@@ -112,7 +118,9 @@ def publish_adapter(store: ObjectStore, backbone: Backbone, domain: str, seed: i
     directory = work_dir / key
     backbone.save_adapter_set(key, directory)
     backbone.remove_adapter_set(key)
-    manifest = AdapterRegistry(store).publish(domain, directory, backbone_fingerprint=backbone.fingerprint)
+    manifest = AdapterRegistry(store).publish(
+        domain, directory, backbone_fingerprint=backbone.fingerprint, lora=AdapterSetConfig()
+    )
     return manifest.version
 
 
@@ -133,20 +141,35 @@ class Direct:
         key = f"direct-{domain}@{version}"
         if key not in self.backbone.adapter_sets:
             target = self.scratch / key
-            AdapterRegistry(self.store).fetch(domain, version, target,
-                                              expected_fingerprint=self.backbone.fingerprint)
+            adapters = AdapterRegistry(self.store)
+            adapters.fetch(
+                adapters.ref(domain, version), target, expected_fingerprint=self.backbone.fingerprint
+            )
             self.backbone.load_adapter_set(key, target)
         return key
 
-    def answer(self, handle: IndexHandle, question: str, domain: str, version: str | None, *, top_k: int = 3,
-               max_new_tokens: int = 8) -> str:
+    def answer(
+        self,
+        handle: IndexHandle,
+        question: str,
+        domain: str,
+        version: str | None,
+        *,
+        top_k: int = 3,
+        max_new_tokens: int = 8,
+    ) -> str:
         """With dense retrieval (what the tests ask for), as the worker runs it."""
         key = self.attach(domain, version) if version is not None else None
         with torch.inference_mode():
             query = self.backbone.encode_questions([question], [key])  # [1, dim]
         hits = handle.search(query, [question], k=top_k, mode="dense")[0]
-        return self.backbone.answer([question], [[h.passage for h in hits]], [[h.score for h in hits]], [key],
-                                    max_new_tokens=max_new_tokens)[0].text
+        return self.backbone.answer(
+            [question],
+            [[h.passage for h in hits]],
+            [[h.score for h in hits]],
+            [key],
+            max_new_tokens=max_new_tokens,
+        )[0].text
 
 
 class ServerProcess:
@@ -161,9 +184,12 @@ class ServerProcess:
         backbone, store = settings.backbone, settings.store
         self.env = {
             **os.environ,
-            "RAGADAPT_DATA_DIR": str(settings.data_dir), "RAGADAPT_SERVER__HOST": "127.0.0.1",
-            "RAGADAPT_SERVER__PORT": str(self.port), "RAGADAPT_SERVER__ADMIN_TOKEN": ADMIN_TOKEN,
-            "RAGADAPT_SERVER__POLL_INTERVAL_S": "0.5", "RAGADAPT_DEMO__ENABLED": "false",
+            "RAGADAPT_DATA_DIR": str(settings.data_dir),
+            "RAGADAPT_SERVER__HOST": "127.0.0.1",
+            "RAGADAPT_SERVER__PORT": str(self.port),
+            "RAGADAPT_SERVER__ADMIN_TOKEN": ADMIN_TOKEN,
+            "RAGADAPT_SERVER__POLL_INTERVAL_S": "0.5",
+            "RAGADAPT_DEMO__ENABLED": "false",
             "RAGADAPT_RUNS__MAX_CONCURRENT": "0",
             "RAGADAPT_BACKBONE__QUESTION_ENCODER": backbone.question_encoder,
             "RAGADAPT_BACKBONE__PASSAGE_ENCODER": backbone.passage_encoder,
@@ -180,13 +206,18 @@ class ServerProcess:
 
     def start(self, timeout: float = 120.0) -> None:
         with self.log.open("a") as out:
-            self.process = subprocess.Popen([str(Path(sys.executable).parent / "ragadapt"), "serve"],
-                                            env=self.env, stdout=out, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                [str(Path(sys.executable).parent / "ragadapt"), "serve"],
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         deadline = time.monotonic() + timeout
         while True:
             if self.process.poll() is not None:
-                raise RuntimeError(f"ragadapt serve exited with {self.process.returncode}:\n"
-                                   f"{self.log.read_text()[-4000:]}")
+                raise RuntimeError(
+                    f"ragadapt serve exited with {self.process.returncode}:\n{self.log.read_text()[-4000:]}"
+                )
             try:
                 if httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200:
                     return

@@ -6,7 +6,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from adapters import AdapterIncompatible, AdapterRegistry
+from adapters import AdapterIncompatible, AdapterRef, AdapterRegistry
+from backbone import AdapterSetConfig
 from service.adapter_cache import AdapterCache
 from service.metrics import Metrics
 from storage import DomainRegistry, LocalStore
@@ -17,9 +18,12 @@ from tests.service.support import publish_adapter
 def published(tmp_path, direct_backbone):
     store = LocalStore(tmp_path / "store")
     DomainRegistry(store).create_domain("alpha")
-    versions = [publish_adapter(store, direct_backbone, "alpha", seed, tmp_path / "adapters")
-                for seed in (1, 2, 3)]
-    return store, versions
+    adapters = AdapterRegistry(store)
+    refs = [
+        adapters.ref("alpha", publish_adapter(store, direct_backbone, "alpha", seed, tmp_path / "adapters"))
+        for seed in (1, 2, 3)
+    ]
+    return store, refs
 
 
 @pytest.fixture
@@ -40,64 +44,69 @@ def _loads(metrics: Metrics, result: str = "ok") -> float:
 
 
 def test_concurrent_requests_load_a_version_once(published, direct_backbone, tmp_path, loader):
-    store, versions = published
+    store, refs = published
     cache, metrics = _cache(store, direct_backbone, tmp_path, loader)
     with ThreadPoolExecutor(8) as pool:
-        futures = list(pool.map(lambda _: cache.acquire("alpha", versions[0]), range(16)))
+        futures = list(pool.map(lambda _: cache.acquire(refs[0]), range(16)))
     weights = {id(future.result(timeout=30)) for future in futures}
     assert weights == {id(futures[0].result())}  # one object: one download, one read
     assert _loads(metrics) == 1
     for _ in futures:
-        cache.release("alpha", versions[0])
+        cache.release(refs[0])
 
 
-def test_warm_tier_evicts_least_recently_used_but_never_a_leased_set(published, direct_backbone, tmp_path,
-                                                                     loader):
-    store, versions = published
+def test_warm_tier_evicts_least_recently_used_but_never_a_leased_set(
+    published, direct_backbone, tmp_path, loader
+):
+    store, refs = published
     probe, _ = _cache(store, direct_backbone, tmp_path, loader)
-    one_set = probe.prefetch("alpha", versions[0]).result().nbytes
-    keys = [f"alpha@{version}" for version in versions]
+    one_set = probe.prefetch(refs[0]).result().nbytes
+    keys = [ref.key for ref in refs]
 
     cache, metrics = _cache(store, direct_backbone, tmp_path, loader, warm_bytes=int(one_set * 2.5))
-    cache.prefetch("alpha", versions[0]).result()
-    cache.prefetch("alpha", versions[1]).result()
-    cache.acquire("alpha", versions[0]).result()  # a request uses v0: v1 is now the least recently used
-    cache.release("alpha", versions[0])
-    cache.prefetch("alpha", versions[2]).result()
+    cache.prefetch(refs[0]).result()
+    cache.prefetch(refs[1]).result()
+    cache.acquire(refs[0]).result()  # a request uses v0: v1 is now the least recently used
+    cache.release(refs[0])
+    cache.prefetch(refs[2]).result()
     assert cache.state()["warm"] == sorted([keys[0], keys[2]])
     assert metrics.registry.get_sample_value("ragadapt_adapter_evictions_total", {"tier": "warm"}) == 1
 
     small, _ = _cache(store, direct_backbone, tmp_path, loader, warm_bytes=int(one_set * 0.5))
-    small.acquire("alpha", versions[0]).result()  # leased: an admitted request will run on it
-    small.prefetch("alpha", versions[1]).result()
+    small.acquire(refs[0]).result()  # leased: an admitted request will run on it
+    small.prefetch(refs[1]).result()
     assert small.state()["warm"] == [keys[0]]
-    small.release("alpha", versions[0])
+    small.release(refs[0])
     assert small.state()["warm"] == []
 
 
 def test_pinned_versions_stay_warm(published, direct_backbone, tmp_path, loader):
-    store, versions = published
+    store, refs = published
     cache, _ = _cache(store, direct_backbone, tmp_path, loader, warm_bytes=0)
-    cache.set_pinned([("alpha", versions[0])])
-    cache.prefetch("alpha", versions[1]).result()
-    cache.prefetch("alpha", versions[0]).result()
-    assert cache.state()["warm"] == [f"alpha@{versions[0]}"]
+    cache.set_pinned([refs[0]])
+    cache.prefetch(refs[1]).result()
+    cache.prefetch(refs[0]).result()
+    assert cache.state()["warm"] == [refs[0].key]
 
 
-def test_an_adapter_of_another_backbone_is_refused_and_retried_later(published, direct_backbone, tmp_path,
-                                                                     loader):
+def test_an_adapter_of_another_backbone_is_refused_and_retried_later(
+    published, direct_backbone, tmp_path, loader
+):
     store, _ = published
     directory = tmp_path / "foreign"
     direct_backbone.add_adapter_set("foreign")
     direct_backbone.save_adapter_set("foreign", directory)
     direct_backbone.remove_adapter_set("foreign")
-    version = AdapterRegistry(store).publish("alpha", directory,
-                                             backbone_fingerprint="0123456789abcdef").version
+    adapters = AdapterRegistry(store)
+    manifest = adapters.publish(
+        "alpha", directory, backbone_fingerprint="0123456789abcdef", lora=AdapterSetConfig()
+    )
+    foreign = AdapterRef.of("alpha", manifest)
     cache, metrics = _cache(store, direct_backbone, tmp_path, loader)
     for attempt in (1, 2):
-        future = cache.acquire("alpha", version)
+        future = cache.acquire(foreign)
         with pytest.raises(AdapterIncompatible):
             future.result(timeout=30)
-        cache.release("alpha", version)
+        cache.release(foreign)
         assert _loads(metrics, "error") == attempt  # the failure is not cached
     assert cache.state()["warm"] == []

@@ -13,8 +13,9 @@ GENERATE = {"top_k": 3, "max_new_tokens": 8}
 ASK = {**GENERATE, "retrieval": "dense"}
 
 
-def test_concurrent_domains_each_get_their_own_adapter(store_settings, make_settings, direct_backbone, direct,
-                                                      tmp_path):
+def test_concurrent_domains_each_get_their_own_adapter(
+    store_settings, make_settings, direct_backbone, direct, tmp_path
+):
     settings = make_settings(store_settings)
     store = open_store(settings.store_config)
     versions = {}
@@ -28,9 +29,15 @@ def test_concurrent_domains_each_get_their_own_adapter(store_settings, make_sett
             assert promoted.json()["live"]["adapter_version"] == version
 
         with ThreadPoolExecutor(12) as pool:
-            asked = [(name, question, pool.submit(client.post, f"/ask?domain={name}",
-                                                  json={"question": question, **ASK}))
-                     for question in QUESTIONS for name in versions]
+            asked = [
+                (
+                    name,
+                    question,
+                    pool.submit(client.post, f"/ask?domain={name}", json={"question": question, **ASK}),
+                )
+                for question in QUESTIONS
+                for name in versions
+            ]
         pipeline = direct(store)
         answers: dict[str, dict[str, str]] = {name: {} for name in versions}
         for name, question, future in asked:
@@ -48,8 +55,9 @@ def test_concurrent_domains_each_get_their_own_adapter(store_settings, make_sett
     assert sum(answers["alpha"][q] != answers["beta"][q] for q in QUESTIONS) >= len(QUESTIONS) // 2
 
 
-def test_promotion_mid_traffic_switches_versions_without_failures(store_settings, make_settings,
-                                                                 direct_backbone, direct, tmp_path):
+def test_promotion_mid_traffic_switches_versions_without_failures(
+    store_settings, make_settings, direct_backbone, direct, tmp_path
+):
     settings = make_settings(store_settings)
     store = open_store(settings.store_config)
     ingest_domain(store, direct_backbone, "alpha", tmp_path / "corpus")
@@ -60,8 +68,10 @@ def test_promotion_mid_traffic_switches_versions_without_failures(store_settings
         assert first.status_code == 200, first.text
         handle = served.runtime.loaded.catalog.find("alpha").index
         pipeline = direct(store)
-        expected = {version: {q: pipeline.answer(handle, q, "alpha", version, **GENERATE) for q in QUESTIONS}
-                    for version in (old, new)}
+        expected = {
+            version: {q: pipeline.answer(handle, q, "alpha", version, **GENERATE) for q in QUESTIONS}
+            for version in (old, new)
+        }
         assert expected[old] != expected[new]
 
         results, stop = [], threading.Event()
@@ -87,8 +97,9 @@ def test_promotion_mid_traffic_switches_versions_without_failures(store_settings
             thread.join()
         assert promoted.status_code == 200, promoted.text
 
-        assert results and all(status == 200 for _, status, _, _ in results), \
-            [body for _, status, body, _ in results if status != 200][:3]
+        assert results and all(status == 200 for _, status, _, _ in results), [
+            body for _, status, body, _ in results if status != 200
+        ][:3]
         for question, _, body, _ in results:
             assert body["answer"] == expected[body["adapter_version"]][question]
         seen = [body["adapter_version"] for *_, body, _ in results]

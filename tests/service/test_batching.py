@@ -9,12 +9,12 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from adapters import AdapterRegistry
+from adapters import AdapterRef, AdapterRegistry
 from backbone import Backbone
 from indexing.versions import IndexVersions
 from service.adapter_cache import AdapterCache
-from service.metrics import Metrics
 from service.errors import Overloaded
+from service.metrics import Metrics
 from service.worker import AskJob, ModelWorker
 from storage import DomainRegistry, LocalStore
 from tests.service.support import QUESTIONS, ingest_domain, publish_adapter
@@ -30,27 +30,46 @@ def setup(tmp_path, direct_backbone, tiny_backbone_settings):
     registry = DomainRegistry(store)
     index_versions = IndexVersions(registry, tmp_path / "indexes")
     backbone = Backbone.load(tiny_backbone_settings.config())  # the worker's own: it attaches and detaches
-    handles = {name: index_versions.open_live(name, embedding_dim=backbone.embedding_dim)
-               for name in versions}
+    handles = {
+        name: index_versions.open_live(name, embedding_dim=backbone.embedding_dim) for name in versions
+    }
     loader = ThreadPoolExecutor(2)
     yield store, backbone, versions, handles, loader, tmp_path
     loader.shutdown()
 
 
-def _run(worker: ModelWorker, cache: AdapterCache, rows: list[tuple[str, str | None]], handles,
-         retrieval: str = "dense", top_k: int = 2) -> list:
+def _refs(store, versions: dict[str, str]) -> dict[str, AdapterRef]:
+    adapters = AdapterRegistry(store)
+    return {domain: adapters.ref(domain, version) for domain, version in versions.items()}
+
+
+def _run(
+    worker: ModelWorker,
+    cache: AdapterCache,
+    rows: list[tuple[str, AdapterRef | None]],
+    handles,
+    retrieval: str = "dense",
+    top_k: int = 2,
+) -> list:
     """Submit every row before the worker can take its first batch, then collect the results in order."""
 
     async def main():
         loop = asyncio.get_running_loop()
         jobs = []
-        for domain, version in rows:
-            adapter = (domain, version) if version is not None else None
+        for domain, adapter in rows:
             if adapter is not None:
-                await asyncio.wrap_future(cache.acquire(*adapter))
-            job = AskJob(question=QUESTIONS[len(jobs) % len(QUESTIONS)], domain=domain, adapter=adapter,
-                         index=handles[domain], top_k=top_k, max_new_tokens=6, retrieval=retrieval, loop=loop,
-                         future=loop.create_future())
+                await asyncio.wrap_future(cache.acquire(adapter))
+            job = AskJob(
+                question=QUESTIONS[len(jobs) % len(QUESTIONS)],
+                domain=domain,
+                adapter=adapter,
+                index=handles[domain],
+                top_k=top_k,
+                max_new_tokens=6,
+                retrieval=retrieval,
+                loop=loop,
+                future=loop.create_future(),
+            )
             jobs.append(job)
         for job in jobs:
             worker.submit(job)
@@ -63,22 +82,46 @@ def _worker(setup, *, hot_slots: int, max_batch_rows: int, batch_wait_s: float, 
     """A model worker over the setup's backbone with a fresh adapter cache and metrics (not started)."""
     store, backbone, _, _, loader, tmp_path = setup
     metrics = Metrics()
-    cache = AdapterCache(backbone, AdapterRegistry(store), tmp_path, loader, hot_slots=hot_slots,
-                         warm_bytes=1 << 30, metrics=metrics)
-    worker = ModelWorker(backbone, cache, metrics, queue_size=queue_size, max_batch_rows=max_batch_rows,
-                         batch_wait_s=batch_wait_s)
+    cache = AdapterCache(
+        backbone,
+        AdapterRegistry(store),
+        tmp_path,
+        loader,
+        hot_slots=hot_slots,
+        warm_bytes=1 << 30,
+        metrics=metrics,
+    )
+    worker = ModelWorker(
+        backbone,
+        cache,
+        metrics,
+        queue_size=queue_size,
+        max_batch_rows=max_batch_rows,
+        batch_wait_s=batch_wait_s,
+    )
     return worker, cache, metrics
 
 
 def _job(loop, handles, question: str, domain: str, adapter, budget: int) -> AskJob:
-    return AskJob(question=question, domain=domain, adapter=adapter, index=handles[domain], top_k=2,
-                  max_new_tokens=budget, retrieval="dense", loop=loop, future=loop.create_future())
+    return AskJob(
+        question=question,
+        domain=domain,
+        adapter=adapter,
+        index=handles[domain],
+        top_k=2,
+        max_new_tokens=budget,
+        retrieval="dense",
+        loop=loop,
+        future=loop.create_future(),
+    )
 
 
 def _steps(metrics: Metrics, name: str, above: float, at_most: float) -> float:
     """How many decoding steps observed a value in (above, at_most] (bounds must be histogram buckets)."""
+
     def count(bound: float) -> float:
         return metrics.registry.get_sample_value(f"{name}_bucket", {"le": str(float(bound))}) or 0.0
+
     return count(at_most) - (count(above) if above > 0 else 0.0)
 
 
@@ -89,7 +132,8 @@ def _total_steps(metrics: Metrics, name: str) -> float:
 @pytest.mark.parametrize("hot_slots", [4, 1])
 def test_mixed_domains_share_batches_and_match_direct_answers(setup, direct, hot_slots):
     store, backbone, versions, handles, _, _ = setup
-    alpha, beta = ("alpha", versions["alpha"]), ("beta", versions["beta"])
+    refs = _refs(store, versions)
+    alpha, beta = ("alpha", refs["alpha"]), ("beta", refs["beta"])
     rows = [alpha, beta, ("alpha", None), beta, alpha, ("beta", None)]
     # The worker waits (up to 2 s) until all rows are in, so which rows start together is not up to timing.
     worker, cache, metrics = _worker(setup, hot_slots=hot_slots, max_batch_rows=len(rows), batch_wait_s=2.0)
@@ -112,9 +156,10 @@ def test_mixed_domains_share_batches_and_match_direct_answers(setup, direct, hot
         assert metrics.registry.get_sample_value("ragadapt_adapter_evictions_total", {"tier": "hot"}) == 2
     pipeline = direct(store)
     for job, result in zip(jobs, results):
-        version = job.adapter[1] if job.adapter else None
-        expected = pipeline.answer(handles[job.domain], job.question, job.domain, version, top_k=2,
-                                   max_new_tokens=6)
+        version = job.adapter.version if job.adapter else None
+        expected = pipeline.answer(
+            handles[job.domain], job.question, job.domain, version, top_k=2, max_new_tokens=6
+        )
         assert result.answer.text == expected
     if hot_slots >= 2:
         assert set(backbone.adapter_sets) == {f"{d}@{v}" for d, v in versions.items()}
@@ -130,8 +175,8 @@ def test_a_question_joins_the_one_in_flight_and_is_answered_first(setup, direct)
 
     async def main():
         loop = asyncio.get_running_loop()
-        beta = ("beta", versions["beta"])
-        await asyncio.wrap_future(cache.acquire(*beta))
+        beta = _refs(store, versions)["beta"]
+        await asyncio.wrap_future(cache.acquire(beta))
 
         long = _job(loop, handles, QUESTIONS[0], "alpha", None, 600)
         short = _job(loop, handles, QUESTIONS[1], "beta", beta, 3)
@@ -154,8 +199,9 @@ def test_a_question_joins_the_one_in_flight_and_is_answered_first(setup, direct)
     assert [job.max_new_tokens for job in answered] == [3, 600]
     assert _steps(metrics, "ragadapt_batch_adapters", 1, 2) >= 1  # base and beta decoded side by side
     result = short.future.result()
-    expected = direct(store).answer(handles["beta"], short.question, "beta", versions["beta"], top_k=2,
-                                    max_new_tokens=3)
+    expected = direct(store).answer(
+        handles["beta"], short.question, "beta", versions["beta"], top_k=2, max_new_tokens=3
+    )
     assert result.answer.text == expected
 
 
@@ -192,8 +238,9 @@ def test_a_question_that_fails_to_start_leaves_those_in_flight_unharmed(setup, m
         worker.stop()
     assert isinstance(failed, RuntimeError)
     with torch.inference_mode():
-        alone = backbone.answer([long.question], [[hit.passage for hit in answered.hits]], [long.doc_scores],
-                                max_new_tokens=200)[0]
+        alone = backbone.answer(
+            [long.question], [[hit.passage for hit in answered.hits]], [long.doc_scores], max_new_tokens=200
+        )[0]
     assert answered.answer.text == alone.text  # the failure beside it changed nothing
     assert later.answer.text  # and the worker still answers
 
@@ -201,9 +248,9 @@ def test_a_question_that_fails_to_start_leaves_those_in_flight_unharmed(setup, m
 def test_requests_nobody_waits_for_give_their_queue_places_to_new_ones(setup):
     """A full queue first drops the entries whose clients already got 504 (or whose time is up), instead of
     refusing new requests until the worker reaches them."""
-    _, backbone, versions, handles, _, _ = setup
-    worker, cache, metrics = _worker(setup, hot_slots=2, max_batch_rows=1, batch_wait_s=0.0, queue_size=2)
-    alpha = ("alpha", versions["alpha"])
+    store, backbone, versions, handles, _, _ = setup
+    worker, cache, _metrics = _worker(setup, hot_slots=2, max_batch_rows=1, batch_wait_s=0.0, queue_size=2)
+    alpha = _refs(store, versions)["alpha"]
 
     async def main():
         loop = asyncio.get_running_loop()
@@ -211,7 +258,7 @@ def test_requests_nobody_waits_for_give_their_queue_places_to_new_ones(setup):
         worker.submit(long)
         while not long.generating_since:
             await asyncio.sleep(0.001)
-        await asyncio.wrap_future(cache.acquire(*alpha))  # its lease passes to the worker with the job
+        await asyncio.wrap_future(cache.acquire(alpha))  # its lease passes to the worker with the job
         gave_up = _job(loop, handles, QUESTIONS[1], "alpha", alpha, 3)
         expired = _job(loop, handles, QUESTIONS[2], "alpha", None, 3)
         worker.submit(gave_up)

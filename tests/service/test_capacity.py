@@ -15,10 +15,12 @@ def _ask(client, i: int):
     return client.post("/ask?domain=alpha", json={"question": QUESTIONS[i % len(QUESTIONS)], **SLOW})
 
 
-def test_a_full_queue_is_refused_with_retry_after(local_store_settings, make_settings, direct_backbone,
-                                                  tmp_path):
-    settings = make_settings(local_store_settings,
-                             server={"queue_size": 1, "max_batch_rows": 1, "retry_after_s": 2})
+def test_a_full_queue_is_refused_with_retry_after(
+    local_store_settings, make_settings, direct_backbone, tmp_path
+):
+    settings = make_settings(
+        local_store_settings, server={"queue_size": 1, "max_batch_rows": 1, "retry_after_s": 2}
+    )
     ingest_domain(open_store(settings.store_config), direct_backbone, "alpha", tmp_path / "corpus")
     with serve(settings) as served, served.client(timeout=60) as client:
         started = time.monotonic()
@@ -36,8 +38,9 @@ def test_a_full_queue_is_refused_with_retry_after(local_store_settings, make_set
         assert elapsed < 60
 
 
-def test_a_request_over_its_time_budget_is_504(local_store_settings, make_settings, direct_backbone,
-                                               tmp_path):
+def test_a_request_over_its_time_budget_is_504(
+    local_store_settings, make_settings, direct_backbone, tmp_path
+):
     settings = make_settings(local_store_settings, server={"request_timeout_s": 0.05, "max_batch_rows": 1})
     ingest_domain(open_store(settings.store_config), direct_backbone, "alpha", tmp_path / "corpus")
     with serve(settings) as served, served.client() as client:

@@ -12,17 +12,25 @@ from tests.service.support import corpus, publish_adapter
 
 def _env(monkeypatch, tmp_path, backbone_settings) -> None:
     monkeypatch.setenv("RAGADAPT_DATA_DIR", str(tmp_path / "data"))
-    for field in ("question_encoder", "passage_encoder", "generator", "dtype", "max_passage_tokens",
-                  "max_answer_tokens"):
+    for field in (
+        "question_encoder",
+        "passage_encoder",
+        "generator",
+        "dtype",
+        "max_passage_tokens",
+        "max_answer_tokens",
+    ):
         monkeypatch.setenv(f"RAGADAPT_BACKBONE__{field.upper()}", str(getattr(backbone_settings, field)))
 
 
-def test_ingest_publishes_passages_index_and_qa(monkeypatch, tmp_path, capsys, tiny_backbone_settings,
-                                                direct_backbone):
+def test_ingest_publishes_passages_index_and_qa(
+    monkeypatch, tmp_path, capsys, tiny_backbone_settings, direct_backbone
+):
     _env(monkeypatch, tmp_path, tiny_backbone_settings)
     passages = tmp_path / "passages.jsonl"
-    passages.write_text("".join(json.dumps({"id": p.id, "title": p.title, "text": p.text}) + "\n"
-                                for p in corpus()))
+    passages.write_text(
+        "".join(json.dumps({"id": p.id, "title": p.title, "text": p.text}) + "\n" for p in corpus())
+    )
     qa = tmp_path / "qa.jsonl"
     qa.write_text(json.dumps({"question": "what is the capital of france", "answers": ["paris"]}) + "\n")
 

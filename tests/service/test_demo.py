@@ -25,8 +25,12 @@ def _ask_until_built(client, question: dict):
 
 @pytest.mark.integration
 def test_fresh_server_answers_about_the_readme(tmp_path):
-    settings = Settings(data_dir=tmp_path / "data", server={"port": 0}, runs={"max_concurrent": 0},
-                        backbone=BackboneSettings(cache_dir=EMBEDDED_CACHE, dtype="float32"))
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        server={"port": 0},
+        runs={"max_concurrent": 0},
+        backbone=BackboneSettings(cache_dir=EMBEDDED_CACHE, dtype="float32"),
+    )
     question = {"question": "Which command runs the whole test suite?", "top_k": 3, "max_new_tokens": 24}
     with serve(settings) as served, served.client() as client:
         response = _ask_until_built(client, question)

@@ -9,16 +9,23 @@ import os
 import time
 from datetime import timedelta
 
-from adapters.runs import RunRequest, RunState, RunStore, now, prepare
-from adapters.worker import queue_run
+from adapters.queue import submit
+from adapters.records import RunStore, now
+from adapters.spec import RunRequest, RunState
+from adapters.validation import prepare
 from service.cli import main
 from storage import ArtifactKind, DomainRegistry, LocalStore, new_version_id, open_store
 from tests.service.support import ADMIN, ingest_domain, publish_adapter, serve
 
 ASK = {"question": "what is the capital of france", "top_k": 2, "max_new_tokens": 3}
-RUN = RunRequest.model_validate({
-    "domain": "toy", "promote": "never", "evaluation": None,
-    "train": {"examples": [{"question": "what is the capital of france", "answers": ["paris"]}]}})
+RUN = RunRequest.model_validate(
+    {
+        "domain": "toy",
+        "promote": "never",
+        "evaluation": None,
+        "train": {"examples": [{"question": "what is the capital of france", "answers": ["paris"]}]},
+    }
+)
 HOURS_AGO = time.time() - 3 * 3600
 
 
@@ -36,14 +43,14 @@ def _leftovers(store, root, backbone, tmp_path) -> dict:
     registry.promote("toy", adapters[0])
     # A queued run starting from adapters[1] (promoted then, rolled back since).
     registry.promote("toy", adapters[1])
-    queued = queue_run(runs, RUN)
+    queued = submit(runs, RUN)
     registry.rollback("toy")
     # A publish that failed half-way: files without a manifest.
     incomplete = new_version_id()
     store.put_bytes(f"domains/toy/adapters/{incomplete}/question/adapter_model.safetensors", b"partial")
     _age(root, f"domains/toy/adapters/{incomplete}")
     # A run that ended while its worker died before deleting its checkpoint.
-    ended = queue_run(runs, RUN)
+    ended = submit(runs, RUN)
     runs.update(ended.id, lambda r: r.model_copy(update={"state": RunState.FAILED}))
     runs.dequeue(ended.id)
     store.put_bytes(f"runs/{ended.id}/checkpoints/{new_version_id()}/state.json", b"{}")
@@ -59,8 +66,15 @@ def _leftovers(store, root, backbone, tmp_path) -> dict:
     _age(root, f"jobs/{finished_job}")
     registry.create_domain("half")
     registry.update_domain("half", lambda d: d.model_copy(update={"deleting": True}))
-    return {"adapters": adapters, "queued": queued.id, "incomplete": incomplete, "ended": ended.id,
-            "orphan": orphan, "stuck": stuck.record.id, "job": finished_job}
+    return {
+        "adapters": adapters,
+        "queued": queued.id,
+        "incomplete": incomplete,
+        "ended": ended.id,
+        "orphan": orphan,
+        "stuck": stuck.record.id,
+        "job": finished_job,
+    }
 
 
 def test_gc_dry_run_then_apply(local_store_settings, make_settings, direct_backbone, tmp_path):
@@ -76,8 +90,9 @@ def test_gc_dry_run_then_apply(local_store_settings, make_settings, direct_backb
         report = planned.json()
         assert report["dry_run"] and report["keep_last"] == 1
         # adapters[0] serves, [1] a queued run starts from, [3] is the newest: only [2] and the broken one go.
-        assert sorted(report["versions"]) == sorted([f"toy/adapters/{adapters[2]}",
-                                                     f"toy/adapters/{found['incomplete']}"])
+        assert sorted(report["versions"]) == sorted(
+            [f"toy/adapters/{adapters[2]}", f"toy/adapters/{found['incomplete']}"]
+        )
         assert sorted(report["runs"]) == sorted([found["ended"], found["orphan"]])
         assert report["failed_runs"] == [found["stuck"]]
         assert report["job_inputs"] == [found["job"]] and report["domains"] == ["half"]
@@ -87,8 +102,10 @@ def test_gc_dry_run_then_apply(local_store_settings, make_settings, direct_backb
         applied = client.post("/admin/gc", headers=ADMIN, json={"keep_last": 1, "dry_run": False}).json()
         assert {**applied, "dry_run": True} == report
         again = client.post("/admin/gc", headers=ADMIN, json={"keep_last": 1, "dry_run": False}).json()
-        assert all(again[key] == [] for key in ("versions", "runs", "failed_runs", "job_inputs", "domains",
-                                                 "scratch"))
+        assert all(
+            again[key] == []
+            for key in ("versions", "runs", "failed_runs", "job_inputs", "domains", "scratch")
+        )
         registry = DomainRegistry(store)
         kept = [m.version for m in registry.list_versions("toy", ArtifactKind.ADAPTERS)]
         assert kept == [adapters[0], adapters[1], adapters[3]]
@@ -108,8 +125,9 @@ def test_the_gc_command_is_a_dry_run_unless_told(monkeypatch, tmp_path, capsys, 
     monkeypatch.setenv("RAGADAPT_DATA_DIR", str(tmp_path / "data"))
     store = LocalStore(tmp_path / "data" / "store")  # where the command's settings put it
     ingest_domain(store, direct_backbone, "toy", tmp_path / "corpus")
-    adapters = [publish_adapter(store, direct_backbone, "toy", seed, tmp_path / "adapters")
-                for seed in range(3)]
+    adapters = [
+        publish_adapter(store, direct_backbone, "toy", seed, tmp_path / "adapters") for seed in range(3)
+    ]
     expected = [f"toy/adapters/{version}" for version in adapters[:2]]
 
     assert main(["gc", "--keep-last", "1"]) == 0

@@ -17,8 +17,11 @@ from storage import DomainRegistry, new_version_id, open_store
 from tests.s3server import SeaweedS3
 from tests.service.support import ADMIN, TOPICS, ServerProcess, serve
 
-PASSAGES = [{"id": f"{title.lower()}-{i}", "title": title, "text": f"{text} note {i}"}
-            for i in range(2) for title, text in TOPICS]
+PASSAGES = [
+    {"id": f"{title.lower()}-{i}", "title": title, "text": f"{text} note {i}"}
+    for i in range(2)
+    for title, text in TOPICS
+]
 ASK = {"question": "what is the capital of france", "top_k": 2, "max_new_tokens": 3}
 
 
@@ -66,8 +69,9 @@ def _rebuild_workers() -> list[int]:
     return found
 
 
-def test_a_failed_build_says_why_and_the_domain_can_be_rebuilt_then_deleted(local_store_settings,
-                                                                              make_settings):
+def test_a_failed_build_says_why_and_the_domain_can_be_rebuilt_then_deleted(
+    local_store_settings, make_settings
+):
     settings = make_settings(local_store_settings)
     with serve(settings) as served, served.client() as client:
         before = set(_rebuild_workers())
@@ -82,16 +86,26 @@ def test_a_failed_build_says_why_and_the_domain_can_be_rebuilt_then_deleted(loca
         body = refused.json()
         assert body["code"] == "domain_build_failed" and job["id"] in body["detail"]
         assert "worker_died" in body["detail"] and "rebuild" in body["detail"]
-        assert client.post("/admin/domains", headers=ADMIN,
-                           json={"name": "toy", "passages": PASSAGES}).json()["code"] == "domain_exists"
+        assert (
+            client.post("/admin/domains", headers=ADMIN, json={"name": "toy", "passages": PASSAGES}).json()[
+                "code"
+            ]
+            == "domain_exists"
+        )
 
         rebuilt = client.post("/admin/domains/toy/rebuild", headers=ADMIN)
         assert rebuilt.status_code == 202, rebuilt.text
         again = client.post("/admin/domains/toy/rebuild", headers=ADMIN, json={})
         assert again.status_code == 409 and again.json()["code"] == "build_in_progress"
         assert again.json()["detail"].count(rebuilt.json()["id"]) == 1
-        done = _until("the rebuild", lambda: (j := _job(client, rebuilt.json()["id"]))["state"] != "running"
-                      and j["state"] != "pending" and j)
+        done = _until(
+            "the rebuild",
+            lambda: (
+                (j := _job(client, rebuilt.json()["id"]))["state"] != "running"
+                and j["state"] != "pending"
+                and j
+            ),
+        )
         assert done["state"] == "succeeded" and done["result"]["passages"] == len(PASSAGES), done
         assert _until("an answer", lambda: _answered(client, "toy"), 30)
         assert client.get("/readyz").json()["building"] == []
@@ -114,10 +128,17 @@ def test_a_domain_is_not_deleted_under_a_run(local_store_settings, make_settings
     with serve(settings) as served, served.client() as client:
         job = _create(client, "toy")
         _until("the build", lambda: _job(client, job["id"])["state"] == "succeeded")
-        run = client.post("/admin/adapt", headers=ADMIN, json={
-            "domain": "toy", "promote": "never", "evaluation": None,
-            "train": {"examples": [{"question": "what is the capital of france", "answers": ["paris"]}]},
-            "hyperparameters": {"steps": 1, "batch_size": 1, "top_k": 2}})
+        run = client.post(
+            "/admin/adapt",
+            headers=ADMIN,
+            json={
+                "domain": "toy",
+                "promote": "never",
+                "evaluation": None,
+                "train": {"examples": [{"question": "what is the capital of france", "answers": ["paris"]}]},
+                "hyperparameters": {"steps": 1, "batch_size": 1, "top_k": 2},
+            },
+        )
         assert run.status_code == 202, run.text
         refused = client.delete("/admin/domains/toy", headers=ADMIN)
         assert refused.status_code == 409 and refused.json()["code"] == "domain_in_use"
@@ -136,8 +157,11 @@ def test_an_interrupted_deletion_is_finished_by_deleting_again(local_store_setti
         registry = DomainRegistry(open_store(settings.store_config))
         registry.update_domain("toy", lambda d: d.model_copy(update={"deleting": True}))
         assert client.get("/domains/toy").status_code == 404
-        assert _until("the catalog to drop it",
-                      lambda: client.post("/ask", params={"domain": "toy"}, json=ASK).status_code == 404, 30)
+        assert _until(
+            "the catalog to drop it",
+            lambda: client.post("/ask", params={"domain": "toy"}, json=ASK).status_code == 404,
+            30,
+        )
         exists = client.post("/admin/domains", headers=ADMIN, json={"name": "toy", "passages": PASSAGES})
         assert exists.status_code == 409 and "delete it again" in exists.json()["detail"]
         assert client.delete("/admin/domains/toy", headers=ADMIN).status_code == 204
@@ -147,27 +171,39 @@ def test_an_interrupted_deletion_is_finished_by_deleting_again(local_store_setti
 def test_a_store_outage_during_ingest_is_waited_out(tmp_path, make_settings):
     with SeaweedS3(tmp_path / "s3") as s3:
         config = s3.store_config()
-        settings = make_settings({"backend": "s3", "endpoint": config.endpoint, "bucket": config.bucket,
-                                  "access_key": config.access_key,
-                                  "secret_key": config.secret_key.get_secret_value()})
+        settings = make_settings(
+            {
+                "backend": "s3",
+                "endpoint": config.endpoint,
+                "bucket": config.bucket,
+                "access_key": config.access_key,
+                "secret_key": config.secret_key.get_secret_value(),
+            }
+        )
         with serve(settings) as served, served.client() as client:
             job = _create(client, "toy")
             s3.kill()
             time.sleep(6)
             s3.start()
-            done = _until("the job", lambda: (j := _job(client, job["id"]))["state"] in
-                          ("succeeded", "failed", "cancelled") and j)
+            done = _until(
+                "the job",
+                lambda: (j := _job(client, job["id"]))["state"] in ("succeeded", "failed", "cancelled") and j,
+            )
             assert done["state"] == "succeeded", done
             assert _until("an answer", lambda: _answered(client, "toy"), 30)
             store = open_store(settings.store_config)
-            assert _until("the record", lambda: json.loads(store.get_bytes(f"jobs/{job['id']}/job.json"))[
-                "state"] == "succeeded", 30)
+            assert _until(
+                "the record",
+                lambda: json.loads(store.get_bytes(f"jobs/{job['id']}/job.json"))["state"] == "succeeded",
+                30,
+            )
             assert list(store.list("jobs/active/")) == []
 
 
 @pytest.mark.parametrize("restart_after_s", [0.0, 3.0])
-def test_a_server_killed_during_ingest_resumes_the_job_after_a_restart(local_store_settings, make_settings,
-                                                                       tmp_path, restart_after_s):
+def test_a_server_killed_during_ingest_resumes_the_job_after_a_restart(
+    local_store_settings, make_settings, tmp_path, restart_after_s
+):
     settings = make_settings(local_store_settings)
     server = ServerProcess(settings, tmp_path / "server.log")
     server.start()
@@ -177,8 +213,10 @@ def test_a_server_killed_during_ingest_resumes_the_job_after_a_restart(local_sto
             time.sleep(restart_after_s)
             server.kill()
             server.start()
-            done = _until("the resumed job", lambda: (j := _job(client, job["id"]))["state"] in
-                          ("succeeded", "failed", "cancelled") and j)
+            done = _until(
+                "the resumed job",
+                lambda: (j := _job(client, job["id"]))["state"] in ("succeeded", "failed", "cancelled") and j,
+            )
             assert done["state"] == "succeeded", done
             assert done["result"]["passages"] == len(PASSAGES)
             assert _until("an answer", lambda: _answered(client, "toy"), 30)
@@ -188,8 +226,9 @@ def test_a_server_killed_during_ingest_resumes_the_job_after_a_restart(local_sto
         server.stop()
 
 
-def test_a_domain_whose_job_was_lost_before_it_was_recorded_says_so_and_is_rebuilt(local_store_settings,
-                                                                                    make_settings, tmp_path):
+def test_a_domain_whose_job_was_lost_before_it_was_recorded_says_so_and_is_rebuilt(
+    local_store_settings, make_settings, tmp_path
+):
     """What a server killed between creating a domain and recording its job leaves: the domain names a job
     that does not exist, and the passages it was given are in the store."""
     settings = make_settings(local_store_settings)
@@ -205,7 +244,9 @@ def test_a_domain_whose_job_was_lost_before_it_was_recorded_says_so_and_is_rebui
         assert "lost" in lost.json()["detail"]
         rebuilt = client.post("/admin/domains/toy/rebuild", headers=ADMIN)
         assert rebuilt.status_code == 202 and rebuilt.json()["kind"] == "ingest", rebuilt.text
-        done = _until("the rebuild", lambda: (j := _job(client, rebuilt.json()["id"]))["state"] in
-                      ("succeeded", "failed") and j)
+        done = _until(
+            "the rebuild",
+            lambda: (j := _job(client, rebuilt.json()["id"]))["state"] in ("succeeded", "failed") and j,
+        )
         assert done["state"] == "succeeded", done
         assert _until("an answer", lambda: _answered(client, "toy"), 30)

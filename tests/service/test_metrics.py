@@ -31,8 +31,16 @@ def test_metrics_parse_and_move_with_traffic(local_store_settings, make_settings
     with serve(settings) as served, served.client() as client:
         before = _samples(client)
         assert _value(before, "ragadapt_backbone_ready") == 1
-        assert _value(before, "ragadapt_live_version_info", domain="alpha", adapter_version="base",
-                      index_version=served.runtime.loaded.catalog.find("alpha").index_version) == 1
+        assert (
+            _value(
+                before,
+                "ragadapt_live_version_info",
+                domain="alpha",
+                adapter_version="base",
+                index_version=served.runtime.loaded.catalog.find("alpha").index_version,
+            )
+            == 1
+        )
 
         promoted = client.post("/admin/domains/alpha/promote", json={"version": version}, headers=ADMIN)
         assert promoted.status_code == 200
@@ -52,9 +60,25 @@ def test_metrics_parse_and_move_with_traffic(local_store_settings, make_settings
         assert _value(after, "ragadapt_adapter_loads_total", result="ok") == 1  # loaded once, at promotion
         assert _value(after, "ragadapt_adapter_cache_hits_total", tier="warm") == 3
         assert _value(after, "ragadapt_adapter_cache_misses_total", tier="hot") == 1
-        assert _value(after, "ragadapt_live_version_info", domain="alpha", adapter_version=version,
-                      index_version=served.runtime.loaded.catalog.find("alpha").index_version) == 1
-        assert _value(after, "ragadapt_live_version_info", domain="alpha", adapter_version="base",
-                      index_version=served.runtime.loaded.catalog.find("alpha").index_version) == 0
+        assert (
+            _value(
+                after,
+                "ragadapt_live_version_info",
+                domain="alpha",
+                adapter_version=version,
+                index_version=served.runtime.loaded.catalog.find("alpha").index_version,
+            )
+            == 1
+        )
+        assert (
+            _value(
+                after,
+                "ragadapt_live_version_info",
+                domain="alpha",
+                adapter_version="base",
+                index_version=served.runtime.loaded.catalog.find("alpha").index_version,
+            )
+            == 0
+        )
         assert _value(after, "ragadapt_http_requests_total", method="POST", route="/ask", status="200") == 3
         assert ("ragadapt_queue_depth", ()) in after

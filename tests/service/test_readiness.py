@@ -6,7 +6,8 @@ import os
 import signal
 import time
 
-from adapters.worker import worker_scratch
+from adapters.supervisor import worker_scratch
+from tests.adapters.conftest import run_workers
 from tests.service.support import serve
 
 
@@ -26,12 +27,14 @@ def test_readyz_reports_the_run_workers_and_a_dead_supervisor(local_store_settin
         assert ready["runs"] == {"supervisor": "running", "workers": 1, "expected": 1}
 
         # A killed worker is replaced, and the scratch directory it leaves (a run's files) is swept.
-        victim = runs.worker_pids()[0]
-        scratch = worker_scratch(settings.cache_dir / "runs", runs._workers[0].token)
+        [(victim, token)] = run_workers().items()
+        scratch = worker_scratch(settings.cache_dir / "runs", token)
         (scratch / "runs" / "some-run").mkdir(parents=True, exist_ok=True)
         os.kill(victim, signal.SIGKILL)
-        _until("a new worker", lambda: runs.worker_pids() and runs.worker_pids()[0] != victim
-               and runs.alive_workers == 1)
+        _until(
+            "a new worker",
+            lambda: run_workers() and victim not in run_workers() and runs.alive_workers == 1,
+        )
         assert not scratch.exists()
         assert client.get("/readyz").json()["runs"]["workers"] == 1
 

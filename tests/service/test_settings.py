@@ -33,14 +33,17 @@ def test_local_store_defaults_under_the_data_dir(tmp_path):
     assert settings.store_config.root == Path(tmp_path) / "store"
 
 
-@pytest.mark.parametrize(("groups", "message"), [
-    ({"server": {"host": "0.0.0.0"}}, "admin_token"),
-    ({"cache": {"hot_slots": 2, "pinned": ["a", "b"]}}, "hot slots"),
-    ({"cache": {"pinned": ["Not A Name"]}}, "must match"),
-    ({"server": {"queue_size": 4, "max_batch_rows": 8}}, "queue_size"),
-    ({"store": {"backend": "s3"}}, "endpoint"),
-    ({"backbone": {"generator": "/models/gen"}}, "together"),
-])
+@pytest.mark.parametrize(
+    ("groups", "message"),
+    [
+        ({"server": {"host": "0.0.0.0"}}, "admin_token"),
+        ({"cache": {"hot_slots": 2, "pinned": ["a", "b"]}}, "hot slots"),
+        ({"cache": {"pinned": ["Not A Name"]}}, "must match"),
+        ({"server": {"queue_size": 4, "max_batch_rows": 8}}, "queue_size"),
+        ({"store": {"backend": "s3"}}, "endpoint"),
+        ({"backbone": {"generator": "/models/gen"}}, "together"),
+    ],
+)
 def test_inconsistent_settings_fail_at_start_up(groups, message):
     with pytest.raises(ValidationError, match=message):
         Settings(**groups)
@@ -51,12 +54,15 @@ def test_an_exposed_server_with_an_admin_token_is_fine():
     assert not settings.server.is_loopback()
 
 
-@pytest.mark.parametrize(("groups", "cores", "budget"), [
-    ({}, 2, (1, 1)),  # serving beside one local run worker: half each
-    ({"runs": {"max_concurrent": 0}}, 2, (2, None)),  # no local training: serving keeps every core
-    ({"runs": {"max_concurrent": 2}}, 16, (8, 4)),
-    ({"runs": {"max_concurrent": 3}}, 2, (1, 1)),  # never below one thread
-    ({"server": {"threads": 12}, "runs": {"threads": 2}}, 16, (12, 2)),  # set: as set
-])
+@pytest.mark.parametrize(
+    ("groups", "cores", "budget"),
+    [
+        ({}, 2, (1, 1)),  # serving beside one local run worker: half each
+        ({"runs": {"max_concurrent": 0}}, 2, (2, None)),  # no local training: serving keeps every core
+        ({"runs": {"max_concurrent": 2}}, 16, (8, 4)),
+        ({"runs": {"max_concurrent": 3}}, 2, (1, 1)),  # never below one thread
+        ({"server": {"threads": 12}, "runs": {"threads": 2}}, 16, (12, 2)),  # set: as set
+    ],
+)
 def test_serving_and_run_workers_split_the_cores(groups, cores, budget):
     assert Settings(**groups).thread_budget(cores) == budget

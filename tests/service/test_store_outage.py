@@ -13,21 +13,31 @@ from tests.service.support import ADMIN, QUESTIONS, ingest_domain, publish_adapt
 ASK = {"question": QUESTIONS[0], "top_k": 2, "max_new_tokens": 3}
 
 
-def test_a_store_outage_during_a_promotion_leaves_the_live_version_serving(tmp_path, make_settings,
-                                                                           direct_backbone, store_of):
+def test_a_store_outage_during_a_promotion_leaves_the_live_version_serving(
+    tmp_path, make_settings, direct_backbone, store_of
+):
     with SeaweedS3(tmp_path / "s3") as s3:
         config = s3.store_config()
-        settings = make_settings({"backend": "s3", "endpoint": config.endpoint, "bucket": config.bucket,
-                                  "access_key": config.access_key,
-                                  "secret_key": config.secret_key.get_secret_value()},
-                                 server={"poll_interval_s": 0.5})
+        settings = make_settings(
+            {
+                "backend": "s3",
+                "endpoint": config.endpoint,
+                "bucket": config.bucket,
+                "access_key": config.access_key,
+                "secret_key": config.secret_key.get_secret_value(),
+            },
+            server={"poll_interval_s": 0.5},
+        )
         store = store_of(settings)
         ingest_domain(store, direct_backbone, "alpha", tmp_path / "corpus")
-        live, candidate = (publish_adapter(store, direct_backbone, "alpha", seed, tmp_path / "adapters")
-                           for seed in (1, 2))
+        live, candidate = (
+            publish_adapter(store, direct_backbone, "alpha", seed, tmp_path / "adapters") for seed in (1, 2)
+        )
         with serve(settings) as served, served.client() as client:
-            assert client.post("/admin/domains/alpha/promote", headers=ADMIN,
-                               json={"version": live}).status_code == 200
+            assert (
+                client.post("/admin/domains/alpha/promote", headers=ADMIN, json={"version": live}).status_code
+                == 200
+            )
             before = client.post("/ask?domain=alpha", json=ASK).json()
 
             s3.kill()

@@ -8,10 +8,25 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from adapters import AdapterIncompatible, AdapterRegistry, AdapterVersionNotFound, InvalidAdapterSet
+from adapters import (
+    AdapterIncompatible,
+    AdapterRef,
+    AdapterRegistry,
+    AdapterVersionNotFound,
+    InvalidAdapterSet,
+)
+from adapters.registry import lora_config
+from backbone import AdapterLoadError, AdapterSetConfig, LoraConfig
 from storage import IntegrityError
+from storage.artifacts import Manifest
 
 FINGERPRINT = "backbone-minilm-smollm2-7f3a"
+# What the fixture's PEFT configs say, for every component.
+LORA = AdapterSetConfig(
+    **dict.fromkeys(
+        ("question", "passage", "generator"), LoraConfig(r=4, alpha=8, targets=["query", "value"])
+    )
+)
 
 
 @pytest.fixture
@@ -47,7 +62,7 @@ def _publish(adapters, adapter_set, **overrides):
         metrics={"exact_match": 0.41},
         parent=None,
         index_version=None,
-        lora={"r": 4, "alpha": 8},
+        lora=LORA,
     )
     return adapters.publish("law", adapter_set, **{**fields, **overrides})
 
@@ -61,14 +76,20 @@ def test_publish_records_provenance_and_fetch_restores_the_weights(adapters, ada
         "metrics": {"exact_match": 0.41},
         "parent": None,
         "index_version": None,
-        "lora": {"r": 4, "alpha": 8},
+        "lora": {
+            component: {"r": 4, "alpha": 8, "dropout": 0.05, "targets": ["query", "value"]}
+            for component in ("question", "passage", "generator")
+        },
     }
     assert adapters.get("law", manifest.version) == manifest
+    assert lora_config(adapters.get("law", manifest.version)) == LORA  # read back whole
     assert [m.version for m in adapters.list("law")] == [manifest.version]
 
-    fetched = adapters.fetch(
-        "law", manifest.version, tmp_path / "cache" / "v", expected_fingerprint=FINGERPRINT
+    ref = adapters.ref("law", manifest.version)
+    assert (
+        ref == AdapterRef("law", manifest.version, manifest.checksum) and ref.key == f"law@{manifest.version}"
     )
+    fetched = adapters.fetch(ref, tmp_path / "cache" / "v", expected_fingerprint=FINGERPRINT)
 
     assert fetched == manifest
     for component in ("question", "passage", "generator"):
@@ -82,7 +103,9 @@ def test_fetch_for_another_backbone_is_refused_before_downloading(adapters, adap
     manifest = _publish(adapters, adapter_set)
 
     with pytest.raises(AdapterIncompatible) as caught:
-        adapters.fetch("law", manifest.version, tmp_path / "v", expected_fingerprint="backbone-other-0000")
+        adapters.fetch(
+            AdapterRef.of("law", manifest), tmp_path / "v", expected_fingerprint="backbone-other-0000"
+        )
 
     assert caught.value.code == "adapter_incompatible"
     assert FINGERPRINT in str(caught.value) and "backbone-other-0000" in str(caught.value)
@@ -95,7 +118,7 @@ def test_fetch_of_a_corrupted_adapter_fails_the_checksum(adapters, registry, ada
     registry.store.put_bytes(key, b"not the trained weights")
 
     with pytest.raises(IntegrityError):
-        adapters.fetch("law", manifest.version, tmp_path / "v", expected_fingerprint=FINGERPRINT)
+        adapters.fetch(AdapterRef.of("law", manifest), tmp_path / "v", expected_fingerprint=FINGERPRINT)
     assert not (tmp_path / "v").exists()
 
 
@@ -114,4 +137,37 @@ def test_unknown_adapter_version(adapters, tmp_path):
         adapters.get("law", "20990101T000000Z-abcdef")
     assert caught.value.code == "adapter_version_not_found"
     with pytest.raises(AdapterVersionNotFound):
-        adapters.fetch("law", "20990101T000000Z-abcdef", tmp_path / "v", expected_fingerprint=FINGERPRINT)
+        adapters.ref("law", "20990101T000000Z-abcdef")
+    with pytest.raises(AdapterVersionNotFound):
+        missing = AdapterRef("law", "20990101T000000Z-abcdef", "0" * 64)
+        adapters.fetch(missing, tmp_path / "v", expected_fingerprint=FINGERPRINT)
+
+
+def test_a_reference_to_other_files_than_the_stored_version_fetches_nothing(adapters, adapter_set, tmp_path):
+    manifest = _publish(adapters, adapter_set)
+    elsewhere = AdapterRef("law", manifest.version, "0" * 64)  # chosen when the version held other files
+
+    with pytest.raises(IntegrityError, match="other files than the one referenced"):
+        adapters.fetch(elsewhere, tmp_path / "v", expected_fingerprint=FINGERPRINT)
+    assert not (tmp_path / "v").exists()
+
+
+def _manifest(lora) -> Manifest:
+    return Manifest(
+        version="20990101T000000Z-abcdef",
+        created_at="2099-01-01T00:00:00Z",
+        files={},
+        metadata={"lora": lora},
+    )
+
+
+def test_a_version_that_recorded_no_lora_configuration_reads_back_none():
+    assert lora_config(_manifest({})) is None
+
+
+def test_a_recorded_lora_configuration_that_does_not_parse_is_a_clear_error():
+    with pytest.raises(AdapterLoadError) as caught:
+        lora_config(_manifest({"question": {"r": "eight"}, "passage": {}, "generator": {}, "rank": 4}))
+    assert caught.value.code == "adapter_invalid"
+    message = str(caught.value)
+    assert "20990101T000000Z-abcdef" in message and "question.r" in message and "rank" in message

@@ -252,11 +252,17 @@ def test_gc_keeps_recent_live_and_pinned_versions(registry, law, payload):
 
 def test_gc_keeps_what_kept_versions_need_and_a_dry_run_deletes_nothing(registry, law, payload):
     passages = [_publish(registry, payload, ArtifactKind.PASSAGES) for _ in range(3)]
-    indexes = [registry.publish(law, ArtifactKind.INDEXES, {"x.bin": payload},
-                                {"passages_version": passages[0]}).version]
+    indexes = [
+        registry.publish(
+            law, ArtifactKind.INDEXES, {"x.bin": payload}, {"passages_version": passages[0]}
+        ).version
+    ]
     indexes += [_publish(registry, payload, ArtifactKind.INDEXES) for _ in range(2)]
-    adapters = [registry.publish(law, ArtifactKind.ADAPTERS, {"x.bin": payload},
-                                 {"index_version": indexes[0]}).version]
+    adapters = [
+        registry.publish(
+            law, ArtifactKind.ADAPTERS, {"x.bin": payload}, {"index_version": indexes[0]}
+        ).version
+    ]
     adapters += [_publish(registry, payload, ArtifactKind.ADAPTERS) for _ in range(2)]
     protected = _publish(registry, payload, ArtifactKind.ADAPTERS)
     adapters.append(_publish(registry, payload, ArtifactKind.ADAPTERS))
@@ -264,12 +270,21 @@ def test_gc_keeps_what_kept_versions_need_and_a_dry_run_deletes_nothing(registry
     registry.set_live(law, index_version=indexes[2], expected_etag=registry.live(law).etag)
 
     planned = registry.gc(law, keep_last=1, protect=[protected], dry_run=True)
-    assert sorted(planned) == sorted([f"adapters/{adapters[1]}", f"adapters/{adapters[2]}",
-                                      f"indexes/{indexes[1]}", f"passages/{passages[1]}"])
+    assert sorted(planned) == sorted(
+        [
+            f"adapters/{adapters[1]}",
+            f"adapters/{adapters[2]}",
+            f"indexes/{indexes[1]}",
+            f"passages/{passages[1]}",
+        ]
+    )
     assert len(registry.list_versions(law, ArtifactKind.ADAPTERS)) == 5  # a dry run deletes nothing
     assert registry.gc(law, keep_last=1, protect=[protected]) == planned
     assert [m.version for m in registry.list_versions(law, ArtifactKind.ADAPTERS)] == [
-        adapters[0], protected, adapters[3]]
+        adapters[0],
+        protected,
+        adapters[3],
+    ]
     assert [m.version for m in registry.list_versions(law, ArtifactKind.INDEXES)] == [indexes[0], indexes[2]]
     registry.rollback(law)  # back to adapters[0] with the index it names: both still there
     assert registry.live(law).index_version == indexes[0]

@@ -1,4 +1,5 @@
-"""The synchronous client. ``AsyncClient`` (async_client.py) has the same surface with ``await``."""
+"""The synchronous client. ``AsyncClient`` (async_client.py) has the same surface with ``await``: it is
+generated from this file (``python generate_async.py``, beside pyproject.toml), so edit this one."""
 
 from __future__ import annotations
 
@@ -57,8 +58,9 @@ class Client:
         retry: RetryPolicy | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> None:
-        self._config = ClientConfig.resolve(base_url, admin_token, api_key, timeout, max_retries, retry,
-                                            headers)
+        self._config = ClientConfig.resolve(
+            base_url, admin_token, api_key, timeout, max_retries, retry, headers
+        )
         self._http = httpx.Client(base_url=self._config.base_url, timeout=self._config.timeout)
         self.domains = Domains(self)
         self.jobs = Jobs(self)
@@ -91,8 +93,9 @@ class Client:
         """Readiness: backbone loaded and store reachable; raises ``ServiceUnavailableError`` otherwise."""
         return self._send(endpoints.ready())
 
-    def gc(self, *, apply: bool = False, keep_last: int | None = None,
-           domains: Iterable[str] | None = None) -> GcReport:
+    def gc(
+        self, *, apply: bool = False, keep_last: int | None = None, domains: Iterable[str] | None = None
+    ) -> GcReport:
         """Old versions (beyond the newest ``keep_last`` of each kind per domain, live and pinned ones kept)
         and what faults left behind: what would go, or with ``apply`` what went. Admin token."""
         return self._send(endpoints.gc(apply, keep_last, domains))
@@ -120,8 +123,14 @@ class Client:
                     outcome = attempts.answered(response)
             if outcome.retry_in is None:
                 return outcome.result()
-            log.info("retrying %s %s in %.2fs after %s (retry %d)", call.method, call.path, outcome.retry_in,
-                     outcome.error, attempts.retries)
+            log.info(
+                "retrying %s %s in %.2fs after %s (retry %d)",
+                call.method,
+                call.path,
+                outcome.retry_in,
+                outcome.error,
+                attempts.retries,
+            )
             time.sleep(outcome.retry_in)
 
 
@@ -151,7 +160,8 @@ class Domains:
         ``passages_uri`` already in the store, with optional QA pairs. Ingestion and the first index build run
         in the background: ``.wait()`` on the returned job."""
         created = self._client._send(
-            endpoints.create_domain(name, passages, passages_uri, qa, description, retrieval))
+            endpoints.create_domain(name, passages, passages_uri, qa, description, retrieval)
+        )
         return Job(self._client, created.job)
 
     def promote(self, name: str, version: str, expected_etag: str | None = None) -> DomainInfo:
@@ -211,14 +221,27 @@ class Runs:
         metadata: Mapping[str, str] | None = None,
     ) -> Run:
         """Queue a run training on the domain's QA ``split`` (default ``train``), on QA at a store ``uri``, or
-        on ``examples``, plus ``synthetic`` data made from the domain's passages (``True``: the server's default,
-        inverse-cloze pairs; a mapping such as ``{"generated": {"max_passages": 300}}``; ``False``: none).
-        ``use_qa=False`` trains on synthetic data alone. ``promote_metric``: what ``if_better`` needs a
+        on ``examples``, plus ``synthetic`` data made from the domain's passages (``True``: the server's
+        default, inverse-cloze pairs; a mapping such as ``{"generated": {"max_passages": 300}}``; ``False``:
+        none). ``use_qa=False`` trains on synthetic data alone. ``promote_metric``: what ``if_better`` needs a
         significant gain on. Unset hyperparameters take the server's defaults; ``metadata`` labels the run (at
         most 16 strings, read back on it). ``.wait()`` on the returned run."""
-        info = self._client._send(endpoints.create_run(domain, mode, promote, split, uri, examples,
-                                                       hyperparameters, reconstruction, synthetic, use_qa,
-                                                       promote_metric, metadata))
+        info = self._client._send(
+            endpoints.create_run(
+                domain,
+                mode,
+                promote,
+                split,
+                uri,
+                examples,
+                hyperparameters,
+                reconstruction,
+                synthetic,
+                use_qa,
+                promote_metric,
+                metadata,
+            )
+        )
         return Run(self._client, info)
 
     def get(self, run_id: str) -> RunInfo:
@@ -265,8 +288,14 @@ class Job:
         self.info = self._client.jobs.get(self.id)
         return self.info
 
-    def wait(self, *, progress: bool = True, timeout: float | None = None, poll_interval: float = 0.5,
-             max_poll_interval: float = 5.0) -> JobInfo:
+    def wait(
+        self,
+        *,
+        progress: bool = True,
+        timeout: float | None = None,
+        poll_interval: float = 0.5,
+        max_poll_interval: float = 5.0,
+    ) -> JobInfo:
         """Poll until the job finishes and return its final state; raises ``JobFailedError`` if it failed and
         ``WaitTimeoutError`` after ``timeout`` seconds (the job goes on)."""
         schedule = PollSchedule(poll_interval, max_poll_interval, timeout, f"job {self.id}")
@@ -284,8 +313,10 @@ class Job:
         return job_outcome(self.info)
 
     def __repr__(self) -> str:
-        return f"Job(id={self.id!r}, kind={self.info.kind!r}, domain={self.domain!r}, " \
-                f"state={self.info.state!r})"
+        return (
+            f"{type(self).__name__}(id={self.id!r}, kind={self.info.kind!r}, domain={self.domain!r}, "
+            f"state={self.info.state!r})"
+        )
 
 
 class Run:
@@ -316,8 +347,14 @@ class Run:
         """The run's checkpoints so far, newest first."""
         return self._client.runs.checkpoints(self.id)
 
-    def wait(self, *, progress: bool = True, timeout: float | None = None, poll_interval: float = 0.5,
-             max_poll_interval: float = 5.0) -> RunInfo:
+    def wait(
+        self,
+        *,
+        progress: bool = True,
+        timeout: float | None = None,
+        poll_interval: float = 0.5,
+        max_poll_interval: float = 5.0,
+    ) -> RunInfo:
         """Poll until the run finishes, showing steps and the latest loss in a progress bar, and return its
         final state. Raises ``RunFailedError`` / ``RunCancelledError`` if it did not succeed and
         ``WaitTimeoutError`` after ``timeout`` seconds (the run goes on)."""
@@ -335,8 +372,9 @@ class Run:
             bar.close()
         return run_outcome(self.info)
 
-    def events(self, *, follow: bool = False, poll_interval: float = 0.5,
-               max_poll_interval: float = 5.0) -> Iterator[RunEvent]:
+    def events(
+        self, *, follow: bool = False, poll_interval: float = 0.5, max_poll_interval: float = 5.0
+    ) -> Iterator[RunEvent]:
         """The events this handle has not yielded yet. With ``follow`` it keeps polling until the run finished
         and its last event was yielded."""
         schedule = PollSchedule(poll_interval, max_poll_interval, None, f"run {self.id}")
@@ -356,5 +394,7 @@ class Run:
                 time.sleep(schedule.next_delay(changed=False))
 
     def __repr__(self) -> str:
-        return f"Run(id={self.id!r}, domain={self.domain!r}, state={self.info.state!r}, " \
-                f"step={self.info.step})"
+        return (
+            f"{type(self).__name__}(id={self.id!r}, domain={self.domain!r}, state={self.info.state!r}, "
+            f"step={self.info.step})"
+        )

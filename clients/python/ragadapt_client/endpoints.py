@@ -88,8 +88,9 @@ class Call(Generic[T]):
         ``POST /ask`` only reads."""
         return not (self.method in ("POST", "DELETE") and self.path.startswith("/admin/"))
 
-    def build(self, http: httpx.Client | httpx.AsyncClient, headers: dict[str, str],
-              files: ExitStack) -> httpx.Request:
+    def build(
+        self, http: httpx.Client | httpx.AsyncClient, headers: dict[str, str], files: ExitStack
+    ) -> httpx.Request:
         """The request for one attempt. Upload files are opened into ``files``: each attempt rereads them."""
         multipart = None
         if self.uploads:
@@ -97,8 +98,15 @@ class Call(Generic[T]):
                 field: (upload.filename, files.enter_context(upload.open()), "application/x-ndjson")
                 for field, upload in self.uploads.items()
             }
-        return http.build_request(self.method, self.path, params=self.params, json=self.json,
-                                  data=self.form, files=multipart, headers=headers)
+        return http.build_request(
+            self.method,
+            self.path,
+            params=self.params,
+            json=self.json,
+            data=self.form,
+            files=multipart,
+            headers=headers,
+        )
 
 
 def _model(cls: type[BaseModel]) -> Callable[[httpx.Response], Any]:
@@ -135,10 +143,23 @@ def ready() -> Call[Readiness]:
     return Call("GET", "/readyz", _model(Readiness), retry_statuses=False)
 
 
-def ask(domain: str, question: str, top_k: int | None, max_new_tokens: int | None,
-        retrieval: Retrieval | None, return_passages: bool | None) -> Call[Answer]:
-    body = _without_none(dict(question=question, top_k=top_k, max_new_tokens=max_new_tokens,
-                              retrieval=retrieval, return_passages=return_passages))
+def ask(
+    domain: str,
+    question: str,
+    top_k: int | None,
+    max_new_tokens: int | None,
+    retrieval: Retrieval | None,
+    return_passages: bool | None,
+) -> Call[Answer]:
+    body = _without_none(
+        dict(
+            question=question,
+            top_k=top_k,
+            max_new_tokens=max_new_tokens,
+            retrieval=retrieval,
+            return_passages=return_passages,
+        )
+    )
     return Call("POST", "/ask", _model(Answer), params={"domain": domain}, json=body)
 
 
@@ -150,15 +171,22 @@ def get_domain(name: str) -> Call[DomainInfo]:
     return Call("GET", f"/domains/{_segment(name)}", _domain)
 
 
-def create_domain(name: str, passages: Records | None, passages_uri: str | None, qa: Records | None,
-                  description: str | None, retrieval: Retrieval | None) -> Call[DomainCreated]:
+def create_domain(
+    name: str,
+    passages: Records | None,
+    passages_uri: str | None,
+    qa: Records | None,
+    description: str | None,
+    retrieval: Retrieval | None,
+) -> Call[DomainCreated]:
     """Passages from a file or records go up as multipart JSONL; a ``passages_uri`` (a store key or
     ``s3://bucket/key``) goes as JSON and the server reads it from the store."""
     if (passages is None) == (passages_uri is None):
         raise ValueError("give exactly one of passages (a JSONL path or records) and passages_uri")
     if passages_uri is not None:
-        body = _without_none(dict(name=name, description=description, passages_uri=passages_uri,
-                                  retrieval=retrieval))
+        body = _without_none(
+            dict(name=name, description=description, passages_uri=passages_uri, retrieval=retrieval)
+        )
         if qa is not None:
             body["qa"] = [_record(item) for item in _read_records(qa)]
         return Call("POST", "/admin/domains", _model(DomainCreated), json=body, admin=True)
@@ -199,17 +227,26 @@ def rollback(name: str, expected_etag: str | None) -> Call[DomainInfo]:
 
 
 def gc(apply: bool, keep_last: int | None, domains: Iterable[str] | None) -> Call[GcReport]:
-    body = _without_none(dict(dry_run=not apply, keep_last=keep_last,
-                              domains=list(domains) if domains is not None else None))
+    body = _without_none(
+        dict(dry_run=not apply, keep_last=keep_last, domains=list(domains) if domains is not None else None)
+    )
     return Call("POST", "/admin/gc", _model(GcReport), json=body, admin=True)
 
 
-def create_run(domain: str, mode: str, promote: str, split: str | None, uri: str | None,
-               examples: Iterable[Mapping[str, Any] | BaseModel] | None,
-               hyperparameters: Hyperparameters | Mapping[str, Any] | None,
-               reconstruction: Mapping[str, Any] | None, synthetic: Mapping[str, Any] | bool,
-               use_qa: bool, promote_metric: str | None,
-               metadata: Mapping[str, str] | None = None) -> Call[RunInfo]:
+def create_run(
+    domain: str,
+    mode: str,
+    promote: str,
+    split: str | None,
+    uri: str | None,
+    examples: Iterable[Mapping[str, Any] | BaseModel] | None,
+    hyperparameters: Hyperparameters | Mapping[str, Any] | None,
+    reconstruction: Mapping[str, Any] | None,
+    synthetic: Mapping[str, Any] | bool,
+    use_qa: bool,
+    promote_metric: str | None,
+    metadata: Mapping[str, str] | None = None,
+) -> Call[RunInfo]:
     """Training data is one of: a split of the domain's QA (default ``train``), a store URI, or examples; plus
     synthetic data from the domain's passages (``True``: the server's default, a mapping: as given)."""
     given = [value is not None for value in (uri, examples)]
@@ -255,8 +292,9 @@ def run_events(run_id: str, after: int, limit: int | None = None) -> Call[RunEve
 
 
 def run_checkpoints(run_id: str) -> Call[list[Checkpoint]]:
-    return Call("GET", f"/admin/runs/{_segment(run_id)}/checkpoints", _listed(Checkpoint, "checkpoints"),
-                admin=True)
+    return Call(
+        "GET", f"/admin/runs/{_segment(run_id)}/checkpoints", _listed(Checkpoint, "checkpoints"), admin=True
+    )
 
 
 def cancel_run(run_id: str) -> Call[RunInfo]:

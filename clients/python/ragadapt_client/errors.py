@@ -160,8 +160,11 @@ class RunCancelledError(RagadaptError):
     """An adaptation run ended ``cancelled`` while being waited on; ``run`` is its final state."""
 
     def __init__(self, run: RunInfo) -> None:
-        super().__init__(f"run {run.id} for domain {run.domain!r} was cancelled at step {run.step}",
-                         code="run_cancelled", detail=run.error)
+        super().__init__(
+            f"run {run.id} for domain {run.domain!r} was cancelled at step {run.step}",
+            code="run_cancelled",
+            detail=run.error,
+        )
         self.run = run
 
 
@@ -251,5 +254,12 @@ def error_from_response(response: httpx.Response, request_id: str | None) -> API
     message = f"{status} {code or title}: {detail or title}"
     if request_id:
         message += f" (request {request_id})"
-    return cls(message, response=response, problem=problem, status=status, code=code, detail=detail,
-               request_id=request_id)
+    return cls(
+        message,
+        response=response,
+        problem=problem,
+        status=status,
+        code=code,
+        detail=detail,
+        request_id=request_id,
+    )

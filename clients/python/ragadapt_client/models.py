@@ -77,7 +77,8 @@ class LatestStep(_Model):
 class RunMetrics(_Model):
     """Evaluation reports of the base (before) and final (after) model: ``exact_match``, ``f1`` and ``recall``
     (per retrieval mode, per k) with their 95% intervals (``f1_ci`` ...); ``improvement``: final - base per
-    figure (``f1``, ``dense_recall@5`` ...) as ``{"value", "ci", "questions"}``, paired bootstrap intervals."""
+    figure (``f1``, ``dense_recall@5`` ...) as ``{"value", "ci", "questions"}``, paired bootstrap
+    intervals."""
 
     base: dict[str, Any] | None = None
     final: dict[str, Any] | None = None
@@ -280,7 +281,9 @@ class Hyperparameters(_Model):
     index_refresh_every: int | None = None  # steps between asynchronous index rebuilds (End2End)
     max_index_staleness: int | None = None  # steps training runs ahead of a pending rebuild before it waits
     reconstruction_ratio: float | None = None  # share of examples that are sentence reconstructions
-    retriever_steps: int | None = None  # the retriever phase (contrastive, encoders only) before the joint one
+    retriever_steps: int | None = (
+        None  # the retriever phase (contrastive, encoders only) before the joint one
+    )
     retriever_epochs: float | None = None  # instead of retriever_steps: passes over the retrieval pairs
     retriever_batch_size: int | None = None
     retriever_lr: float | None = None

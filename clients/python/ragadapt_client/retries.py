@@ -36,8 +36,13 @@ RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 # The request never left this machine: safe to send again whatever it was.
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 # The request may have reached the server: safe to send again only if repeating it changes nothing.
-_MAYBE_SENT = (httpx.ReadTimeout, httpx.WriteTimeout, httpx.ReadError, httpx.WriteError,
-               httpx.RemoteProtocolError)
+_MAYBE_SENT = (
+    httpx.ReadTimeout,
+    httpx.WriteTimeout,
+    httpx.ReadError,
+    httpx.WriteError,
+    httpx.RemoteProtocolError,
+)
 
 
 @dataclass(frozen=True)
@@ -93,8 +98,9 @@ class Attempts(Generic[T]):
         self.request_id = request_id
         self.retries = 0
 
-    def request(self, http: httpx.Client | httpx.AsyncClient, headers: dict[str, str],
-                files: ExitStack) -> httpx.Request:
+    def request(
+        self, http: httpx.Client | httpx.AsyncClient, headers: dict[str, str], files: ExitStack
+    ) -> httpx.Request:
         return self.call.build(http, {**headers, "X-Request-ID": self.request_id}, files)
 
     def answered(self, response: httpx.Response) -> Outcome[T]:
@@ -102,11 +108,14 @@ class Attempts(Generic[T]):
             try:
                 return Outcome(value=self.call.parse(response))
             except (ValidationError, ValueError) as exc:
-                return Outcome(error=APIResponseValidationError(
-                    f"{self.call.method} {self.call.path}: response does not match the contract: {exc}",
-                    status=response.status_code, code="invalid_response",
-                    request_id=response.headers.get("X-Request-ID") or self.request_id,
-                ))
+                return Outcome(
+                    error=APIResponseValidationError(
+                        f"{self.call.method} {self.call.path}: response does not match the contract: {exc}",
+                        status=response.status_code,
+                        code="invalid_response",
+                        request_id=response.headers.get("X-Request-ID") or self.request_id,
+                    )
+                )
         error = error_from_response(response, self.request_id)
         if response.status_code in RETRY_STATUSES and self.call.idempotent and self.call.retry_statuses:
             return self._again(error, error.retry_after)

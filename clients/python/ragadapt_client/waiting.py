@@ -30,8 +30,9 @@ class PollSchedule:
             return self.interval
         left = self.deadline - time.monotonic()
         if left <= 0:
-            raise WaitTimeoutError(f"gave up waiting for {self.what} after {self.timeout:g}s; it goes on",
-                                   code="wait_timeout")
+            raise WaitTimeoutError(
+                f"gave up waiting for {self.what} after {self.timeout:g}s; it goes on", code="wait_timeout"
+            )
         return min(self.interval, left)
 
 
@@ -41,8 +42,9 @@ class RunProgress:
     def __init__(self, run: RunInfo, enabled: bool) -> None:
         self._bar = None
         if enabled:
-            self._bar = tqdm(total=run.total_steps, unit="step", desc=f"run {run.id} ({run.domain})",
-                             dynamic_ncols=True)
+            self._bar = tqdm(
+                total=run.total_steps, unit="step", desc=f"run {run.id} ({run.domain})", dynamic_ncols=True
+            )
         self.update(run)
 
     def update(self, run: RunInfo) -> None:
@@ -70,8 +72,13 @@ class JobProgress:
     def __init__(self, job: JobInfo, enabled: bool) -> None:
         self._bar = None
         if enabled:
-            self._bar = tqdm(total=100, unit="%", desc=f"{job.kind} {job.domain}", dynamic_ncols=True,
-                             bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt}% [{elapsed}<{remaining}{postfix}]")
+            self._bar = tqdm(
+                total=100,
+                unit="%",
+                desc=f"{job.kind} {job.domain}",
+                dynamic_ncols=True,
+                bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt}% [{elapsed}<{remaining}{postfix}]",
+            )
         self.update(job)
 
     def update(self, job: JobInfo) -> None:

@@ -13,7 +13,9 @@ from typing import Any
 
 import httpx
 import pytest
+
 from ragadapt_client import AsyncClient, Client, RetryPolicy
+
 from scripted import ScriptedServer, free_port
 
 # Backoff small enough for fast tests, large enough to be measurable.
@@ -53,19 +55,32 @@ ADMIN_TOKEN = "admin-test-token"
 API_KEY = "reader-test-key"
 # Words the tiny test tokenizer knows, so retrieval and generation run on real token ids.
 PASSAGES = [
-    {"id": "geo-1", "title": "capitals",
-     "text": "the capital of france is paris and the capital of italy is rome"},
-    {"id": "med-1", "title": "covid",
-     "text": "covid spreads through droplets and the incubation period is five days"},
-    {"id": "fin-1", "title": "revenue",
-     "text": "the company revenue was 42 million dollars in 2019 and 51 million in 2020"},
+    {
+        "id": "geo-1",
+        "title": "capitals",
+        "text": "the capital of france is paris and the capital of italy is rome",
+    },
+    {
+        "id": "med-1",
+        "title": "covid",
+        "text": "covid spreads through droplets and the incubation period is five days",
+    },
+    {
+        "id": "fin-1",
+        "title": "revenue",
+        "text": "the company revenue was 42 million dollars in 2019 and 51 million in 2020",
+    },
 ]
 QA = [
     {"question": "what is the capital of france", "answers": ["paris"], "passage_ids": ["geo-1"]},
     {"question": "what is the incubation period", "answers": ["five days"], "passage_ids": ["med-1"]},
     {"question": "what was the revenue in 2019", "answers": ["42 million"], "passage_ids": ["fin-1"]},
-    {"question": "what is the capital of italy", "answers": ["rome"], "passage_ids": ["geo-1"],
-     "split": "dev"},
+    {
+        "question": "what is the capital of italy",
+        "answers": ["rome"],
+        "passage_ids": ["geo-1"],
+        "split": "dev",
+    },
 ]
 # A run that takes seconds on the tiny models: two generator steps over the tiny domain's three passages.
 TINY_RUN = {"steps": 2, "batch_size": 2, "top_k": 2}
@@ -93,10 +108,15 @@ def live_server(tmp_path_factory) -> LiveServer:
     settings = Settings(
         data_dir=root / "data",
         server=ServerSettings(admin_token=ADMIN_TOKEN, api_keys=[API_KEY], poll_interval_s=0.2),
-        backbone=BackboneSettings(question_encoder=tiny.question_encoder,
-                                  passage_encoder=tiny.passage_encoder, generator=tiny.generator,
-                                  cache_dir=tiny.cache_dir, dtype="float32", max_passage_tokens=48,
-                                  max_answer_tokens=12),
+        backbone=BackboneSettings(
+            question_encoder=tiny.question_encoder,
+            passage_encoder=tiny.passage_encoder,
+            generator=tiny.generator,
+            cache_dir=tiny.cache_dir,
+            dtype="float32",
+            max_passage_tokens=48,
+            max_answer_tokens=12,
+        ),
         demo=DemoSettings(enabled=False),
     )
     port = free_port()

@@ -25,8 +25,14 @@ class Reply:
 
     @classmethod
     def problem(cls, status: int, code: str, detail: str = "", **headers: str) -> Reply:
-        body = {"type": f"https://ragadapt.dev/problems/{code}", "title": code.replace("_", " "),
-                "status": status, "detail": detail or code, "code": code, "request_id": "server-side-id"}
+        body = {
+            "type": f"https://ragadapt.dev/problems/{code}",
+            "title": code.replace("_", " "),
+            "status": status,
+            "detail": detail or code,
+            "code": code,
+            "request_id": "server-side-id",
+        }
         return cls(status, body, {"Content-Type": "application/problem+json", **headers})
 
 
@@ -57,8 +63,13 @@ class ScriptedServer:
             def _handle(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
-                received = Received(self.command, self.path, {k.lower(): v for k, v in self.headers.items()},
-                                    body, time.monotonic())
+                received = Received(
+                    self.command,
+                    self.path,
+                    {k.lower(): v for k, v in self.headers.items()},
+                    body,
+                    time.monotonic(),
+                )
                 with server._lock:
                     server.received.append(received)
                     reply = server.script.pop(0) if server.script else None

@@ -6,13 +6,28 @@ import json
 
 import httpx
 import pytest
+
 from ragadapt_client import APITimeoutError, Client, NotFoundError
+
 from scripted import Reply
 
-ANSWER = {"answer": "paris", "domain": "geo", "adapter_version": "v1", "index_version": "i1", "passages": [],
-          "timings": {"queue": 0.0, "embed": 0.0, "search": 0.0, "generate": 0.1}}
-JOB = {"id": "j1", "kind": "ingest", "domain": "geo", "state": "pending", "progress": 0.0, "error": None,
-       "result": None}
+ANSWER = {
+    "answer": "paris",
+    "domain": "geo",
+    "adapter_version": "v1",
+    "index_version": "i1",
+    "passages": [],
+    "timings": {"queue": 0.0, "embed": 0.0, "search": 0.0, "generate": 0.1},
+}
+JOB = {
+    "id": "j1",
+    "kind": "ingest",
+    "domain": "geo",
+    "state": "pending",
+    "progress": 0.0,
+    "error": None,
+    "result": None,
+}
 
 
 def test_environment_supplies_url_and_credentials(scripted, using, monkeypatch):
@@ -48,12 +63,21 @@ def test_no_credentials_means_no_auth_headers(scripted, using, monkeypatch):
 def test_ask_sends_only_the_options_given(scripted, using):
     scripted.script = [Reply(200, ANSWER), Reply(200, ANSWER)]
     using(scripted.url, lambda client: client.ask("geo", "q"))
-    using(scripted.url, lambda client: client.ask("geo", "q", top_k=3, max_new_tokens=8, retrieval="hybrid",
-                                                  return_passages=False))
+    using(
+        scripted.url,
+        lambda client: client.ask(
+            "geo", "q", top_k=3, max_new_tokens=8, retrieval="hybrid", return_passages=False
+        ),
+    )
     first, second = (json.loads(r.body) for r in scripted.received)
     assert first == {"question": "q"}
-    assert second == {"question": "q", "top_k": 3, "max_new_tokens": 8, "retrieval": "hybrid",
-                      "return_passages": False}
+    assert second == {
+        "question": "q",
+        "top_k": 3,
+        "max_new_tokens": 8,
+        "retrieval": "hybrid",
+        "return_passages": False,
+    }
 
 
 def test_path_segments_are_escaped(scripted, using):

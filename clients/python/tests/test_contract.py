@@ -8,30 +8,56 @@ import re
 import httpx
 import pytest
 from pydantic import BaseModel
+
 from ragadapt_client import endpoints, models
 
 # SDK model -> the service's schema component.
 RESPONSES = {
-    models.Answer: "AskResponse", models.Passage: "PassageOut", models.Timings: "Timings",
-    models.DomainInfo: "DomainInfo", models.LiveState: "LiveInfo", models.DomainVersions: "DomainVersions",
-    models.AdapterVersion: "AdapterVersionInfo", models.IndexVersion: "IndexVersionInfo",
-    models.JobInfo: "JobInfo", models.DomainCreated: "CreateDomainResponse", models.RunInfo: "RunInfo",
-    models.RunEvents: "RunEvents", models.Health: "Health", models.Readiness: "Ready",
-    models.RunWorkers: "RunWorkers", models.Checkpoint: "Checkpoint", models.GcReport: "GcReport",
+    models.Answer: "AskResponse",
+    models.Passage: "PassageOut",
+    models.Timings: "Timings",
+    models.DomainInfo: "DomainInfo",
+    models.LiveState: "LiveInfo",
+    models.DomainVersions: "DomainVersions",
+    models.AdapterVersion: "AdapterVersionInfo",
+    models.IndexVersion: "IndexVersionInfo",
+    models.JobInfo: "JobInfo",
+    models.DomainCreated: "CreateDomainResponse",
+    models.RunInfo: "RunInfo",
+    models.RunEvents: "RunEvents",
+    models.Health: "Health",
+    models.Readiness: "Ready",
+    models.RunWorkers: "RunWorkers",
+    models.Checkpoint: "Checkpoint",
+    models.GcReport: "GcReport",
 }
-REQUESTS = {models.Hyperparameters: "Hyperparameters", models.LoraSpec: "LoraSpec",
-            models.LoraSpecs: "LoraSettings"}
+REQUESTS = {
+    models.Hyperparameters: "Hyperparameters",
+    models.LoraSpec: "LoraConfig",
+    models.LoraSpecs: "AdapterSetConfig",
+}
 
 CALLS = [
-    endpoints.health(), endpoints.ready(), endpoints.ask("d", "q", None, None, None, None),
-    endpoints.list_domains(), endpoints.get_domain("d"),
+    endpoints.health(),
+    endpoints.ready(),
+    endpoints.ask("d", "q", None, None, None, None),
+    endpoints.list_domains(),
+    endpoints.get_domain("d"),
     endpoints.create_domain("d", [{"id": "p", "text": "t"}], None, None, None, None),
     endpoints.create_domain("d", None, "passages/d.jsonl", None, None, None),
-    endpoints.get_job("j"), endpoints.promote("d", "v", None), endpoints.rollback("d", None),
+    endpoints.get_job("j"),
+    endpoints.promote("d", "v", None),
+    endpoints.rollback("d", None),
     endpoints.create_run("d", "end2end", "if_better", None, None, None, None, None, True, True, "f1"),
-    endpoints.list_runs(None), endpoints.get_run("r"), endpoints.run_events("r", 0),
-    endpoints.run_events("r", 0, 10), endpoints.run_checkpoints("r"), endpoints.cancel_run("r"),
-    endpoints.rebuild_domain("d"), endpoints.delete_domain("d"), endpoints.gc(False, 3, ["d"]),
+    endpoints.list_runs(None),
+    endpoints.get_run("r"),
+    endpoints.run_events("r", 0),
+    endpoints.run_events("r", 0, 10),
+    endpoints.run_checkpoints("r"),
+    endpoints.cancel_run("r"),
+    endpoints.rebuild_domain("d"),
+    endpoints.delete_domain("d"),
+    endpoints.gc(False, 3, ["d"]),
 ]
 
 
@@ -48,8 +74,11 @@ def _component(openapi: dict, name: str) -> dict:
 
 @pytest.mark.parametrize("call", CALLS, ids=[f"{c.method} {c.path}" for c in CALLS])
 def test_every_call_is_a_documented_operation(openapi, call):
-    matches = [template for template in openapi["paths"]
-               if re.fullmatch(re.sub(r"\{[^}]+\}", "[^/]+", template), call.path)]
+    matches = [
+        template
+        for template in openapi["paths"]
+        if re.fullmatch(re.sub(r"\{[^}]+\}", "[^/]+", template), call.path)
+    ]
     assert matches, f"{call.path} is no path of the service"
     assert any(call.method.lower() in openapi["paths"][template] for template in matches)
 

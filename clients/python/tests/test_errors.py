@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from ragadapt_client import (
     APIResponseValidationError,
     APIStatusError,
@@ -19,16 +20,28 @@ from ragadapt_client import (
     ServiceUnavailableError,
     UnprocessableEntityError,
 )
+
 from scripted import Reply
 
 NO_RETRY = {"max_retries": 0}
 
 
-@pytest.mark.parametrize(("status", "cls"), [
-    (400, BadRequestError), (401, AuthenticationError), (403, PermissionDeniedError), (404, NotFoundError),
-    (409, ConflictError), (413, PayloadTooLargeError), (422, UnprocessableEntityError), (429, RateLimitError),
-    (500, InternalServerError), (503, ServiceUnavailableError), (504, GatewayTimeoutError),
-])
+@pytest.mark.parametrize(
+    ("status", "cls"),
+    [
+        (400, BadRequestError),
+        (401, AuthenticationError),
+        (403, PermissionDeniedError),
+        (404, NotFoundError),
+        (409, ConflictError),
+        (413, PayloadTooLargeError),
+        (422, UnprocessableEntityError),
+        (429, RateLimitError),
+        (500, InternalServerError),
+        (503, ServiceUnavailableError),
+        (504, GatewayTimeoutError),
+    ],
+)
 def test_each_status_has_its_class_and_carries_the_problem(scripted, using, status, cls):
     scripted.script = [Reply.problem(status, "some_new_code", "what went wrong")]
     with pytest.raises(cls) as caught:
@@ -58,8 +71,9 @@ def test_the_code_is_taken_from_the_problem_type_when_absent(scripted, using):
 
 
 def test_a_body_that_is_no_problem_still_gives_a_typed_error(scripted, using):
-    scripted.script = [Reply(502, b"<html>bad gateway</html>", {"Content-Type": "text/html",
-                                                                "X-Request-ID": "proxy-id"})]
+    scripted.script = [
+        Reply(502, b"<html>bad gateway</html>", {"Content-Type": "text/html", "X-Request-ID": "proxy-id"})
+    ]
     with pytest.raises(APIStatusError) as caught:
         using(scripted.url, lambda client: client.domains.list(), **NO_RETRY)
     error = caught.value

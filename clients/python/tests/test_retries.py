@@ -8,6 +8,7 @@ import time
 
 import httpx
 import pytest
+
 from ragadapt_client import (
     APIConnectionError,
     APIStatusError,
@@ -18,6 +19,7 @@ from ragadapt_client import (
     ServiceUnavailableError,
 )
 from ragadapt_client.errors import parse_retry_after
+
 from scripted import Reply, ScriptedServer
 
 RUN = {"id": "r1", "domain": "covid", "mode": "end2end", "state": "queued", "step": 0, "total_steps": 4}
@@ -83,8 +85,14 @@ def test_max_retries_zero_sends_once(scripted, using):
 
 
 def test_ask_is_retried_although_it_is_a_post(scripted, using):
-    answer = {"answer": "five days", "domain": "covid", "adapter_version": None, "index_version": "i1",
-              "passages": [], "timings": {"queue": 0.0, "embed": 0.01, "search": 0.0, "generate": 0.5}}
+    answer = {
+        "answer": "five days",
+        "domain": "covid",
+        "adapter_version": None,
+        "index_version": "i1",
+        "passages": [],
+        "timings": {"queue": 0.0, "embed": 0.01, "search": 0.0, "generate": 0.5},
+    }
     scripted.script = [Reply.problem(503, "index_not_ready", **{"Retry-After": "0"}), Reply(200, answer)]
     result = using(scripted.url, lambda client: client.ask("covid", "incubation?"))
     assert result.answer == "five days" and result.adapter_version is None
@@ -134,9 +142,9 @@ def test_admin_post_is_retried_when_the_connection_was_refused(using):
 
 
 def test_connection_refused_raises_api_connection_error_after_retries(using):
-    with ScriptedServer(listening=False) as closed:  # bound, never listening: refuses every connection
-        with pytest.raises(APIConnectionError) as caught:
-            using(closed.url, lambda client: client.health())
+    # bound, never listening: refuses every connection
+    with ScriptedServer(listening=False) as closed, pytest.raises(APIConnectionError) as caught:
+        using(closed.url, lambda client: client.health())
     assert not isinstance(caught.value, APITimeoutError)
     assert isinstance(caught.value.__cause__, httpx.ConnectError)
     assert caught.value.request_id
@@ -155,8 +163,11 @@ def test_readiness_probe_reports_503_at_once(scripted, using):
 def test_version_conflict_is_not_retried(scripted, using):
     scripted.respond = lambda received: Reply.problem(409, "version_conflict", "a concurrent promotion won")
     with pytest.raises(ConflictError) as caught:
-        using(scripted.url, lambda client: client.domains.promote("covid", "v2", expected_etag="e1"),
-              admin_token="t")
+        using(
+            scripted.url,
+            lambda client: client.domains.promote("covid", "v2", expected_etag="e1"),
+            admin_token="t",
+        )
     assert caught.value.code == "version_conflict"
     assert len(scripted.received) == 1
 

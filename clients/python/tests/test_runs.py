@@ -4,10 +4,12 @@ reports, the typed errors of failed and cancelled runs, and ``events()`` across 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+
 from ragadapt_client import (
     AsyncClient,
     Client,
@@ -19,12 +21,26 @@ from ragadapt_client import (
     RunFailedError,
     WaitTimeoutError,
 )
+
 from scripted import Received, Reply
 
-BASE = {"id": "r1", "domain": "covid", "mode": "end2end", "state": "queued", "step": 0, "total_steps": 4,
-        "created_at": "2026-11-21T10:00:00Z", "started_at": None, "finished_at": None, "error": None,
-        "metrics": {"base": None, "final": None}, "adapter_version": None, "index_version": None,
-        "promoted": False, "latest": None}
+BASE = {
+    "id": "r1",
+    "domain": "covid",
+    "mode": "end2end",
+    "state": "queued",
+    "step": 0,
+    "total_steps": 4,
+    "created_at": "2026-11-21T10:00:00Z",
+    "started_at": None,
+    "finished_at": None,
+    "error": None,
+    "metrics": {"base": None, "final": None},
+    "adapter_version": None,
+    "index_version": None,
+    "promoted": False,
+    "latest": None,
+}
 
 
 def _run(**changes) -> dict:
@@ -34,14 +50,26 @@ def _run(**changes) -> dict:
 LIFE = [
     _run(state="running", step=1, latest={"loss": 2.5, "lr": 1e-4, "examples_per_s": 3.0}),
     _run(state="running", step=3, latest={"loss": 1.25, "lr": 1e-4, "examples_per_s": 3.1}),
-    _run(state="succeeded", step=4, latest={"loss": 0.75, "lr": 1e-4, "examples_per_s": 3.2},
-         metrics={"base": {"em": 0.1}, "final": {"em": 0.4}}, adapter_version="v2", promoted=True),
+    _run(
+        state="succeeded",
+        step=4,
+        latest={"loss": 0.75, "lr": 1e-4, "examples_per_s": 3.2},
+        metrics={"base": {"em": 0.1}, "final": {"em": 0.4}},
+        adapter_version="v2",
+        promoted=True,
+    ),
 ]
-KINDS = [("state", {"state": "running"}), ("step", {"step": 1, "loss": 2.5}),
-         ("rebuild", {"index_version": "i2"}), ("step", {"step": 4, "loss": 0.75}),
-         ("state", {"state": "succeeded"})]
-EVENTS = [{"seq": n, "time": "2026-11-21T10:00:00Z", "kind": kind, **extra}
-          for n, (kind, extra) in enumerate(KINDS, start=1)]
+KINDS = [
+    ("state", {"state": "running"}),
+    ("step", {"step": 1, "loss": 2.5}),
+    ("rebuild", {"index_version": "i2"}),
+    ("step", {"step": 4, "loss": 0.75}),
+    ("state", {"state": "succeeded"}),
+]
+EVENTS = [
+    {"seq": n, "time": "2026-11-21T10:00:00Z", "kind": kind, **extra}
+    for n, (kind, extra) in enumerate(KINDS, start=1)
+]
 
 
 def play(scripted, life: list[dict], events: list[dict] | None = None, page: int = 2) -> None:
@@ -66,21 +94,38 @@ def play(scripted, life: list[dict], events: list[dict] | None = None, page: int
 def test_create_sends_the_run_request(scripted, using):
     play(scripted, [BASE])
     hyper = Hyperparameters(steps=4, lr=1e-4, lora=LoraSpecs(generator=LoraSpec(r=4, alpha=8)))
-    run = using(scripted.url, lambda client: client.runs.create(
-        "covid", mode="generator_only", promote="never", hyperparameters=hyper), admin_token="t")
+    run = using(
+        scripted.url,
+        lambda client: client.runs.create(
+            "covid", mode="generator_only", promote="never", hyperparameters=hyper
+        ),
+        admin_token="t",
+    )
     assert run.id == "r1" and run.info.state == "queued" and run.info.latest.loss is None
     body = json.loads(scripted.received[0].body)
-    assert body == {"domain": "covid", "mode": "generator_only", "promote": "never",
-                    "train": {"split": "train", "synthetic": {}},
-                    "hyperparameters": {"steps": 4, "lr": 1e-4, "lora": {"generator": {"r": 4, "alpha": 8}}}}
+    assert body == {
+        "domain": "covid",
+        "mode": "generator_only",
+        "promote": "never",
+        "train": {"split": "train", "synthetic": {}},
+        "hyperparameters": {"steps": 4, "lr": 1e-4, "lora": {"generator": {"r": 4, "alpha": 8}}},
+    }
 
 
 def test_create_with_synthetic_data_alone_or_none_and_a_promotion_metric(scripted, using):
     play(scripted, [BASE])
     generated = {"generated": {"max_passages": 300}, "ict": None}
-    using(scripted.url, lambda client: client.runs.create(
-        "covid", use_qa=False, synthetic=generated, promote_metric="recall@5",
-        hyperparameters=Hyperparameters(retriever_epochs=2, contrastive_weight=0.5)), admin_token="t")
+    using(
+        scripted.url,
+        lambda client: client.runs.create(
+            "covid",
+            use_qa=False,
+            synthetic=generated,
+            promote_metric="recall@5",
+            hyperparameters=Hyperparameters(retriever_epochs=2, contrastive_weight=0.5),
+        ),
+        admin_token="t",
+    )
     using(scripted.url, lambda client: client.runs.create("covid", synthetic=False), admin_token="t")
     first, second = (json.loads(r.body) for r in scripted.received)
     assert first["train"] == {"synthetic": generated} and first["promote_metric"] == "recall@5"
@@ -93,11 +138,16 @@ def test_create_with_synthetic_data_alone_or_none_and_a_promotion_metric(scripte
 def test_create_with_inline_examples_or_a_uri(scripted, using):
     play(scripted, [BASE])
     examples = [{"question": "incubation?", "answers": ["five days"]}]
-    using(scripted.url, lambda client: client.runs.create("covid", examples=examples,
-                                                          hyperparameters={"steps": 2}), admin_token="t")
+    using(
+        scripted.url,
+        lambda client: client.runs.create("covid", examples=examples, hyperparameters={"steps": 2}),
+        admin_token="t",
+    )
     using(scripted.url, lambda client: client.runs.create("covid", uri="qa/covid.jsonl"), admin_token="t")
     first, second = (json.loads(r.body) for r in scripted.received)
-    assert first["train"] == {"examples": examples, "synthetic": {}} and first["hyperparameters"] == {"steps": 2}
+    assert first["train"] == {"examples": examples, "synthetic": {}} and first["hyperparameters"] == {
+        "steps": 2
+    }
     assert second["train"] == {"uri": "qa/covid.jsonl", "synthetic": {}} and second["hyperparameters"] == {}
 
 
@@ -136,7 +186,7 @@ def test_polling_backs_off_while_nothing_changes(scripted):
     with Client(scripted.url, admin_token="t") as client:
         client.runs.create("covid").wait(progress=False, poll_interval=0.02, max_poll_interval=0.2)
     polls = [r.time for r in scripted.received[1:]]
-    gaps = [b - a for a, b in zip(polls, polls[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(polls)]
     assert gaps[-1] > 2 * gaps[0]  # 0.02 grows by 1.5x per unchanged poll
 
 

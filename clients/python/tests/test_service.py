@@ -7,7 +7,7 @@ import asyncio
 import json
 
 import pytest
-from conftest import PASSAGES, TINY_RUN
+
 from ragadapt_client import (
     AsyncClient,
     AuthenticationError,
@@ -17,6 +17,8 @@ from ragadapt_client import (
     RunCancelledError,
     UnprocessableEntityError,
 )
+
+from conftest import PASSAGES, TINY_RUN
 
 
 def test_health_and_readiness(live_server, using):
@@ -38,9 +40,11 @@ def test_created_domain_is_listed_with_its_live_index(live_server, tiny_domain, 
 
 
 def test_ask_answers_from_the_live_index(live_server, tiny_domain, using):
-    answer = using(live_server.url, lambda client: client.ask(tiny_domain, "what is the incubation period",
-                                                              top_k=2, max_new_tokens=4),
-                   api_key=live_server.api_key)
+    answer = using(
+        live_server.url,
+        lambda client: client.ask(tiny_domain, "what is the incubation period", top_k=2, max_new_tokens=4),
+        api_key=live_server.api_key,
+    )
     live = using(live_server.url, lambda client: client.domains.get(tiny_domain))
     assert answer.domain == tiny_domain
     assert answer.adapter_version is None and answer.index_version == live.live.index_version
@@ -51,9 +55,13 @@ def test_ask_answers_from_the_live_index(live_server, tiny_domain, using):
 
 
 def test_ask_without_passages(live_server, tiny_domain, using):
-    answer = using(live_server.url, lambda client: client.ask(tiny_domain, "what is the capital of france",
-                                                              max_new_tokens=2, return_passages=False),
-                   api_key=live_server.api_key)
+    answer = using(
+        live_server.url,
+        lambda client: client.ask(
+            tiny_domain, "what is the capital of france", max_new_tokens=2, return_passages=False
+        ),
+        api_key=live_server.api_key,
+    )
     assert answer.passages == []
 
 
@@ -69,15 +77,21 @@ def test_ask_without_api_key_is_an_authentication_error(live_server, tiny_domain
 
 def test_ask_unknown_domain_is_not_found(live_server, using):
     with pytest.raises(NotFoundError) as caught:
-        using(live_server.url, lambda client: client.ask("nowhere", "what is the capital of france"),
-              api_key=live_server.api_key)
+        using(
+            live_server.url,
+            lambda client: client.ask("nowhere", "what is the capital of france"),
+            api_key=live_server.api_key,
+        )
     assert caught.value.code == "domain_not_found"
 
 
 def test_ask_out_of_range_is_unprocessable(live_server, tiny_domain, using):
     with pytest.raises(UnprocessableEntityError) as caught:
-        using(live_server.url, lambda client: client.ask(tiny_domain, "what", top_k=0),
-              api_key=live_server.api_key)
+        using(
+            live_server.url,
+            lambda client: client.ask(tiny_domain, "what", top_k=0),
+            api_key=live_server.api_key,
+        )
     assert caught.value.code == "invalid_request"
     assert "top_k" in caught.value.detail
 
@@ -90,15 +104,21 @@ def test_admin_call_with_wrong_token_is_an_authentication_error(live_server, usi
 
 def test_unknown_job_is_not_found(live_server, using):
     with pytest.raises(NotFoundError) as caught:
-        using(live_server.url, lambda client: client.jobs.get("0123456789abcdef"),
-              admin_token=live_server.admin_token)
+        using(
+            live_server.url,
+            lambda client: client.jobs.get("0123456789abcdef"),
+            admin_token=live_server.admin_token,
+        )
     assert caught.value.code == "job_not_found"
 
 
 def test_creating_an_existing_domain_conflicts(live_server, tiny_domain, using):
     with pytest.raises(ConflictError) as caught:
-        using(live_server.url, lambda client: client.domains.create(tiny_domain, PASSAGES),
-              admin_token=live_server.admin_token)
+        using(
+            live_server.url,
+            lambda client: client.domains.create(tiny_domain, PASSAGES),
+            admin_token=live_server.admin_token,
+        )
     assert caught.value.code == "domain_exists"
 
 
@@ -106,8 +126,11 @@ def test_malformed_passages_name_the_line(live_server, tmp_path, using):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(PASSAGES[0]) + "\n{not json\n")
     with pytest.raises(UnprocessableEntityError) as caught:
-        using(live_server.url, lambda client: client.domains.create("broken", bad),
-              admin_token=live_server.admin_token)
+        using(
+            live_server.url,
+            lambda client: client.domains.create("broken", bad),
+            admin_token=live_server.admin_token,
+        )
     assert caught.value.code == "invalid_passages"
     assert caught.value.problem["line"] == 2
     with pytest.raises(NotFoundError):  # nothing was created
@@ -116,8 +139,11 @@ def test_malformed_passages_name_the_line(live_server, tmp_path, using):
 
 def test_promoting_an_unknown_version_is_not_found(live_server, tiny_domain, using):
     with pytest.raises(NotFoundError) as caught:
-        using(live_server.url, lambda client: client.domains.promote(tiny_domain, "20260101T000000Z-abcdef"),
-              admin_token=live_server.admin_token)
+        using(
+            live_server.url,
+            lambda client: client.domains.promote(tiny_domain, "20260101T000000Z-abcdef"),
+            admin_token=live_server.admin_token,
+        )
     assert caught.value.code in ("version_not_found", "adapter_version_not_found")
 
 
@@ -126,8 +152,9 @@ def test_async_client_creates_a_domain_from_a_jsonl_file_and_asks_it(live_server
     path.write_text("".join(json.dumps(p) + "\n" for p in PASSAGES[:2]))
 
     async def main():
-        async with AsyncClient(live_server.url, admin_token=live_server.admin_token,
-                               api_key=live_server.api_key) as client:
+        async with AsyncClient(
+            live_server.url, admin_token=live_server.admin_token, api_key=live_server.api_key
+        ) as client:
             job = await client.domains.create("from-file", path, description="two facts", retrieval="bm25")
             assert job.domain == "from-file" and job.info.kind == "ingest"
             done = await job.wait(progress=True, timeout=300)
@@ -145,11 +172,15 @@ def test_async_client_creates_a_domain_from_a_jsonl_file_and_asks_it(live_server
     assert "ingest from-file" in bar and "100/100%" in bar and "state=succeeded" in bar
 
 
-
 def test_a_run_trains_promotes_and_serves_its_adapter(live_server, tiny_domain, capsys):
     with Client(live_server.url, admin_token=live_server.admin_token, api_key=live_server.api_key) as client:
-        run = client.runs.create(tiny_domain, mode="generator_only", promote="always",
-                                 hyperparameters={**TINY_RUN, "checkpoint_every": 1}, metadata={"by": "sdk"})
+        run = client.runs.create(
+            tiny_domain,
+            mode="generator_only",
+            promote="always",
+            hyperparameters={**TINY_RUN, "checkpoint_every": 1},
+            metadata={"by": "sdk"},
+        )
         final = run.wait(progress=True, timeout=300, poll_interval=0.1, max_poll_interval=0.5)
         try:
             assert final.state == "succeeded" and final.promoted and final.metadata == {"by": "sdk"}
@@ -168,8 +199,9 @@ def test_a_run_trains_promotes_and_serves_its_adapter(live_server, tiny_domain, 
             info = client.domains.get(tiny_domain)
             assert info.live.adapter_version == final.adapter_version
             assert info.last_run is not None and info.last_run.id == run.id
-            assert any(a.version == final.adapter_version and a.run_id == run.id
-                       for a in info.versions.adapters)
+            assert any(
+                a.version == final.adapter_version and a.run_id == run.id for a in info.versions.adapters
+            )
             answer = client.ask(tiny_domain, "what is the capital of france", max_new_tokens=2)
             assert answer.adapter_version == final.adapter_version
             assert run.id in [r.id for r in client.runs.list(domain=tiny_domain)]
@@ -188,8 +220,9 @@ def test_a_run_trains_promotes_and_serves_its_adapter(live_server, tiny_domain, 
 
 def test_promote_and_rollback_move_the_live_adapter(live_server, tiny_domain):
     with Client(live_server.url, admin_token=live_server.admin_token) as client:
-        run = client.runs.create(tiny_domain, mode="generator_only", promote="never",
-                                 hyperparameters=TINY_RUN)
+        run = client.runs.create(
+            tiny_domain, mode="generator_only", promote="never", hyperparameters=TINY_RUN
+        )
         final = run.wait(progress=False, timeout=300, poll_interval=0.1)
         before = client.domains.get(tiny_domain)
         assert not final.promoted and before.live.adapter_version is None
@@ -204,8 +237,12 @@ def test_promote_and_rollback_move_the_live_adapter(live_server, tiny_domain):
 def test_async_cancel_ends_a_long_run_as_cancelled(live_server, tiny_domain):
     async def main():
         async with AsyncClient(live_server.url, admin_token=live_server.admin_token) as client:
-            run = await client.runs.create(tiny_domain, mode="generator_only", promote="never",
-                                           hyperparameters={**TINY_RUN, "steps": 100_000})
+            run = await client.runs.create(
+                tiny_domain,
+                mode="generator_only",
+                promote="never",
+                hyperparameters={**TINY_RUN, "steps": 100_000},
+            )
             cancelled = await run.cancel()
             with pytest.raises(RunCancelledError) as caught:
                 await run.wait(progress=False, timeout=300, poll_interval=0.1, max_poll_interval=0.5)
@@ -222,8 +259,9 @@ def test_async_cancel_ends_a_long_run_as_cancelled(live_server, tiny_domain):
 
 def test_a_domain_is_rebuilt_then_deleted(live_server):
     with Client(live_server.url, admin_token=live_server.admin_token, api_key=live_server.api_key) as client:
-        first = client.domains.create("short-lived", PASSAGES).wait(progress=False, timeout=300,
-                                                                    poll_interval=0.1)
+        first = client.domains.create("short-lived", PASSAGES).wait(
+            progress=False, timeout=300, poll_interval=0.1
+        )
         job = client.domains.rebuild("short-lived")
         assert job.info.kind == "rebuild"
         with pytest.raises(ConflictError) as caught:
@@ -248,6 +286,7 @@ def test_a_domain_is_rebuilt_then_deleted(live_server):
 
 
 def test_gc_is_a_dry_run_unless_applied(live_server, tiny_domain, using):
-    report = using(live_server.url, lambda client: client.gc(keep_last=1000),
-                   admin_token=live_server.admin_token)
+    report = using(
+        live_server.url, lambda client: client.gc(keep_last=1000), admin_token=live_server.admin_token
+    )
     assert report.dry_run and report.keep_last == 1000 and report.versions == []

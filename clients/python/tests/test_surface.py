@@ -6,18 +6,28 @@ import asyncio
 import inspect
 
 import pytest
+
 import ragadapt_client
 from ragadapt_client import AsyncClient, Client
 from ragadapt_client.async_client import AsyncDomains, AsyncJob, AsyncJobs, AsyncRun, AsyncRuns
 from ragadapt_client.client import Domains, Job, Jobs, Run, Runs
 
-PAIRS = [(Client, AsyncClient), (Domains, AsyncDomains), (Jobs, AsyncJobs), (Runs, AsyncRuns),
-         (Job, AsyncJob), (Run, AsyncRun)]
+PAIRS = [
+    (Client, AsyncClient),
+    (Domains, AsyncDomains),
+    (Jobs, AsyncJobs),
+    (Runs, AsyncRuns),
+    (Job, AsyncJob),
+    (Run, AsyncRun),
+]
 
 
 def _public(cls: type) -> dict[str, object]:
-    return {name: member for name, member in inspect.getmembers(cls)
-            if not name.startswith("_") and (inspect.isfunction(member) or isinstance(member, property))}
+    return {
+        name: member
+        for name, member in inspect.getmembers(cls)
+        if not name.startswith("_") and (inspect.isfunction(member) or isinstance(member, property))
+    }
 
 
 @pytest.mark.parametrize(("sync", "async_"), PAIRS, ids=[pair[0].__name__ for pair in PAIRS])

@@ -8,6 +8,7 @@ pointer moves only once both versions are complete.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import tempfile
@@ -21,6 +22,7 @@ from storage import DomainExists, DomainRegistry, ObjectStore, new_version_id
 from .builder import BuildInfo, IndexConfig, build_index
 from .chunking import ChunkConfig, load_corpus, write_passages
 from .encoder import EncodeConfig
+from .publish import publish_build
 from .versions import IndexVersions
 
 log = logging.getLogger(__name__)
@@ -66,10 +68,8 @@ def ingest(
     passages = load_corpus(Path(passages_path), chunk)
     log.info("read %d passages for domain %s from %s", len(passages), domain, passages_path)
     registry = DomainRegistry(store)
-    try:
+    with contextlib.suppress(DomainExists):
         registry.create_domain(domain, description=description)
-    except DomainExists:
-        pass
     scratch = Path(tempfile.mkdtemp(prefix=f"ragadapt-ingest-{domain}-"))
     versions = IndexVersions(registry, cache_dir if cache_dir is not None else scratch / "cache")
     try:
@@ -98,13 +98,13 @@ def ingest(
         finally:
             if adapter is not None:
                 backbone.remove_adapter_set(adapter)
-        passages_version = versions.publish_passages(domain, passages_file, source=str(passages_path))
-        index_version = versions.publish_index(domain, build_dir, passages_version=passages_version)
-        versions.adopt(domain, index_version, build_dir)
+        published = publish_build(
+            versions, domain, build_dir, passages=passages_file, source=str(passages_path)
+        )
         versions.make_live(
             domain,
-            index_version,
-            passages_version=passages_version,
+            published.index_version,
+            passages_version=published.passages_version,
             replacing=pointer.index_version,
             adapter_version=adapter_version,
         )
@@ -114,16 +114,16 @@ def ingest(
     log.info(
         "domain %s serves index %s (%d passages, %s) after %.1fs",
         domain,
-        index_version,
+        published.index_version,
         len(passages),
         info.factory,
         seconds,
     )
     return IngestResult(
         domain,
-        passages_version,
-        index_version,
+        published.passages_version,
+        published.index_version,
         len(passages),
-        BuildInfo.from_dict({**info.to_dict(), "passages_version": passages_version}),
+        BuildInfo.from_dict({**info.to_dict(), "passages_version": published.passages_version}),
         seconds,
     )
