@@ -18,6 +18,9 @@ index refreshes), never promoted, then evaluated on the dev split:
 - `end2end`: the defaults: synthetic inverse-cloze pairs, the contrastive retriever phase, then the joint
   phase (marginal + contrastive losses, RAFT gold passages).
 - `passages_only`: no QA given: inverse-cloze pairs and generated questions only.
+- `passages_ict`: no QA given and nothing generated: inverse-cloze pairs only, so the run is its retriever
+  phase alone (no joint phase: there is nothing to answer). It tells the retriever phase's share of
+  `passages_only` from that of its joint phase over the few generated questions.
 
 Recall@1/5/20 (dense, BM25, hybrid) is over every dev question; EM and F1 are over a seeded random sample of
 `--answered` dev questions (all of them where there are fewer), answered from the top `--top-k` passages of
@@ -59,13 +62,23 @@ from reporting import RESULTS_DIR, record  # noqa: E402
 
 DATA_DIR = ROOT.parent / "shared" / "data"
 DOMAINS = ("covid", "conversations", "finance")
-MODES = ("bm25", "base", "closed_book_ft", "generator_only", "end2end_marginal", "end2end", "passages_only")
+MODES = (
+    "bm25",
+    "base",
+    "closed_book_ft",
+    "generator_only",
+    "end2end_marginal",
+    "end2end",
+    "passages_only",
+    "passages_ict",
+)
 RUN_MODES = {  # benchmark mode -> the run that produces its adapter version
     "closed_book_ft": "generator_only",
     "generator_only": "generator_only",
     "end2end_marginal": "end2end_marginal",
     "end2end": "end2end",
     "passages_only": "passages_only",
+    "passages_ict": "passages_ict",
 }
 
 
@@ -116,6 +129,8 @@ def run_request(run: str, domain: str, args) -> RunRequest:
     elif run == "passages_only":
         synthetic = {"generated": {"max_passages": args.generated_passages}}
         body.update(mode="end2end", train={"synthetic": synthetic}, hyperparameters={**joint, **retriever})
+    elif run == "passages_ict":
+        body.update(mode="end2end", train={"synthetic": {}}, hyperparameters=retriever)
     else:
         raise ValueError(run)
     return RunRequest.model_validate(body)
