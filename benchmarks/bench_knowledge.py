@@ -298,7 +298,8 @@ def plot(domains: dict, path: Path) -> None:
                 errors[0].append(value - ci[0])
                 errors[1].append(ci[1] - value)
             if values:
-                ax.bar(xs, values, width, yerr=errors, capsize=2, label=mode)
+                # a mode keeps its color in every panel, even where another has no value
+                ax.bar(xs, values, width, yerr=errors, capsize=2, label=mode, color=f"C{m}")
         for d, domain in enumerate(names):
             if metric.endswith("recall_at_5"):
                 ax.hlines(
@@ -312,11 +313,12 @@ def plot(domains: dict, path: Path) -> None:
         ax.set_xticks(range(len(names)), names)
         ax.set_title(label + (" (dashed: BM25)" if metric.endswith("recall_at_5") else ""), fontsize=9)
         ax.set_ylim(0, 1)
-    axes[0].legend(fontsize=7, loc="upper left")
+    handles = {label: handle for ax in axes for handle, label in zip(*ax.get_legend_handles_labels())}
+    fig.legend(handles.values(), handles.keys(), fontsize=8, loc="lower center", ncol=len(handles))
     fig.suptitle(
         "Dev split, full knowledge bases, embedded default backbone; 95% bootstrap intervals", fontsize=9
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=120)
 
 
