@@ -182,12 +182,18 @@ def cancel(runs: RunStore, run_id: str) -> RunRecord:
             record.state, record.finished_at = RunState.CANCELLED, now()
         return record
 
+    seen = runs.get(run_id)
+    logged = seen.state == RunState.RUNNING and not seen.cancel_requested and not seen.state.finished
+    if logged:
+        # The request is logged before its flag is set: the worker stops only once it sees the flag, so its
+        # final state event comes after this one and stays the run's last event.
+        runs.append_events(run_id, [{"kind": "state", "state": "running", "cancel_requested": True}])
     record = runs.update(run_id, change)
     if record.state == RunState.CANCELLED:
         runs.append_events(run_id, [{"kind": "state", "state": "cancelled"}])
         runs.dequeue(run_id)
         runs.drop_artifacts(run_id)
-    else:
+    elif not logged:  # claimed between the read and the flag (or validating): log the request now
         runs.append_events(run_id, [{"kind": "state", "state": record.state.value, "cancel_requested": True}])
     return record
 
