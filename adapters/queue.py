@@ -183,7 +183,7 @@ def cancel(runs: RunStore, run_id: str) -> RunRecord:
         return record
 
     seen = runs.get(run_id)
-    logged = seen.state == RunState.RUNNING and not seen.cancel_requested and not seen.state.finished
+    logged = seen.state == RunState.RUNNING and not seen.cancel_requested
     if logged:
         # The request is logged before its flag is set: the worker stops only once it sees the flag, so its
         # final state event comes after this one and stays the run's last event.
