@@ -67,7 +67,10 @@ def submit(
 
 
 def claim_next(runs: RunStore, owner: str, *, lease_s: float, max_crashes: int) -> RunRecord | None:
-    """Take the oldest queued run (or a running one whose worker is gone); None when there is none."""
+    """Take the oldest queued run (or a running one whose worker is gone); None when there is none. Oldest
+    by creation time: ids sort only to the second, so two runs submitted within one would start in a random
+    order by id."""
+    candidates = []
     for run_id in runs.active():
         try:
             record = runs.get(run_id)
@@ -77,9 +80,10 @@ def claim_next(runs: RunStore, owner: str, *, lease_s: float, max_crashes: int) 
         if record.state.finished:
             runs.dequeue(run_id)
             continue
-        if not _claimable(record):
-            continue
-        claimed = claim(runs, run_id, owner, lease_s=lease_s, max_crashes=max_crashes)
+        if _claimable(record):
+            candidates.append(record)
+    for record in sorted(candidates, key=lambda r: (r.created_at, r.id)):
+        claimed = claim(runs, record.id, owner, lease_s=lease_s, max_crashes=max_crashes)
         if claimed is not None:
             return claimed
     return None

@@ -190,7 +190,8 @@ class RunStore:
         self.store.delete(f"{QUEUE_PREFIX}{_check_id(run_id)}")
 
     def active(self) -> list[str]:
-        """Ids of runs queued or running, oldest first (ids sort by creation time)."""
+        """Ids of runs queued or running, sorted by id (to the second by creation time; `queue.claim_next`
+        orders by the records' creation times)."""
         return sorted(info.key[len(QUEUE_PREFIX) :] for info in self.store.list(QUEUE_PREFIX))
 
     # inputs

@@ -180,7 +180,8 @@ class JobStore:
         raise PreconditionFailed(f"job {job_id}: job.json kept changing")
 
     def active(self) -> list[str]:
-        """Ids of pending and running jobs, oldest first (ids sort by creation time)."""
+        """Ids of pending and running jobs, sorted by id (to the second by creation time; `pump` orders
+        by the records' creation times)."""
         return sorted(info.key[len(ACTIVE_PREFIX) :] for info in self.store.list(ACTIVE_PREFIX))
 
 
@@ -398,22 +399,28 @@ class Jobs:
         self._sweep_inputs()
 
     def pump(self) -> None:
-        """Start pending jobs (this server's and those of servers that stopped) while there is room."""
+        """Start pending jobs (this server's and those of servers that stopped) while there is room, oldest
+        first by creation time (ids sort only to the second)."""
+        with self._lock:
+            if len(self._local) >= self._max_concurrent:
+                return
+        startable = []
         for job_id in self._jobs.active():
             with self._lock:
                 if job_id in self._local:
                     continue
-                if len(self._local) >= self._max_concurrent:
-                    return
             record = self._record(job_id)
             if record is None:
                 continue
             if record.finished:  # its marker outlived a failed delete
                 self._jobs.store.delete(f"{ACTIVE_PREFIX}{job_id}")
-                continue
-            if not _startable(record):
-                continue
+            elif _startable(record):
+                startable.append(record)
+        for record in sorted(startable, key=lambda r: (r.created_at, r.id)):
+            job_id = record.id
             with self._lock:  # held here from now on: no other thread of this process starts it too
+                if len(self._local) >= self._max_concurrent:
+                    return
                 if job_id in self._local:
                     continue
                 local = self._local[job_id] = _Local(record)

@@ -119,6 +119,17 @@ def test_a_submit_interrupted_after_its_queue_marker_is_taken_by_a_worker(domain
     assert [e["state"] for e in events if e["kind"] == "state"] == ["queued", "running"]
 
 
+def test_runs_submitted_within_one_second_start_in_submission_order(domain, monkeypatch):
+    # Ids sort only to the second; these two sort against their submission order.
+    ids = iter(["20261201T120000Z-ffffff", "20261201T120000Z-000000"])
+    monkeypatch.setattr("adapters.queue.new_version_id", lambda: next(ids))
+    runs = RunStore(domain.store)
+    first, second = submit(runs, request()), submit(runs, request())
+    assert runs.active() == [second.id, first.id]
+    assert claim_next(runs, "test-worker", lease_s=30, max_crashes=2).id == first.id
+    assert claim_next(runs, "test-worker", lease_s=30, max_crashes=2).id == second.id
+
+
 def test_cancelling_a_queued_run_ends_it_at_once_and_twice_is_409(domain, tiny_config, tmp_path):
     manager = RunManager(domain.store, tiny_config, tmp_path / "work")  # not started: the run stays queued
     info = manager.submit(request())
