@@ -38,6 +38,8 @@ if TYPE_CHECKING:
     from adapters.training import Resume, TrainerState
     from backbone import Backbone, BackboneConfig, Passage
     from indexing import IndexHandle
+    from indexing.encoder import EncodeConfig
+    from indexing.ray_encoding import RayEncoding
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,13 @@ class Workspace:
     backbone_config: BackboneConfig
     work_dir: Path
     backbones: dict[str, Backbone] = field(default_factory=dict)  # loaded ones, by quantization
+    ray_encoding: RayEncoding | None = None  # re-encode passages on Ray Data (None: in this host's processes)
+
+    def encode(self, threads: int | None = None) -> EncodeConfig:
+        """How the run's index builds encode: on Ray, or here with `threads` torch threads."""
+        from indexing.encoder import EncodeConfig
+
+        return EncodeConfig(progress=False, threads=threads, ray=self.ray_encoding)
 
     def backbone(self, quantize: str = "none") -> Backbone:
         """The backbone with its generator as `quantize` says ("4bit": QLoRA's frozen NF4 generator)."""
@@ -143,6 +152,7 @@ class _Phases:
         from indexing.versions import IndexVersions
 
         self.ctx = ctx
+        self.workspace = workspace
         self.request = ctx.record.request
         self.hp = self.request.hyperparameters
         self.store = ctx.runs.store
@@ -197,7 +207,9 @@ class _Phases:
             self.bb.remove_adapter_set(name)
             self.attached.remove(name)
         else:
-            version = base_index_version(self.bb, self.versions, self.domain, work_dir=self.run_dir)
+            version = base_index_version(
+                self.bb, self.versions, self.domain, work_dir=self.run_dir, encode=self.workspace.encode()
+            )
             base = self._evaluate(None, self._open_index(version), None, "base")
         self.ctx.update(metrics={**self.record.metrics, "base": base})
 
@@ -211,7 +223,7 @@ class _Phases:
         self.ctx.update(started_at=self.record.started_at or now())
         self.ctx.stage("training", resume.state.step if resume else 0, data.total_steps)
         refresher = (
-            IndexRefresher(self.domain, self.bb, self.versions, self.run_dir)
+            IndexRefresher(self.domain, self.bb, self.versions, self.run_dir, encode=self.workspace.encode)
             if self.request.refresh_every
             else None
         )
@@ -256,6 +268,7 @@ class _Phases:
                 config=start.config,
                 work_dir=self.run_dir,
                 on_progress=lambda _stage, done, total: self.ctx.progress(done, total),
+                encode=self.workspace.encode(),
             )
             self.ctx.event("rebuild", state="published", index_version=version, step=trained.step)
         else:
@@ -355,7 +368,9 @@ class _Phases:
         elif self._warm:
             start_version = self._parent_index()
         else:
-            start_version = base_index_version(self.bb, self.versions, self.domain, work_dir=self.run_dir)
+            start_version = base_index_version(
+                self.bb, self.versions, self.domain, work_dir=self.run_dir, encode=self.workspace.encode()
+            )
         if resume is None or resume.state.index.get("kind") != "run":
             return start_version, self._open_index(start_version), None
         ref = resume.state.index
@@ -445,7 +460,9 @@ class _Phases:
         if found is None:
             self.ctx.stage("generating questions")
             base = self._open_index(
-                base_index_version(self.bb, self.versions, self.domain, work_dir=self.run_dir)
+                base_index_version(
+                    self.bb, self.versions, self.domain, work_dir=self.run_dir, encode=self.workspace.encode()
+                )
             )
             found = generate_questions(
                 self.bb, passages, train, base, config, tick=self.ctx.tick, progress=self.ctx.progress

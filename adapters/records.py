@@ -80,7 +80,8 @@ class RunRecord(BaseModel):
 
     def info(self) -> RunInfo:
         """What the API reports of the run."""
-        return RunInfo.model_validate(self.model_dump(include=set(RunInfo.model_fields)))
+        fields = self.model_dump(include=set(RunInfo.model_fields))
+        return RunInfo.model_validate({**fields, "resources": self.request.resources})
 
 
 def now() -> datetime:

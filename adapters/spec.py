@@ -199,6 +199,16 @@ MetadataValue = Annotated[str, StringConstraints(max_length=512)]
 Metadata = Annotated[dict[MetadataKey, MetadataValue], Field(max_length=16)]
 
 
+class RunResources(_Strict):
+    """What a run asks a Ray cluster for (`runs.executor: ray`): its actor is placed on a node with that much
+    free, and its torch threads are its CPUs. The local executor's worker processes take what settings
+    `runs.threads` gives them and ignore this."""
+
+    cpus: float = Field(1.0, gt=0, le=1024)
+    gpus: float = Field(0.0, ge=0, le=64)
+    memory_bytes: int | None = Field(None, ge=1 << 20)  # None: no memory reservation
+
+
 class RunRequest(_Strict):
     """The body of `POST /admin/adapt`."""
 
@@ -214,6 +224,7 @@ class RunRequest(_Strict):
     # What `promote: if_better` requires a significant gain on (None: F1, or recall@5 for retriever_only).
     promote_metric: Literal["recall@5", "f1"] | None = None
     metadata: Metadata = Field(default_factory=dict)
+    resources: RunResources | None = None  # None: the server's `runs.resources`
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -261,3 +272,4 @@ class RunInfo(BaseModel):
     cancel_requested: bool = False
     metadata: dict[str, str] = Field(default_factory=dict)
     estimated_finish: datetime | None = None  # when training should end, at the pace of its recent steps
+    resources: RunResources | None = None  # what it asks a Ray cluster for (None: the local executor's)

@@ -26,16 +26,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapters.execution import Workspace, execute
+from adapters.frontend import RunFrontend
 from adapters.lease import RunContext
-from adapters.queue import cancel, claim_next, requeue, submit
-from adapters.records import RunStore, owner_is_dead_here, owner_token
-from adapters.registry import AdapterRegistry
-from adapters.spec import RunInfo, RunRequest, RunState
-from storage.errors import DomainNotFound, StoreError
+from adapters.queue import claim_next, requeue
+from adapters.records import RunRecord, RunStore, owner_is_dead_here, owner_token
+from adapters.spec import RunState
+from storage.errors import StoreError
 from storage.store import ObjectStore
 
 if TYPE_CHECKING:
     from backbone import BackboneConfig
+    from indexing.ray_encoding import RayEncoding
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class WorkerSpec:
     poll_s: float
     max_crashes: int
     threads: int | None = None  # torch threads of the worker (None: torch's default)
+    ray_encoding: RayEncoding | None = None  # the runs' index builds encode on Ray Data (None: here)
 
 
 def _open(store: Any) -> ObjectStore:
@@ -77,7 +79,9 @@ def worker_main(
         torch.set_num_threads(spec.threads)
     runs = RunStore(_open(spec.store))
     owner = owner_token(spec.token)
-    workspace = Workspace(spec.backbone_config, worker_scratch(spec.work_dir, spec.token))
+    workspace = Workspace(
+        spec.backbone_config, worker_scratch(spec.work_dir, spec.token), ray_encoding=spec.ray_encoding
+    )
     workspace.backbone()
 
     def should_stop() -> bool:
@@ -123,7 +127,7 @@ class _Worker:
         return f"{socket.gethostname()}/{self.process.pid}/{self.token}"
 
 
-class RunManager:
+class RunManager(RunFrontend):
     """Queues adaptation runs and runs them in `max_concurrent` worker processes (one by default)."""
 
     def __init__(
@@ -140,6 +144,7 @@ class RunManager:
         max_crashes: int = 2,
         cuda_available: bool | None = None,
         threads: int | None = None,
+        ray_encoding: RayEncoding | None = None,
     ):
         """`store_config` (a storage.StoreConfig) lets workers open stores that do not pickle (S3); a
         LocalStore travels as it is. `cuda_available` is what validation assumes about the workers' device
@@ -147,15 +152,15 @@ class RunManager:
         threads of each worker (None: torch's default, every core)."""
         if max_concurrent < 1:
             raise ValueError("max_concurrent must be >= 1")
-        self.runs = RunStore(store)
+        super().__init__(store, cuda_available=cuda_available)
         self.backbone_config = backbone_config
         self.work_dir = Path(work_dir)
         self.max_concurrent = max_concurrent
         self._store_spec = store_config if store_config is not None else store
         self._lease_s, self._poll_s, self._stop_timeout_s = lease_s, poll_s, stop_timeout_s
         self._max_crashes = max_crashes
-        self._cuda_available = cuda_available
         self._threads = threads
+        self._ray_encoding = ray_encoding
         self._context = multiprocessing.get_context("spawn")
         self._stop = self._context.Event()
         self._wake = self._context.Event()
@@ -232,6 +237,7 @@ class RunManager:
             self._poll_s,
             self._max_crashes,
             self._threads,
+            self._ray_encoding,
         )
         # Not a daemon: a worker starts index-rebuild processes of its own, which daemons may not.
         process = self._context.Process(
@@ -289,54 +295,12 @@ class RunManager:
                 self._workers[self._workers.index(worker)] = self._spawn()
             self._wake.set()
 
+    def _submitted(self, record: RunRecord) -> None:
+        self._wake.set()  # an idle worker claims it now rather than at its next poll
+
     def _release_runs_of(self, worker: _Worker, reason: str) -> None:
         for run_id in self.runs.active():
             try:
                 requeue(self.runs, run_id, reason=reason, owner=worker.owner, crashed=True)
             except Exception:
                 log.exception("could not queue run %s again after its worker died", run_id)
-
-    # --- the interface the service calls --------------------------------------------------------------------
-
-    def submit(self, request: RunRequest) -> RunInfo:
-        """Validate (DomainNotFound, InvalidRun) and queue a run; returns it queued."""
-        record = submit(self.runs, request, cuda_available=self._cuda_available)
-        self._wake.set()
-        return record.info()
-
-    def get(self, run_id: str) -> RunInfo:
-        return self.runs.get(run_id).info()
-
-    def list(self, domain: str | None = None) -> list[RunInfo]:
-        return [r.info() for r in self.runs.list() if domain is None or r.domain == domain]
-
-    def events(self, run_id: str, after: int = 0, limit: int = 100) -> tuple[list[dict], int, bool]:
-        """At most `limit` events after seq `after`, the seq to ask after next, and whether more follow."""
-        events, _ = self.runs.events(run_id, after, limit + 1)
-        page = events[:limit]
-        return page, (page[-1]["seq"] if page else max(after, 0)), len(events) > limit
-
-    def checkpoints(self, run_id: str) -> list[dict[str, Any]]:
-        """The adapter versions published at the run's checkpoints, newest first (its last step's version is
-        the run's `adapter_version`)."""
-        record = self.runs.get(run_id)
-        try:
-            versions = AdapterRegistry(self.runs.store).list(record.domain)
-        except DomainNotFound:  # deleted since
-            return []
-        found = [
-            {
-                "step": m.metadata["checkpoint_step"],
-                "created_at": m.created_at,
-                "adapter_version": m.version,
-                "metrics": dict((m.metadata.get("metrics") or {}).get("checkpoint") or {}),
-            }
-            for m in versions
-            if m.metadata.get("run_id") == run_id and m.metadata.get("checkpoint_step") is not None
-        ]
-        return sorted(found, key=lambda c: c["step"], reverse=True)
-
-    def cancel(self, run_id: str) -> RunInfo:
-        """Cancel a run: a queued one at once, a running one at its worker's next micro-batch (the returned
-        info says `cancel_requested` until then). RunFinished if it already ended."""
-        return cancel(self.runs, run_id).info()

@@ -38,6 +38,7 @@ import logging
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -140,7 +141,15 @@ class IndexRefresher:
     part of them. Two processes both using every core make OpenMP threads wait on one another, and both slow
     down many times over rather than by half."""
 
-    def __init__(self, domain: str, backbone: Backbone, versions: IndexVersions, work_dir: Path):
+    def __init__(
+        self,
+        domain: str,
+        backbone: Backbone,
+        versions: IndexVersions,
+        work_dir: Path,
+        encode: Callable[[int], EncodeConfig] = lambda threads: EncodeConfig(progress=False, threads=threads),
+    ):
+        """`encode(threads)`: how a rebuild given `threads` of this process's cores encodes."""
         self.domain = domain
         self.backbone = backbone
         self.versions = versions
@@ -150,6 +159,7 @@ class IndexRefresher:
         self._snapshot: Path | None = None
         self._threads = torch.get_num_threads()  # the trainer's when no rebuild runs
         self._rebuild_threads = max(self._threads // 2, 1)
+        self._encode = encode
 
     @property
     def pending(self) -> bool:
@@ -164,7 +174,7 @@ class IndexRefresher:
             backbone=self.backbone.config,
             adapter_dir=snapshot,
             index=TRAINING_INDEX,
-            encode=EncodeConfig(progress=False, threads=self._rebuild_threads),
+            encode=self._encode(self._rebuild_threads),
             flip=False,
             publish=False,
         )
@@ -592,6 +602,7 @@ class Trainer:
             started_step=started,
             build_id=detail,
             passages=handle.size,
+            encoded_on=handle.info.encoded_on,
         )
         if previous is not None and previous != directory:
             shutil.rmtree(previous, ignore_errors=True)

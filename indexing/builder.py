@@ -119,6 +119,7 @@ class BuildInfo:
     index: dict
     created_at: str
     seconds: dict = field(default_factory=dict)
+    encoded_on: str = "local"  # where the passages were encoded: "local" (the build's process) or "ray"
     metric: str = "inner_product"
     faiss_version: str = faiss.__version__
     format: int = FORMAT
@@ -195,6 +196,7 @@ def write_index(
     max_passage_tokens: int = 0,
     checksum: str | None = None,
     seconds: dict | None = None,
+    encoded_on: str = "local",
     on_progress: BuildProgressFn | None = None,
 ) -> BuildInfo:
     """Write a complete index version directory from ready embeddings [n, dim] (staged, then renamed).
@@ -239,6 +241,7 @@ def write_index(
             index=config.to_dict(),
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
             seconds=seconds,
+            encoded_on=encoded_on,
         )
         (staging / BUILD_FILE).write_text(json.dumps(info.to_dict(), indent=2, sort_keys=True))
     return info
@@ -291,5 +294,6 @@ def build_index(
         max_passage_tokens=backbone.config.max_passage_tokens,
         checksum=checksum,
         seconds={"encode": round(encode_seconds, 3)},
+        encoded_on="ray" if encode.ray is not None else "local",
         on_progress=on_progress,
     )

@@ -28,6 +28,7 @@ from backbone import Backbone, Passage
 from .chunking import passages_checksum
 from .errors import RebuildCancelled
 from .files import atomic_file
+from .ray_encoding import RayEncoding, encode_rows
 
 ProgressFn = Callable[[int, int], None]  # (passages done, passages total)
 SHARD_FORMAT = 1
@@ -41,6 +42,7 @@ class EncodeConfig:
     progress: bool = True  # a tqdm bar on stderr
     keep_shards: bool = False  # keep the work-dir shards after a finished encode
     threads: int | None = None  # torch threads of a rebuild process (None: torch's default, all cores)
+    ray: RayEncoding | None = None  # encode on a Ray cluster with Ray Data (None: in the calling process)
 
 
 def adapter_digest(backbone: Backbone, adapter: str | None) -> str:
@@ -115,18 +117,28 @@ def encode_passages(
             if on_progress is not None:
                 on_progress(done, n)
 
+        def shard_file(number: int) -> Path | None:
+            return directory / f"shard-{number:05d}.npy" if directory is not None else None
+
+        pending = []
         for number, (start, end) in enumerate(shards):
-            shard_file = directory / f"shard-{number:05d}.npy" if directory is not None else None
-            cached = _load_shard(shard_file, end - start, dim) if shard_file is not None else None
-            if cached is not None:
+            cached = _load_shard(shard_file(number), end - start, dim) if directory is not None else None
+            if cached is None:
+                pending.append((number, start, end))
+            else:
                 out[start:end] = cached
                 advance(end - start)
-                continue
-            out[start:end] = _encode_shard(
-                backbone, passages[start:end], adapter, config, should_stop, advance
+        if config.ray is not None:
+            _encode_on_ray(
+                backbone, passages, pending, adapter, config, out, shard_file, advance, should_stop
             )
-            if shard_file is not None:
-                _save_shard(shard_file, out[start:end])
+        else:
+            for number, start, end in pending:
+                out[start:end] = _encode_shard(
+                    backbone, passages[start:end], adapter, config, should_stop, advance
+                )
+                if directory is not None:
+                    _save_shard(shard_file(number), out[start:end])
     if directory is not None and not config.keep_shards:
         shutil.rmtree(directory, ignore_errors=True)
     return out
@@ -148,6 +160,39 @@ def _prepare_shard_directory(work_dir: Path, identity: dict) -> Path:
     with atomic_file(identity_file) as fh:
         fh.write(json.dumps(identity, sort_keys=True).encode())
     return directory
+
+
+def _encode_on_ray(
+    backbone: Backbone,
+    passages: list[Passage],
+    pending: list[tuple[int, int, int]],
+    adapter: str | None,
+    config: EncodeConfig,
+    out: np.ndarray,
+    shard_file: Callable[[int], Path | None],
+    advance: Callable[[int], None],
+    should_stop: Callable[[], bool] | None,
+) -> None:
+    """Encode the pending shards' rows on Ray in one pass (one actor pool for all of them), saving each
+    shard once the last of its rows is in."""
+    if not pending:
+        return
+    missing = {number: end - start for number, start, end in pending}
+    bounds = {number: (start, end) for number, start, end in pending}
+
+    def on_rows(rows: np.ndarray, embeddings: np.ndarray) -> None:
+        out[rows] = embeddings
+        for number, count in zip(*np.unique(rows // config.shard_size, return_counts=True), strict=True):
+            number = int(number)
+            missing[number] -= int(count)
+            path = shard_file(number)
+            if missing[number] == 0 and path is not None:
+                start, end = bounds[number]
+                _save_shard(path, out[start:end])
+        advance(len(rows))
+
+    rows = [i for _, start, end in pending for i in range(start, end)]
+    encode_rows(backbone, passages, rows, adapter, config.ray, on_rows=on_rows, should_stop=should_stop)
 
 
 def _encode_shard(

@@ -66,10 +66,11 @@ def build_domain_index(
     config: IndexConfig,
     work_dir: Path,
     on_progress: Callable[[str, int, int], None] | None = None,
+    encode: EncodeConfig | None = None,
 ) -> str:
     """Encode `passages` with the passage encoder of adapter set `key` (None: base), build the index with
     the domain's settings and publish it as a new index version (nothing goes live; the build stays in the
-    version cache); returns the version."""
+    version cache); returns the version. `encode` None: in this process, without a progress bar."""
     directory = Path(work_dir) / f"index-{new_version_id()}"
     try:
         build_index(
@@ -80,7 +81,7 @@ def build_domain_index(
             adapter=key,
             passages_version=passages_version,
             config=config,
-            encode=EncodeConfig(progress=False),
+            encode=encode or EncodeConfig(progress=False),
             work_dir=Path(work_dir) / "shards",
             on_progress=on_progress,
         )
@@ -96,6 +97,7 @@ def base_index_version(
     *,
     work_dir: Path,
     on_progress: Callable[[str, int, int], None] | None = None,
+    encode: EncodeConfig | None = None,
 ) -> str:
     """A published index of the domain's live passages encoded by the base passage encoder (no LoRA), for
     runs that start from zero LoRA and for evaluating the base backbone: the live one if it is, else an
@@ -125,4 +127,5 @@ def base_index_version(
         config=live_info.config,
         work_dir=work_dir,
         on_progress=on_progress,
+        encode=encode,
     )

@@ -32,9 +32,12 @@ from litestar.plugins.pydantic import PydanticPlugin
 from litestar.types import Message, Scope
 
 from adapters import AdapterRegistry
+from adapters.ray_runs import RayRunManager
 from adapters.supervisor import RunManager
 from backbone import Backbone
 from indexing import IndexConfig, load_corpus, write_passages
+from indexing.encoder import EncodeConfig
+from indexing.raycluster import connect, joined
 from indexing.versions import IndexVersions
 from storage import DomainExists, DomainNotFound, DomainRegistry, PreconditionFailed, StoreError, open_store
 
@@ -137,14 +140,33 @@ def _open(settings: Settings, metrics: Metrics) -> Runtime:
     serving_threads, worker_threads = settings.thread_budget(_cores())
     torch.set_num_threads(serving_threads)
     log.info("torch threads: %d for serving, %s per run worker", serving_threads, worker_threads or "-")
-    run_manager = RunManager(
-        store,
-        settings.backbone.config(),
-        cache_dir / "runs",
-        max_concurrent=max(settings.runs.max_concurrent, 1),
-        store_config=settings.store_config,
-        threads=worker_threads,
-    )
+    cluster = None
+    if "ray" in (settings.runs.executor, settings.indexing.executor):
+        # Once, here: the processes this one starts (builds, run actors) join the cluster by this address.
+        configured = settings.ray.cluster()
+        cluster = joined(configured, connect(configured))
+        log.info("Ray cluster: %s", cluster.address)
+    ray_encoding = settings.indexing.encoding(cluster) if cluster is not None else None
+    run_manager: RunManager | RayRunManager
+    if settings.runs.executor == "ray":
+        run_manager = RayRunManager(
+            store,
+            settings.backbone.config(),
+            cluster,
+            resources=settings.runs.resources,
+            store_config=settings.store_config,
+            ray_encoding=ray_encoding,
+        )
+    else:
+        run_manager = RunManager(
+            store,
+            settings.backbone.config(),
+            cache_dir / "runs",
+            max_concurrent=max(settings.runs.max_concurrent, 1),
+            store_config=settings.store_config,
+            threads=worker_threads,
+            ray_encoding=ray_encoding,
+        )
     metrics.watch_runs(run_manager.list)
     return Runtime(
         settings=settings,
@@ -155,6 +177,7 @@ def _open(settings: Settings, metrics: Metrics) -> Runtime:
         versions=IndexVersions(registry, cache_dir / "indexes"),
         loader=ThreadPoolExecutor(max_workers=4, thread_name_prefix="loader"),
         runs=run_manager,
+        ray_encoding=ray_encoding,
     )
 
 
@@ -204,6 +227,7 @@ async def _load(runtime: Runtime) -> None:
             runtime.metrics,
             on_live=catalog.refresh_domain,
             max_concurrent=settings.jobs.max_concurrent,
+            encode=EncodeConfig(progress=False, ray=runtime.ray_encoding),
         )
         worker.start()
     except Exception as exc:
@@ -231,7 +255,7 @@ async def _load(runtime: Runtime) -> None:
     runtime.metrics.backbone_ready.set(1)
     runtime.metrics.backbone_load_seconds.set(backbone.load_seconds)
     log.info("ready: backbone %s, %d domains", backbone.fingerprint, len(catalog.names()))
-    if settings.runs.max_concurrent > 0:
+    if settings.runs.max_concurrent > 0 or settings.runs.executor == "ray":
         # Started once serving is up: each worker process loads a backbone of its own.
         await to_thread.run_sync(runtime.runs.start)
     runtime.background.append(asyncio.create_task(_poll(runtime, demo_pending), name="poll-live-pointers"))

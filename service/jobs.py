@@ -214,7 +214,9 @@ class Jobs:
         max_concurrent: int = 2,
         lease_s: float = 60.0,
         max_crashes: int = 2,
+        encode: EncodeConfig | None = None,
     ):
+        """`encode`: how the jobs' builds encode passages (None: in their worker processes here)."""
         self._jobs = JobStore(store)
         self._versions = versions
         self._registry = versions.registry
@@ -226,6 +228,7 @@ class Jobs:
         self._max_concurrent = max_concurrent
         self._lease_s = lease_s
         self._max_crashes = max_crashes
+        self._encode = encode or EncodeConfig(progress=False)
         self._owner = owner_token(f"jobs-{secrets.token_hex(4)}")
         self._local: dict[str, _Local] = {}
         self._lock = threading.Lock()
@@ -583,7 +586,7 @@ class Jobs:
             index=index,
             adapter_dir=adapter_dir,
             adapter_version=adapter_version,
-            encode=EncodeConfig(progress=False),
+            encode=self._encode,
         )
 
     def _write_progress(self, local: _Local) -> None:

@@ -11,8 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from adapters import AdapterRegistry
+from adapters.ray_runs import RayRunManager
 from adapters.supervisor import RunManager
 from backbone import Backbone
+from indexing.ray_encoding import RayEncoding
 from indexing.versions import IndexVersions
 from storage import DomainRegistry, ObjectStore
 
@@ -46,7 +48,9 @@ class Runtime:
     adapters: AdapterRegistry
     versions: IndexVersions
     loader: ThreadPoolExecutor  # store I/O off the event loop and the model thread (adapter loads)
-    runs: RunManager  # submitting and reading runs needs only the store; training happens in its workers
+    # Submitting and reading runs needs only the store; training happens in local workers or on Ray.
+    runs: RunManager | RayRunManager
+    ray_encoding: RayEncoding | None = None  # passages encode on Ray Data (None: in local build processes)
     loaded: Loaded | None = None
     load_error: BaseException | None = None
     background: list = field(default_factory=list)  # asyncio tasks started by the lifespan

@@ -13,7 +13,10 @@ from typing import Literal
 from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from adapters.spec import RunResources
 from backbone import BackboneConfig, embedded_default_config
+from indexing.ray_encoding import RayEncoding
+from indexing.raycluster import RayCluster
 from storage import StoreConfig
 from storage.registry import DOMAIN_NAME
 
@@ -140,16 +143,57 @@ class DemoSettings(BaseModel):
     description: str = "ragadapt's own README and docs"
 
 
+class RaySettings(BaseModel):
+    """The Ray cluster that `runs.executor: ray` and `indexing.executor: ray` use (the `ray` extra).
+
+    `address`: a head's GCS address ("10.0.0.5:6379"), "auto" (the cluster this host joined with `ray
+    start`), or a Ray Client address ("ray://head:10001"). Unset, the service starts a local cluster in its
+    own process, of `num_cpus` CPUs (unset: every core) and an object store of `object_store_bytes`."""
+
+    address: str | None = None
+    namespace: str = "ragadapt"
+    num_cpus: int | None = Field(None, ge=1)
+    object_store_bytes: int | None = Field(None, ge=78 * 1024 * 1024)  # Ray's own minimum
+
+    def cluster(self) -> RayCluster:
+        return RayCluster(self.address, self.namespace, self.num_cpus, self.object_store_bytes)
+
+
 class RunSettings(BaseModel):
-    """Adaptation runs: how many this process trains at once, each in a worker process of its own.
+    """Adaptation runs: where they execute and how many this process trains at once.
 
-    0: this process only validates and queues runs; processes with workers sharing the store train them. Each
-    worker holds its own copy of the backbone."""
+    `executor: local`: each in a worker process of this server (`max_concurrent` of them; 0: this process only
+    validates and queues runs, and processes with workers sharing the store train them). Each worker holds
+    its own copy of the backbone. `executor: ray`: each in an actor of its own on the Ray cluster, with the
+    `resources` a run asks for (these when it asks for none); `max_concurrent` and `threads` do not apply."""
 
+    executor: Literal["local", "ray"] = "local"
+    resources: RunResources = RunResources()
     max_concurrent: int = Field(1, ge=0)
     threads: int | None = Field(None, ge=1)  # torch threads of each worker (None: see Settings.thread_budget)
     # Generator rows (batch_size x top_k) a training step may hold; None: estimated from the host's memory.
     max_batch_passages: int | None = Field(None, ge=1)
+
+
+class IndexingSettings(BaseModel):
+    """Where passages are encoded for ingests, rebuilds and runs' index builds. `executor: local`: in the
+    build's own process on this host. `executor: ray`: Ray Data streams them through `concurrency` encoder
+    actors of `cpus_per_actor` CPUs (their torch threads) and `gpus_per_actor` GPUs, `batch_size` passages a
+    call; the index is built, published and flipped here as for a local build."""
+
+    executor: Literal["local", "ray"] = "local"
+    batch_size: int = Field(64, ge=1, le=4096)
+    concurrency: int = Field(2, ge=1)
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+
+    def encoding(self, cluster: RayCluster) -> RayEncoding | None:
+        """How to encode on `cluster` (None: locally)."""
+        if self.executor == "local":
+            return None
+        return RayEncoding(
+            cluster, self.batch_size, self.concurrency, self.cpus_per_actor, self.gpus_per_actor
+        )
 
 
 class JobSettings(BaseModel):
@@ -169,6 +213,8 @@ class Settings(BaseSettings):
     demo: DemoSettings = DemoSettings()
     runs: RunSettings = RunSettings()
     jobs: JobSettings = JobSettings()
+    indexing: IndexingSettings = IndexingSettings()
+    ray: RaySettings = RaySettings()
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
@@ -203,9 +249,11 @@ class Settings(BaseSettings):
 
         Unset, serving and the run workers that train beside it split the cores, half and half: both using
         every core makes their OpenMP threads wait on one another, and /ask slows down many times over while
-        a run trains, not by half. Without local run workers serving keeps every core."""
-        workers = self.runs.max_concurrent
-        serving = self.server.threads or (max(cores - cores // 2, 1) if workers else cores)
+        a run trains, not by half. Runs on a local Ray cluster (`ray.address` unset) train on this host too.
+        Without local run workers or a local cluster serving keeps every core."""
+        workers = self.runs.max_concurrent if self.runs.executor == "local" else 0
+        trains_here = workers > 0 or (self.runs.executor == "ray" and self.ray.address is None)
+        serving = self.server.threads or (max(cores - cores // 2, 1) if trains_here else cores)
         per_worker = self.runs.threads or (max((cores - serving) // workers, 1) if workers else None)
         return serving, per_worker
 

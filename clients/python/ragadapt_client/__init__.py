@@ -53,6 +53,7 @@ from ragadapt_client.models import (
     RunEvent,
     RunEvents,
     RunInfo,
+    RunResources,
 )
 from ragadapt_client.retries import RetryPolicy
 
@@ -99,6 +100,7 @@ __all__ = [
     "RunEvents",
     "RunFailedError",
     "RunInfo",
+    "RunResources",
     "ServiceUnavailableError",
     "UnprocessableEntityError",
     "WaitTimeoutError",

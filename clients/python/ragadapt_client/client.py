@@ -31,6 +31,7 @@ from ragadapt_client.models import (
     RunEvents,
     RunInfo,
     RunMode,
+    RunResources,
 )
 from ragadapt_client.retries import Attempts, RetryPolicy
 from ragadapt_client.waiting import JobProgress, PollSchedule, RunProgress, job_outcome, run_outcome
@@ -219,13 +220,15 @@ class Runs:
         use_qa: bool = True,
         promote_metric: Literal["recall@5", "f1"] | None = None,
         metadata: Mapping[str, str] | None = None,
+        resources: RunResources | Mapping[str, Any] | None = None,
     ) -> Run:
         """Queue a run training on the domain's QA ``split`` (default ``train``), on QA at a store ``uri``, or
         on ``examples``, plus ``synthetic`` data made from the domain's passages (``True``: the server's
         default, inverse-cloze pairs; a mapping such as ``{"generated": {"max_passages": 300}}``; ``False``:
         none). ``use_qa=False`` trains on synthetic data alone. ``promote_metric``: what ``if_better`` needs a
         significant gain on. Unset hyperparameters take the server's defaults; ``metadata`` labels the run (at
-        most 16 strings, read back on it). ``.wait()`` on the returned run."""
+        most 16 strings, read back on it); ``resources`` is what it asks a Ray cluster for (CPUs, GPUs,
+        memory; servers running runs on Ray). ``.wait()`` on the returned run."""
         info = self._client._send(
             endpoints.create_run(
                 domain,
@@ -240,6 +243,7 @@ class Runs:
                 use_qa,
                 promote_metric,
                 metadata,
+                resources,
             )
         )
         return Run(self._client, info)

@@ -31,6 +31,7 @@ from ragadapt_client.models import (
     Retrieval,
     RunEvents,
     RunInfo,
+    RunResources,
 )
 
 T = TypeVar("T")
@@ -246,6 +247,7 @@ def create_run(
     use_qa: bool,
     promote_metric: str | None,
     metadata: Mapping[str, str] | None = None,
+    resources: RunResources | Mapping[str, Any] | None = None,
 ) -> Call[RunInfo]:
     """Training data is one of: a split of the domain's QA (default ``train``), a store URI, or examples; plus
     synthetic data from the domain's passages (``True``: the server's default, a mapping: as given)."""
@@ -274,6 +276,10 @@ def create_run(
         body["promote_metric"] = promote_metric
     if metadata is not None:
         body["metadata"] = dict(metadata)
+    if resources is not None:
+        if not isinstance(resources, BaseModel):
+            resources = RunResources.model_validate(resources)
+        body["resources"] = resources.model_dump(mode="json", exclude_none=True)
     return Call("POST", "/admin/adapt", _model(RunInfo), json=body, admin=True)
 
 

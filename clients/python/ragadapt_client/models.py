@@ -85,6 +85,15 @@ class RunMetrics(_Model):
     improvement: dict[str, Any] | None = None
 
 
+class RunResources(_Model):
+    """What a run asks a Ray cluster for (servers with ``runs.executor: ray``; the local executor ignores
+    it). Fields left ``None`` take the server's defaults."""
+
+    cpus: float | None = None
+    gpus: float | None = None
+    memory_bytes: int | None = None
+
+
 class RunInfo(_Model):
     """An adaptation run: ``validating -> queued -> running -> succeeded | failed | cancelled``.
 
@@ -110,6 +119,7 @@ class RunInfo(_Model):
     parent: str | None = None
     metadata: dict[str, str] = Field(default_factory=dict)  # the labels given when it was created
     estimated_finish: datetime | None = None  # when training should end, at the pace of its recent steps
+    resources: RunResources | None = None  # what it asked a Ray cluster for (None: a local executor's run)
 
     @field_validator("latest", "metrics", mode="before")
     @classmethod

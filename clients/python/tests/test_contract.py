@@ -35,6 +35,7 @@ REQUESTS = {
     models.Hyperparameters: "Hyperparameters",
     models.LoraSpec: "LoraConfig",
     models.LoraSpecs: "AdapterSetConfig",
+    models.RunResources: "RunResources",
 }
 
 CALLS = [
