@@ -4,6 +4,8 @@ reads and writes the store, the one source of truth for a run's state, events an
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any
 
 from adapters.queue import cancel, submit
@@ -14,11 +16,34 @@ from storage.errors import DomainNotFound
 from storage.store import ObjectStore
 
 
-class RunFrontend:
-    """The store side of runs. An executor learns of a submitted or cancelled run through `_submitted` and
-    `_cancelled`."""
+class RunFrontend(ABC):
+    """The store side of runs, and what the service asks of the executor behind it. An executor learns of a
+    submitted or cancelled run through `_submitted` and `_cancelled`."""
 
     max_concurrent = 0  # runs this process's own workers train at once
+
+    @abstractmethod
+    def start(self) -> None:
+        """Start executing queued runs."""
+
+    @abstractmethod
+    def stop(self) -> None:
+        """Stop executing runs here (what becomes of a running one is the executor's to say)."""
+
+    @property
+    @abstractmethod
+    def supervisor(self) -> str:
+        """`running`, `stopped`, or `dead` when what should execute runs here has ended (`/readyz` says
+        so)."""
+
+    @property
+    @abstractmethod
+    def alive_workers(self) -> int:
+        """Worker processes of this host alive now."""
+
+    @abstractmethod
+    def scratch(self) -> tuple[list[Path], set[Path]]:
+        """Scratch directories of this host's workers under the work directory, and those in use now."""
 
     def __init__(
         self,
@@ -80,8 +105,11 @@ class RunFrontend:
         self._cancelled(record)
         return record.info()
 
+    @abstractmethod
     def _submitted(self, record: RunRecord) -> None:
-        """A run was queued (executors that wait for work are told here)."""
+        """A run was queued."""
 
+    @abstractmethod
     def _cancelled(self, record: RunRecord) -> None:
-        """A run was cancelled (or asked to stop)."""
+        """A run was cancelled (queued: it ended at once) or asked to stop (running: at its next
+        micro-batch)."""

@@ -298,6 +298,10 @@ class RunManager(RunFrontend):
     def _submitted(self, record: RunRecord) -> None:
         self._wake.set()  # an idle worker claims it now rather than at its next poll
 
+    def _cancelled(self, record: RunRecord) -> None:
+        """Nothing to do here: a queued run is never claimed once cancelled, and a running one's worker
+        reads the flag between micro-batches."""
+
     def _release_runs_of(self, worker: _Worker, reason: str) -> None:
         for run_id in self.runs.active():
             try:

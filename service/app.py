@@ -153,7 +153,7 @@ def _open(settings: Settings, metrics: Metrics) -> Runtime:
             store,
             settings.backbone.config(),
             cluster,
-            resources=settings.runs.resources,
+            resources=settings.runs.resources.request(),
             store_config=settings.store_config,
             ray_encoding=ray_encoding,
         )

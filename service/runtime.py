@@ -11,8 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from adapters import AdapterRegistry
-from adapters.ray_runs import RayRunManager
-from adapters.supervisor import RunManager
+from adapters.frontend import RunFrontend
 from backbone import Backbone
 from indexing.ray_encoding import RayEncoding
 from indexing.versions import IndexVersions
@@ -49,7 +48,7 @@ class Runtime:
     versions: IndexVersions
     loader: ThreadPoolExecutor  # store I/O off the event loop and the model thread (adapter loads)
     # Submitting and reading runs needs only the store; training happens in local workers or on Ray.
-    runs: RunManager | RayRunManager
+    runs: RunFrontend  # a RunManager (local worker processes) or a RayRunManager
     ray_encoding: RayEncoding | None = None  # passages encode on Ray Data (None: in local build processes)
     loaded: Loaded | None = None
     load_error: BaseException | None = None

@@ -159,6 +159,17 @@ class RaySettings(BaseModel):
         return RayCluster(self.address, self.namespace, self.num_cpus, self.object_store_bytes)
 
 
+class ResourceSettings(BaseModel):
+    """What a run on Ray asks for when its request names no `resources` (see adapters.spec.RunResources)."""
+
+    cpus: float = Field(1.0, gt=0)
+    gpus: float = Field(0.0, ge=0)
+    memory_bytes: int | None = Field(None, ge=1 << 20)
+
+    def request(self) -> RunResources:
+        return RunResources.model_validate(self.model_dump())
+
+
 class RunSettings(BaseModel):
     """Adaptation runs: where they execute and how many this process trains at once.
 
@@ -168,7 +179,7 @@ class RunSettings(BaseModel):
     `resources` a run asks for (these when it asks for none); `max_concurrent` and `threads` do not apply."""
 
     executor: Literal["local", "ray"] = "local"
-    resources: RunResources = RunResources()
+    resources: ResourceSettings = ResourceSettings()
     max_concurrent: int = Field(1, ge=0)
     threads: int | None = Field(None, ge=1)  # torch threads of each worker (None: see Settings.thread_budget)
     # Generator rows (batch_size x top_k) a training step may hold; None: estimated from the host's memory.
