@@ -194,6 +194,7 @@ async def _load(runtime: Runtime) -> None:
             max_batch_rows=settings.server.max_batch_rows,
             batch_wait_s=settings.server.batch_wait_ms / 1000,
             retry_after_s=settings.server.retry_after_s,
+            kv_cache_bytes=settings.server.kv_cache_budget(host_memory()),
         )
         jobs = Jobs(
             runtime.store,
