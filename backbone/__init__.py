@@ -15,6 +15,8 @@ if TYPE_CHECKING:  # what type checkers see; `as` re-exports them
     from .config import AdapterSetConfig as AdapterSetConfig
     from .config import BackboneConfig as BackboneConfig
     from .config import LoraConfig as LoraConfig
+    from .decoding import PrefixCache as PrefixCache
+    from .decoding import PrefixKey as PrefixKey
     from .errors import AdapterExists as AdapterExists
     from .errors import AdapterLoadError as AdapterLoadError
     from .errors import BackboneError as BackboneError
@@ -22,6 +24,7 @@ if TYPE_CHECKING:  # what type checkers see; `as` re-exports them
     from .errors import QuantizationUnavailable as QuantizationUnavailable
     from .errors import UnknownAdapter as UnknownAdapter
     from .generator import Passage as Passage
+    from .generator import Prompt as Prompt
     from .loading import embedded_default_config as embedded_default_config
     from .model import AdapterSetWeights as AdapterSetWeights
     from .model import Answer as Answer
@@ -36,6 +39,8 @@ _MODULES = {
     "AdapterSetConfig": "config",
     "BackboneConfig": "config",
     "LoraConfig": "config",
+    "PrefixCache": "decoding",
+    "PrefixKey": "decoding",
     "AdapterExists": "errors",
     "AdapterLoadError": "errors",
     "BackboneError": "errors",
@@ -43,6 +48,7 @@ _MODULES = {
     "QuantizationUnavailable": "errors",
     "UnknownAdapter": "errors",
     "Passage": "generator",
+    "Prompt": "generator",
     "embedded_default_config": "loading",
     "AdapterSetWeights": "model",
     "Answer": "model",

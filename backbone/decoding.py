@@ -10,11 +10,20 @@ All rows share one left-padded KV cache. Joining left-pads the shorter side to t
 the rows, then the columns on the left that only padded them. Each layer appends into spare capacity rather
 than concatenating the whole cache every token (what `DynamicCache` does: a quarter of a 16-row step on a
 CPU).
+
+Prefill is compute-bound on a CPU, and RAG-sequence prefills k (passage, question) rows per question whose
+prompts start with the same (instruction + passage) prefix for every question that retrieves the passage. A
+`PrefixCache` keeps those prefixes' KV states (RAGCache, TurboRAG; vLLM's and SGLang's prefix caching), and a
+joining row prefills only its suffix on top of them. The reuse is exact: the prefix has the same token ids
+(`Generator.prompt_ids` tokenizes prefix and suffix apart), its states were computed at the same position ids
+(0 .. length-1: position ids count a row's real tokens, never its padding), and the suffix attends to them
+under the row's own adapter, whose identity is part of the key.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -22,7 +31,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer, get_layer_types_and_kwargs
 
 if TYPE_CHECKING:
-    from .generator import Generation, Generator
+    from .generator import Generation, Generator, Prompt
 
 # Room a layer grows by when it runs out: one reallocation per this many decoding steps.
 _SPARE_TOKENS = 64
@@ -44,6 +53,11 @@ class _GrowingLayer(DynamicLayer):
         self.length = end
         self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
         return self.keys, self.values
+
+    def load(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Start from these keys and values (a past the next forward's inputs attend to)."""
+        self.lazy_initialization(keys, values)
+        self._reset(keys, values)
 
     def _reset(self, keys: torch.Tensor, values: torch.Tensor, spare: int = 0) -> None:
         """Hold exactly these keys and values (copied when `spare` asks for room after them)."""
@@ -74,6 +88,87 @@ def _left_pad(states: torch.Tensor, length: int) -> torch.Tensor:
     if missing == 0:
         return states
     return torch.cat([states.new_zeros(*states.shape[:2], missing, states.shape[-1]), states], dim=-2)
+
+
+@dataclass(frozen=True)
+class PrefixKey:
+    """What a prompt prefix's KV states depend on besides the generator adapter (which `Decoding` adds
+    itself, by the identity of the attached weights, never by name): the backbone, the passage by identity
+    (the version of the collection it comes from and its id there) and the prompt template version."""
+
+    backbone: str  # the backbone's fingerprint
+    passages: str  # the passage collection's version, e.g. "<domain>/<index version>"
+    passage: str  # the passage's id in that collection
+    template: int  # the prompt template version (`TEMPLATE_VERSION`)
+
+
+@dataclass(frozen=True)
+class _Prefix:
+    """The KV states of one prompt prefix, computed at position ids 0 .. len(ids)-1."""
+
+    ids: tuple[int, ...]
+    keys: list[torch.Tensor]  # per layer [kv heads, len(ids), head_dim]
+    values: list[torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in [*self.keys, *self.values])
+
+
+class PrefixCache:
+    """KV states of prompt prefixes, least recently used first out when over `budget_bytes` (0: off).
+
+    Keys are (adapter identity, `PrefixKey`). An adapter identity belongs to one attachment of one set of
+    weights, so entries of a detached or replaced adapter can never be hit again; `retain` frees them. An
+    entry also keeps its token ids, and a lookup whose ids differ is a miss: reuse is exact or nothing.
+
+    Not thread-safe: the thread that owns the model uses it. `hits`, `misses` and `evictions` count since
+    creation (for metrics); a lookup is one distinct prefix of one prefill.
+    """
+
+    def __init__(self, budget_bytes: int):
+        self.budget_bytes = budget_bytes
+        self.nbytes = 0
+        self.hits = 0
+        self.misses = 0
+        self.evictions = {"budget": 0, "adapter": 0}  # by reason: over budget, adapter detached
+        self._entries: OrderedDict[tuple[str, PrefixKey], _Prefix] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, adapter: str, key: PrefixKey, ids: list[int]) -> _Prefix | None:
+        entry = self._entries.get((adapter, key))
+        if entry is None or entry.ids != tuple(ids):
+            self.misses += 1
+            return None
+        self._entries.move_to_end((adapter, key))
+        self.hits += 1
+        return entry
+
+    def put(self, adapter: str, key: PrefixKey, prefix: _Prefix) -> None:
+        """Keep `prefix`, evicting the least recently used entries to stay within budget (a prefix larger
+        than the whole budget is not kept)."""
+        size = prefix.nbytes
+        if size > self.budget_bytes:
+            return
+        self._remove((adapter, key))
+        self._entries[(adapter, key)] = prefix
+        self.nbytes += size
+        while self.nbytes > self.budget_bytes:
+            self._remove(next(iter(self._entries)))
+            self.evictions["budget"] += 1
+
+    def retain(self, adapters: set[str]) -> None:
+        """Drop the entries of adapter identities not in `adapters` (those no longer attached)."""
+        for entry in [e for e in self._entries if e[0] not in adapters]:
+            self._remove(entry)
+            self.evictions["adapter"] += 1
+
+    def _remove(self, entry: tuple[str, PrefixKey]) -> None:
+        prefix = self._entries.pop(entry, None)
+        if prefix is not None:
+            self.nbytes -= prefix.nbytes
 
 
 def supports_continuous(config) -> bool:
@@ -119,20 +214,30 @@ class _Batch:
         self.rows += other.rows
 
 
+def _left_padded(ids: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows of token ids left-padded to one width: (input ids, attention mask, position ids), each [n, width];
+    position ids count each row's own tokens from 0."""
+    width = max(map(len, ids))
+    input_ids = torch.tensor([[pad] * (width - len(row)) + row for row in ids], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in ids], dtype=torch.long)
+    return input_ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def _left_pad_mask(mask: torch.Tensor, length: int) -> torch.Tensor:
     return torch.cat([mask.new_zeros(mask.shape[0], length - mask.shape[1]), mask], dim=1)
 
 
 class Decoding:
     """Greedy decoding of rows that join (`add`) and finish (`step`) at different times, under per-row
-    adapters.
+    adapters, reusing prompt prefixes' KV states from `prefixes` where given.
 
     Not thread-safe: the thread that owns the model drives it. Adapter names are resolved on every forward, so
     a row fails loudly (UnknownAdapter) rather than run under another adapter if its own was detached mid-way.
     """
 
-    def __init__(self, generator: Generator):
+    def __init__(self, generator: Generator, prefixes: PrefixCache | None = None):
         self._generator = generator
+        self._prefixes = prefixes
         self._batch: _Batch | None = None
         self._finished: list[tuple[int, Generation]] = []
         self._tickets = itertools.count()
@@ -146,32 +251,40 @@ class Decoding:
         """Rows the next step runs."""
         return len(self._batch.rows) if self._batch else 0
 
-    def add(self, sources: list[str], adapters: list[str], max_new_tokens: list[int]) -> list[int]:
-        """Prefill new rows (one forward for all) and pick their first tokens; returns their tickets."""
-        if not sources:
+    def add(self, prompts: list[Prompt], adapters: list[str], max_new_tokens: list[int]) -> list[int]:
+        """Prefill new rows (one forward for all, after one for the prefixes not cached yet) and pick their
+        first tokens; returns their tickets.
+
+        A row with a prefix from the cache prefills only its suffix. Its cache row holds [padding, prefix,
+        padding, suffix]: the prefix right-aligned in the past columns, the suffix left-padded after them,
+        the padding masked out, and the suffix's position ids continuing from the prefix's length, so every
+        token attends to exactly what it would in a single forward of the whole prompt."""
+        if not prompts:
             return []
         generator = self._generator
-        tokenizer = generator.tokenizer
-        tokenizer.padding_side = "left"
-        enc = tokenizer(sources, padding=True, add_special_tokens=False, return_tensors="pt")
-        enc = enc.to(generator.device)
-        positions = (enc.attention_mask.cumsum(-1) - 1).clamp(min=0)  # [n, length]
-        cache = Cache(layers=[_GrowingLayer() for _ in range(generator.host.base.config.num_hidden_layers)])
+        prefix_ids, suffix_ids = generator.prompt_ids(prompts)
+        prefixes = self._cached_prefixes(prompts, adapters, prefix_ids, suffix_ids)
+        # Rows without a cached prefix prefill their whole prompt as the "suffix" of an empty past.
+        suffix_ids = [s if c is not None else p + s for p, s, c in zip(prefix_ids, suffix_ids, prefixes)]
+        cache, past_mask = self._past(prefixes)  # past_mask [n, past]
+        new_ids, new_mask, new_positions = _left_padded(suffix_ids, generator.tokenizer.pad_token_id)
+        offsets = torch.tensor([len(c.ids) if c is not None else 0 for c in prefixes]).unsqueeze(1)
+        device = generator.device
+        mask = torch.cat([past_mask, new_mask], dim=1).to(device)  # [n, past + new]
         out = generator.host.forward(
             adapters,
-            input_ids=enc.input_ids,
-            attention_mask=enc.attention_mask,
-            position_ids=positions,
+            input_ids=new_ids.to(device),
+            attention_mask=mask,
+            position_ids=(new_positions + offsets).to(device),
             cache=cache,
             use_cache=True,
             logits_to_keep=1,
         )
-        lengths = enc.attention_mask.sum(-1).tolist()
         rows = [
-            _Row(next(self._tickets), adapter, budget, int(length))
-            for adapter, budget, length in zip(adapters, max_new_tokens, lengths)
+            _Row(next(self._tickets), adapter, budget, int(offset) + len(ids))
+            for adapter, budget, offset, ids in zip(adapters, max_new_tokens, offsets[:, 0], suffix_ids)
         ]
-        batch = _Batch(rows, cache, enc.attention_mask)
+        batch = _Batch(rows, cache, mask)
         self._advance(batch, out.logits[:, -1])
         if batch.rows:
             if self._batch is None:
@@ -179,6 +292,90 @@ class Decoding:
             else:
                 self._batch.join(batch)
         return [row.ticket for row in rows]
+
+    def _cached_prefixes(
+        self,
+        prompts: list[Prompt],
+        adapters: list[str],
+        prefix_ids: list[list[int]],
+        suffix_ids: list[list[int]],
+    ) -> list[_Prefix | None]:
+        """Each row's prefix KV states (None: prefill it whole): from the cache, or computed now in one
+        forward for every distinct prefix the cache lacks, and kept for later rows."""
+        rows: list[_Prefix | None] = [None] * len(prompts)
+        cache = self._prefixes
+        if cache is None or not cache.budget_bytes:
+            return rows
+        host = self._generator.host
+        cache.retain(host.identities())
+        entries: dict[int, tuple[str, PrefixKey]] = {}  # row -> its cache entry
+        found: dict[tuple[str, PrefixKey], _Prefix | None] = {}
+        missing: dict[tuple[str, PrefixKey], int] = {}  # -> the first row with that prefix
+        for i, (prompt, adapter) in enumerate(zip(prompts, adapters)):
+            # A row needs a suffix of its own: its first token's logits come from the suffix's forward.
+            if prompt.key is None or not prefix_ids[i] or not suffix_ids[i]:
+                continue
+            entries[i] = entry = (host.identity(adapter), prompt.key)
+            if entry not in found:
+                found[entry] = cache.get(*entry, prefix_ids[i])
+                if found[entry] is None:
+                    missing[entry] = i
+        if missing:
+            computed = self._prefill_prefixes(
+                [prefix_ids[i] for i in missing.values()], [adapters[i] for i in missing.values()]
+            )
+            for entry, prefix in zip(missing, computed):
+                found[entry] = prefix
+                cache.put(*entry, prefix)
+        for i, entry in entries.items():
+            rows[i] = found[entry]
+        return rows
+
+    def _prefill_prefixes(self, ids: list[list[int]], adapters: list[str]) -> list[_Prefix]:
+        """The KV states of these prefixes (one forward, left-padded, at position ids from 0)."""
+        generator = self._generator
+        input_ids, mask, positions = _left_padded(ids, generator.tokenizer.pad_token_id)
+        device = generator.device
+        cache = Cache(layers=[_GrowingLayer() for _ in range(generator.host.base.config.num_hidden_layers)])
+        generator.host.forward(
+            adapters,
+            input_ids=input_ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=positions.to(device),
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        width = input_ids.shape[1]
+        return [
+            _Prefix(
+                tuple(row),
+                [layer.keys[i, :, width - len(row) :].clone() for layer in cache.layers],
+                [layer.values[i, :, width - len(row) :].clone() for layer in cache.layers],
+            )
+            for i, row in enumerate(ids)
+        ]
+
+    def _past(self, prefixes: list[_Prefix | None]) -> tuple[Cache, torch.Tensor]:
+        """A cache holding each row's prefix right-aligned (zeros where it has none or a shorter one) and its
+        attention mask [n, longest prefix]."""
+        generator = self._generator
+        cache = Cache(layers=[_GrowingLayer() for _ in range(generator.host.base.config.num_hidden_layers)])
+        lengths = [len(p.ids) if p is not None else 0 for p in prefixes]
+        width = max(lengths)
+        mask = torch.tensor([[0] * (width - n) + [1] * n for n in lengths], dtype=torch.long)
+        if width:
+            sample = next(p for p in prefixes if p is not None)
+            for index, layer in enumerate(cache.layers):
+                heads, _, dim = sample.keys[index].shape
+                keys = sample.keys[index].new_zeros(len(prefixes), heads, width, dim)
+                values = sample.values[index].new_zeros(len(prefixes), heads, width, dim)
+                for row, prefix in enumerate(prefixes):
+                    if prefix is not None:
+                        keys[row, :, width - len(prefix.ids) :] = prefix.keys[index]
+                        values[row, :, width - len(prefix.ids) :] = prefix.values[index]
+                layer.load(keys, values)
+        return cache, mask
 
     def step(self) -> list[tuple[int, Generation]]:
         """One decoding step for every row; returns the rows that finished since the last call."""
@@ -249,7 +446,7 @@ class WholeBatchDecoding:
     def __len__(self) -> int:
         return len(self._finished)
 
-    def add(self, sources: list[str], adapters: list[str], max_new_tokens: list[int]) -> list[int]:
+    def add(self, sources: list[Prompt], adapters: list[str], max_new_tokens: list[int]) -> list[int]:
         tickets = [next(self._tickets) for _ in sources]
         groups: dict[int, list[int]] = {}
         for i, budget in enumerate(max_new_tokens):

@@ -15,7 +15,7 @@ from transformers import (
 )
 
 from .config import BackboneConfig
-from .decoding import Decoding, WholeBatchDecoding, supports_continuous
+from .decoding import Decoding, PrefixCache, PrefixKey, WholeBatchDecoding, supports_continuous
 from .loading import converted_gguf_dir, hub_kwargs, resolve_reference
 from .lora import AdapterHost
 
@@ -27,6 +27,26 @@ RECONSTRUCT_PROMPT = "Reconstruct a sentence stated in the passage."
 CLOSED_BOOK_PROMPT = "Answer the question. Reply with the shortest exact phrase, nothing else."
 # The control token of RAG End2End's input reconstruction: it replaces the question.
 RECONSTRUCT_TOKEN = "<reconstruct>"
+# The version of the prompt layout and of how it becomes token ids. A cached prefix is only valid under the
+# version it was computed with, and an adapter is trained on the ids of one version. Version 2 tokenizes the
+# (instruction + passage) prefix and the (question + rest of the template) suffix apart, so that a passage's
+# prefix has the same ids in every prompt and its KV states can be reused.
+TEMPLATE_VERSION = 2
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A generator input: a prefix that many prompts share (instruction + passage) and the suffix of this one
+    (question + the rest of the template), tokenized apart and concatenated. `key` names the prefix's KV
+    states for a `PrefixCache` (None: not cached, e.g. a prompt without a passage, whose prefix is empty)."""
+
+    prefix: str
+    suffix: str
+    key: PrefixKey | None = None
+
+    @property
+    def text(self) -> str:
+        return self.prefix + self.suffix
 
 
 @dataclass(frozen=True)
@@ -93,31 +113,39 @@ class Generator:
         ids = self.tokenizer(text, add_special_tokens=False).input_ids
         return text if len(ids) <= max_tokens else self.tokenizer.decode(ids[:max_tokens])
 
-    def source(self, question: str | None, passage: Passage | None) -> str:
+    def source(self, question: str | None, passage: Passage | None) -> Prompt:
         """The generator input for one (question, passage) pair; question None is a reconstruction input,
-        passage None a closed-book question (the generator's own knowledge)."""
+        passage None a closed-book question (the generator's own knowledge).
+
+        A decoder-only prompt is cut after the passage: everything before the cut is the same for every
+        question that retrieved the passage. Seq2seq inputs are not cut (an encoder reads them whole)."""
         query = (
             RECONSTRUCT_TOKEN if question is None else self.clip(question, self.config.max_question_tokens)
         )
         if passage is None:
             if self.kind == "seq2seq":
-                return query
-            instruction, user = CLOSED_BOOK_PROMPT, f"Question: {query}"
+                return Prompt("", query)
+            instruction, shared, user = CLOSED_BOOK_PROMPT, "", f"Question: {query}"
         else:
             if self.kind == "seq2seq":
                 # RAG's layout: title / text // question
-                return (
-                    f"{passage.title} / {self.clip(passage.text, self.config.max_passage_tokens)} // {query}"
-                )
+                clipped = self.clip(passage.text, self.config.max_passage_tokens)
+                return Prompt("", f"{passage.title} / {clipped} // {query}")
             instruction = RECONSTRUCT_PROMPT if question is None else SYSTEM_PROMPT
-            user = f"{self.passage_text(passage)}\n\nQuestion: {query}"
+            shared = self.passage_text(passage)
+            user = f"{shared}\n\nQuestion: {query}"
         if self.tokenizer.chat_template:
-            return self.tokenizer.apply_chat_template(
+            text = self.tokenizer.apply_chat_template(
                 [{"role": "system", "content": instruction}, {"role": "user", "content": user}],
                 tokenize=False,
                 add_generation_prompt=True,
             )
-        return f"{instruction}\n\n{user}\nAnswer:"
+        else:
+            text = f"{instruction}\n\n{user}\nAnswer:"
+        # The template renders the user message verbatim; a template that rewrites it gets no cut.
+        start = text.rfind(user)
+        cut = start + len(shared) if shared and start >= 0 else 0
+        return Prompt(text[:cut], text[cut:])
 
     def passage_text(self, passage: Passage) -> str:
         return f"Passage ({passage.title}): {self.clip(passage.text, self.config.max_passage_tokens)}"
@@ -133,9 +161,21 @@ class Generator:
         shown = "".join(f"{u}\n{a}\n\n" for u, a in turns)
         return f"{instruction}\n\n{shown}{user}\n"
 
+    def prompt_ids(self, prompts: list[Prompt]) -> tuple[list[list[int]], list[list[int]]]:
+        """(prefix ids, suffix ids) per prompt: the two parts tokenized apart, so that a prefix has the same
+        ids in every prompt (training and serving alike; a joint tokenization could merge tokens across the
+        cut)."""
+        return self._ids([p.prefix for p in prompts]), self._ids([p.suffix for p in prompts])
+
+    def _ids(self, texts: list[str]) -> list[list[int]]:
+        """Token ids per text; an empty text (no prefix) has none."""
+        filled = [t for t in texts if t]
+        ids = iter(self.tokenizer(filled, add_special_tokens=False).input_ids if filled else [])
+        return [next(ids) if t else [] for t in texts]
+
     # --- likelihood -----------------------------------------------------------------------------------------
 
-    def target_logprobs(self, sources: list[str], targets: list[str], adapters: list[str] | None):
+    def target_logprobs(self, sources: list[Prompt], targets: list[str], adapters: list[str] | None):
         """Per-token log p(target | source) -> (logprobs [batch, T], mask [batch, T]).
 
         Rows sharing a target are token-aligned, as RAG-token marginalisation needs. `adapters` None runs the
@@ -153,7 +193,8 @@ class Generator:
         ]
 
     def _causal_logprobs(self, sources, targets, adapters):
-        prompts = self.tokenizer(sources, add_special_tokens=False).input_ids
+        prefixes, suffixes = self.prompt_ids(sources)
+        prompts = [p + s for p, s in zip(prefixes, suffixes)]
         answers = self._target_ids(targets)
         rows = [p + a for p, a in zip(prompts, answers)]
         width = max(map(len, rows))
@@ -178,9 +219,9 @@ class Generator:
         return logprobs * mask, mask
 
     def _seq2seq_logprobs(self, sources, targets, adapters):
-        enc = self.tokenizer(sources, padding=True, truncation=True, max_length=512, return_tensors="pt").to(
-            self.device
-        )
+        enc = self.tokenizer(
+            [s.text for s in sources], padding=True, truncation=True, max_length=512, return_tensors="pt"
+        ).to(self.device)
         answers = self._target_ids(targets)
         span = max(map(len, answers))
         labels = torch.tensor([a + [-100] * (span - len(a)) for a in answers], device=self.device)
@@ -197,11 +238,12 @@ class Generator:
 
     # --- decoding -------------------------------------------------------------------------------------------
 
-    def decoding(self) -> Decoding | WholeBatchDecoding:
+    def decoding(self, prefixes: PrefixCache | None = None) -> Decoding | WholeBatchDecoding:
         """A greedy decoding that rows can join and leave between steps (continuous batching) where the
-        model's cache allows it; otherwise one that decodes each added group to the end at once."""
+        model's cache allows it, reusing the KV states of cached prompt prefixes; otherwise one that decodes
+        each added group to the end at once (and caches nothing)."""
         if self.kind == "causal" and supports_continuous(self.host.base.config):
-            return Decoding(self)
+            return Decoding(self, prefixes)
         return WholeBatchDecoding(self)
 
     def finish(self, tokens: list[int], logprob: float) -> Generation:
@@ -211,13 +253,21 @@ class Generator:
         )
 
     def generate_whole(
-        self, sources: list[str], adapters: list[str], max_new_tokens: int
+        self, sources: list[Prompt], adapters: list[str], max_new_tokens: int
     ) -> list[Generation]:
         """Greedy answers through transformers' `generate` (seq2seq models, caches rows cannot share)."""
-        self.tokenizer.padding_side = "left" if self.kind == "causal" else "right"
-        enc = self.tokenizer(
-            sources, padding=True, add_special_tokens=self.kind == "seq2seq", return_tensors="pt"
-        ).to(self.device)
+        if self.kind == "causal":
+            prefixes, suffixes = self.prompt_ids(sources)
+            enc = self.tokenizer.pad(
+                {"input_ids": [p + s for p, s in zip(prefixes, suffixes)]},
+                padding_side="left",
+                return_tensors="pt",
+            ).to(self.device)
+        else:
+            self.tokenizer.padding_side = "right"
+            enc = self.tokenizer(
+                [s.text for s in sources], padding=True, add_special_tokens=True, return_tensors="pt"
+            ).to(self.device)
         generation_config = GenerationConfig(
             max_new_tokens=max_new_tokens,
             do_sample=False,

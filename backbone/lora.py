@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -70,6 +71,9 @@ class AdapterHost:
         self.peft: PeftModel | None = None
         self.model_type = model.config.model_type
         self._slots: dict[str, str] = {}  # adapter name -> slot
+        # adapter name -> the identity of the weights attached under it, new with every attach and training
+        self._identities: dict[str, str] = {}
+        self._serials = itertools.count(1)
         self._free: list[str] = []
         self._tensors: dict[str, dict[str, nn.Parameter]] = {}  # slot -> {state-dict key: parameter}
         self._injected = 0
@@ -110,6 +114,7 @@ class AdapterHost:
         if name in self._slots:
             raise AdapterExists(f"adapter {name!r} is already attached")
         self._slots[name] = self._inject(config)
+        self._renew(name)
 
     def load_state(self, name: str, config: PeftLoraConfig, state: dict[str, torch.Tensor]) -> None:
         """Attach an adapter from tensors already in host memory (the warm tier)."""
@@ -139,6 +144,7 @@ class AdapterHost:
             if isinstance(module, LoraLayer) and slot in module.scaling:
                 module.scaling[slot] = scaling
         self._slots[name] = slot
+        self._renew(name)
 
     def state(self, name: str) -> dict[str, torch.Tensor]:
         return {k: v.detach().to("cpu").clone() for k, v in self._tensors[self._slot(name)].items()}
@@ -165,7 +171,24 @@ class AdapterHost:
         """Detach an adapter; its slot stays injected, free for the next adapter of the same shape."""
         slot = self._slot(name)
         del self._slots[name]
+        del self._identities[name]
         self._free.append(slot)
+
+    def identity(self, name: str) -> str:
+        """The identity of the weights attached under `name` now (BASE for the base model): a new one with
+        every attach and every training scope, so anything computed under an adapter (a cached prefix's KV
+        states) is keyed by the very weights, never by a name that a later attach may reuse."""
+        if name == BASE:
+            return BASE
+        self._require(name)
+        return self._identities[name]
+
+    def identities(self) -> set[str]:
+        """The identities of the weights attached now, the base model's included."""
+        return {BASE, *self._identities.values()}
+
+    def _renew(self, name: str) -> None:
+        self._identities[name] = f"{name}#{next(self._serials)}"
 
     def parameters(self, name: str) -> list[nn.Parameter]:
         slot = self._slots.get(name)
@@ -215,6 +238,8 @@ class AdapterHost:
                 d.eval()
             for p in params:
                 p.requires_grad_(False)
+            for name in names:
+                self._renew(name)
 
     @contextmanager
     def single_training(self, name: str, checkpointing: bool = False) -> Iterator[list[nn.Parameter]]:
@@ -235,6 +260,7 @@ class AdapterHost:
             self.peft.eval()
             for p in params:
                 p.requires_grad_(False)
+            self._renew(name)
 
     def _require(self, *names: str) -> None:
         missing = [n for n in names if n not in self.names]

@@ -6,16 +6,17 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
 import torch
 
 from .config import COMPONENTS, AdapterSetConfig, BackboneConfig
+from .decoding import PrefixCache, PrefixKey
 from .encoders import EncoderTower, load_tower
 from .errors import AdapterExists, UnknownAdapter
-from .generator import Generator, Passage
+from .generator import TEMPLATE_VERSION, Generator, Passage, Prompt
 from .lora import BASE, AdapterHost, peft_config
 from .rag import fast_rag_sequence, rag_sequence_nll, rag_token_nll
 
@@ -289,9 +290,10 @@ class Backbone:
 
     # --- answering ------------------------------------------------------------------------------------------
 
-    def answering(self) -> Answering:
-        """Questions answered together as they come and go (continuous batching); see `Answering`."""
-        return Answering(self)
+    def answering(self, prefixes: PrefixCache | None = None) -> Answering:
+        """Questions answered together as they come and go (continuous batching), reusing the passage
+        prefixes' KV states kept in `prefixes`; see `Answering`."""
+        return Answering(self, prefixes)
 
     @torch.inference_mode()
     def answer(
@@ -323,9 +325,9 @@ class Backbone:
         self, prompts: list[str], adapters: list[str | None] | str | None = None, *, max_new_tokens: int = 32
     ) -> list[str]:
         """Greedy continuations of ready-made prompts (e.g. a generator writing training questions)."""
-        return [g.text for g in self._decode(prompts, adapters, max_new_tokens)]
+        return [g.text for g in self._decode([Prompt("", p) for p in prompts], adapters, max_new_tokens)]
 
-    def _decode(self, sources: list[str], adapters, max_new_tokens: int) -> list:
+    def _decode(self, sources: list[Prompt], adapters, max_new_tokens: int) -> list:
         decoding = self.generator.decoding()
         names = self._names("generator", self._keys(adapters, len(sources)))
         tickets = decoding.add(sources, names, [max_new_tokens] * len(sources))
@@ -358,9 +360,9 @@ class Answering:
     questions between steps as they arrive and hands back answers as they finish, so the batch stays full.
     """
 
-    def __init__(self, backbone: Backbone):
+    def __init__(self, backbone: Backbone, prefixes: PrefixCache | None = None):
         self._backbone = backbone
-        self._decoding = backbone.generator.decoding()
+        self._decoding = backbone.generator.decoding(prefixes)
         self._questions: dict[int, _Question] = {}
         self._row_owner: dict[int, tuple[int, int]] = {}  # decoding ticket -> (question ticket, passage)
         self._ready: list[int] = []  # questions whose rows are all done
@@ -382,16 +384,32 @@ class Answering:
         scores: list[list[float]],
         adapters: list[str | None],
         max_new_tokens: list[int],
+        collections: list[str | None] | None = None,
     ) -> list[int]:
         """Start answering these questions (one prefill for all their rows); returns their tickets. If the
-        prefill fails, nothing was added and the questions in flight go on."""
-        generator = self._backbone.generator
+        prefill fails, nothing was added and the questions in flight go on.
+
+        `collections[i]` names the version of the passage collection question i's passages come from (e.g.
+        "<domain>/<index version>"), under which a passage id always means the same text; only then are its
+        passages' prefixes cached (None, or no `collections`: prefilled whole)."""
+        backbone = self._backbone
+        generator = backbone.generator
         tickets = list(range(self._next_ticket, self._next_ticket + len(questions)))
         sources, names, budgets, owners = [], [], [], []
-        for ticket, question, row, name, budget in zip(
-            tickets, questions, passages, self._backbone._names("generator", adapters), max_new_tokens
+        for ticket, question, row, name, budget, collection in zip(
+            tickets,
+            questions,
+            passages,
+            backbone._names("generator", adapters),
+            max_new_tokens,
+            collections or [None] * len(questions),
         ):
-            sources += [generator.source(question, p) for p in row]
+            for p in row:
+                prompt = generator.source(question, p)
+                if collection is not None and prompt.prefix:
+                    key = PrefixKey(backbone.fingerprint, collection, p.id, TEMPLATE_VERSION)
+                    prompt = replace(prompt, key=key)
+                sources.append(prompt)
             names += [name] * len(row)
             budgets += [budget] * len(row)
             owners += [(ticket, i) for i in range(len(row))]

@@ -217,6 +217,7 @@ async def _load(runtime: Runtime) -> None:
             max_batch_rows=settings.server.max_batch_rows,
             batch_wait_s=settings.server.batch_wait_ms / 1000,
             retry_after_s=settings.server.retry_after_s,
+            kv_cache_bytes=settings.server.kv_cache_budget(_model_memory(backbone.device)),
         )
         jobs = Jobs(
             runtime.store,
@@ -259,6 +260,14 @@ async def _load(runtime: Runtime) -> None:
         # Started once serving is up: each worker process loads a backbone of its own.
         await to_thread.run_sync(runtime.runs.start)
     runtime.background.append(asyncio.create_task(_poll(runtime, demo_pending), name="poll-live-pointers"))
+
+
+def _model_memory(device: torch.device) -> int:
+    """Bytes of the memory the model's tensors (and the passage KV cache) live in: the GPU's where it runs on
+    one, else the host's."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return host_memory()
 
 
 async def _poll(runtime: Runtime, demo_pending: bool) -> None:

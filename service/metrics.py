@@ -22,6 +22,13 @@ Adapter tiers (hot: attached to the model; warm: host memory; cold: the store)
 - `ragadapt_adapter_hot_sets`, `ragadapt_adapter_warm_sets`  gauges
 - `ragadapt_adapter_warm_bytes`  gauge
 
+Passage KV cache (prompt prefixes' KV states reused across questions; one lookup is one distinct prefix of one
+prefill)
+- `ragadapt_kv_cache_hits_total`, `ragadapt_kv_cache_misses_total`  counters
+- `ragadapt_kv_cache_evictions_total{reason}`  counter; budget: least recently used out to stay in
+  `server.kv_cache_bytes`; adapter: its generator adapter was detached or replaced
+- `ragadapt_kv_cache_bytes`  gauge; bytes of KV states held
+
 Domains, jobs and runs
 - `ragadapt_live_version_info{domain, adapter_version, index_version}`  gauge, 1 for what serves now
   (`adapter_version="base"` without an adapter, `index_version="none"` before the first index)
@@ -119,6 +126,21 @@ class Metrics:
         self.adapter_warm_bytes = Gauge(
             "ragadapt_adapter_warm_bytes", "Bytes of adapter sets in host memory", registry=r
         )
+        self.kv_cache_hits = Counter(
+            "ragadapt_kv_cache_hits", "Passage prefixes found in the KV cache", registry=r
+        )
+        self.kv_cache_misses = Counter(
+            "ragadapt_kv_cache_misses", "Passage prefixes prefilled for the KV cache", registry=r
+        )
+        self.kv_cache_evictions = Counter(
+            "ragadapt_kv_cache_evictions",
+            "Passage prefixes dropped from the KV cache",
+            ["reason"],
+            registry=r,
+        )
+        self.kv_cache_bytes = Gauge(
+            "ragadapt_kv_cache_bytes", "Bytes of KV states in the passage KV cache", registry=r
+        )
         self.live_version = Gauge(
             "ragadapt_live_version_info",
             "Versions serving each domain",
@@ -149,6 +171,8 @@ class Metrics:
             self.adapter_evictions.labels(tier)
         for result in ("ok", "error"):
             self.adapter_loads.labels(result)
+        for reason in ("budget", "adapter"):
+            self.kv_cache_evictions.labels(reason)
 
     # --- the bounded domain label ---------------------------------------------------------------------------
 

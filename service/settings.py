@@ -84,7 +84,16 @@ class ServerSettings(BaseModel):
     retry_after_s: int = Field(1, ge=1)  # Retry-After of 503 overloaded
     poll_interval_s: float = Field(1.5, gt=0)  # how often live pointers are re-read from the store
     threads: int | None = Field(None, ge=1)  # torch threads for serving (None: see Settings.thread_budget)
+    # Passage prefixes' KV states kept for reuse by later questions (docs/serving.md); None: an eighth of the
+    # memory the model runs in (see `kv_cache_budget`), 0: off.
+    kv_cache_bytes: int | None = Field(None, ge=0)
     log_json: bool = False
+
+    def kv_cache_budget(self, memory: int) -> int:
+        """Bytes of the passage KV cache where the model runs in `memory` bytes (the host's, or a GPU's): what
+        is set, else an eighth (on a host, run workers may take half for training batches, the warm adapter
+        tier its own share)."""
+        return self.kv_cache_bytes if self.kv_cache_bytes is not None else memory // 8
 
     def is_loopback(self) -> bool:
         if self.host == "localhost":

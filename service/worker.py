@@ -8,7 +8,8 @@ swapping one adapter per request), and the worker schedules per step, as Orca do
 1. between steps, queued questions join: one embed call (row i under row i's question-encoder LoRA), one
    FAISS/BM25 search per (index version, top_k, mode) group, and one prefill of all their generator rows under
    their generator LoRAs. The generator weighs BM25 and fused hits by their dense dot products, as RAG's
-   document posterior expects (one more FAISS search);
+   document posterior expects (one more FAISS search). A row whose (instruction + passage) prefix is in the
+   passage KV cache under the same generator weights prefills only its question (`PrefixCache`);
 2. one decoding step runs every question in flight in one forward;
 3. a question is answered as soon as its own rows are done, and its place goes to the next in the queue.
 
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 
 from adapters import AdapterRef
-from backbone import Answer, Backbone
+from backbone import Answer, Backbone, PrefixCache
 from indexing import Hit, IndexHandle
 
 from .adapter_cache import AdapterCache
@@ -89,10 +90,14 @@ class ModelWorker:
         max_batch_rows: int,
         batch_wait_s: float,
         retry_after_s: int = 1,
+        kv_cache_bytes: int = 0,
     ):
         self._backbone = backbone
         self._cache = cache
         self._metrics = metrics
+        # Passage prefixes' KV states, kept across answerings (a failed step starts a new answering only).
+        self._prefixes = PrefixCache(kv_cache_bytes)
+        self._reported: dict[str, int] = {}  # the prefix cache's counts the metrics have seen
         self.queue_size = queue_size
         self.max_batch_rows = max_batch_rows
         self.batch_wait_s = batch_wait_s
@@ -165,7 +170,7 @@ class ModelWorker:
     # --- the worker thread ----------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        answering = self._backbone.answering()
+        answering = self._backbone.answering(self._prefixes)
         in_flight: dict[int, AskJob] = {}  # answering ticket -> job
         while True:
             admitted = self._admit(in_flight)
@@ -187,7 +192,7 @@ class ModelWorker:
                     for job in in_flight.values():
                         self._finish(job, exc)
                     in_flight.clear()
-                    answering = self._backbone.answering()
+                    answering = self._backbone.answering(self._prefixes)
 
     def _release(self, job: AskJob) -> None:
         """Give back the adapter lease the HTTP layer handed over with the job."""
@@ -299,8 +304,26 @@ class ModelWorker:
             [job.doc_scores for job in answerable],
             [job.key for job in answerable],
             [job.max_new_tokens for job in answerable],
+            # Index versions never change, so a passage id means one text within one.
+            [f"{job.index.domain}/{job.index.version}" for job in answerable],
         )
         in_flight.update(zip(tickets, answerable))
+        self._report_prefixes()
+
+    def _report_prefixes(self) -> None:
+        """Add the prefix cache's counts since the last report to the metrics (the backbone counts in plain
+        numbers; it knows nothing of Prometheus)."""
+        cache, metrics = self._prefixes, self._metrics
+        totals = {"hits": cache.hits, "misses": cache.misses, **cache.evictions}
+        counters = {
+            "hits": metrics.kv_cache_hits,
+            "misses": metrics.kv_cache_misses,
+            **{reason: metrics.kv_cache_evictions.labels(reason) for reason in cache.evictions},
+        }
+        for name, total in totals.items():
+            counters[name].inc(total - self._reported.get(name, 0))
+        self._reported = totals
+        metrics.kv_cache_bytes.set(cache.nbytes)
 
     def _step(self, answering, in_flight: dict[int, AskJob]) -> None:
         """One decoding step for every question in flight; answers those that finished."""

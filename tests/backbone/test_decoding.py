@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backbone import Backbone
+from backbone import Backbone, Prompt
 from backbone.decoding import Decoding, WholeBatchDecoding
 from tests.backbone.test_lora import PASSAGES, load, randomize
 
@@ -26,7 +26,7 @@ def llama(tiny_root) -> Backbone:
     return bb
 
 
-def _rows(bb: Backbone) -> tuple[list[str], list[str]]:
+def _rows(bb: Backbone) -> tuple[list[Prompt], list[str]]:
     """Sources of different lengths (so joining pads), each under its own adapter or the base."""
     generator = bb.generator
     sources = [generator.source(q, p) for q, p in zip(QUESTIONS, PASSAGES + PASSAGES[:1])]
@@ -34,12 +34,12 @@ def _rows(bb: Backbone) -> tuple[list[str], list[str]]:
     return sources, names
 
 
-def _alone(bb: Backbone, source: str, name: str, budget: int):
+def _alone(bb: Backbone, source: Prompt, name: str, budget: int):
     with torch.inference_mode():
         return bb.generator.generate_whole([source], [name], budget)[0]
 
 
-def _decode(bb: Backbone, sources: list[str], names: list[str], budget: int) -> list:
+def _decode(bb: Backbone, sources: list[Prompt], names: list[str], budget: int) -> list:
     decoding = bb.generator.decoding()
     done = {}
     with torch.inference_mode():
@@ -82,10 +82,11 @@ def test_rows_that_join_late_decode_as_if_alone_and_short_rows_leave_first(llama
     assert len({results[t].text for t in tickets}) > 1
 
 
-def _greedy(bb: Backbone, source: str, name: str, steps: int) -> tuple[list[int], list[float]]:
+def _greedy(bb: Backbone, source: Prompt, name: str, steps: int) -> tuple[list[int], list[float]]:
     """A plain greedy loop without a cache: the row's tokens and their log-probabilities."""
     generator = bb.generator
-    ids = generator.tokenizer(source, add_special_tokens=False, return_tensors="pt").input_ids  # [1, length]
+    (prefix,), (suffix,) = generator.prompt_ids([source])
+    ids = torch.tensor([prefix + suffix])  # [1, length]
     tokens, logprobs = [], []
     with torch.inference_mode():
         for _ in range(steps):

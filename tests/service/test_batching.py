@@ -78,7 +78,15 @@ def _run(
     return asyncio.run(main())
 
 
-def _worker(setup, *, hot_slots: int, max_batch_rows: int, batch_wait_s: float, queue_size: int = 16):
+def _worker(
+    setup,
+    *,
+    hot_slots: int,
+    max_batch_rows: int,
+    batch_wait_s: float,
+    queue_size: int = 16,
+    kv_cache_bytes: int = 0,
+):
     """A model worker over the setup's backbone with a fresh adapter cache and metrics (not started)."""
     store, backbone, _, _, loader, tmp_path = setup
     metrics = Metrics()
@@ -98,6 +106,7 @@ def _worker(setup, *, hot_slots: int, max_batch_rows: int, batch_wait_s: float, 
         queue_size=queue_size,
         max_batch_rows=max_batch_rows,
         batch_wait_s=batch_wait_s,
+        kv_cache_bytes=kv_cache_bytes,
     )
     return worker, cache, metrics
 
@@ -165,6 +174,42 @@ def test_mixed_domains_share_batches_and_match_direct_answers(setup, direct, hot
         assert set(backbone.adapter_sets) == {f"{d}@{v}" for d, v in versions.items()}
     else:
         assert backbone.adapter_sets == [f"alpha@{versions['alpha']}"]
+
+
+def test_the_passage_kv_cache_answers_as_a_whole_prefill_and_forgets_detached_adapters(setup, direct):
+    store, _, versions, handles, _, _ = setup
+    refs = _refs(store, versions)
+    alpha, beta = ("alpha", refs["alpha"]), ("beta", refs["beta"])
+    # One hot slot: beta's set replaces alpha's, whose cached prefixes must go with it.
+    worker, cache, metrics = _worker(
+        setup, hot_slots=1, max_batch_rows=4, batch_wait_s=2.0, kv_cache_bytes=1 << 30
+    )
+    worker.start()
+    try:
+        # Four questions on alpha's top 3 (a small corpus: they share passages), under alpha's set and the
+        # base; then beta's set takes the slot; then the four again: the base rows' prefixes are hits, alpha's
+        # set is attached anew and gets none of its old prefixes.
+        first = _run(worker, cache, [alpha, ("alpha", None)] * 2, handles, top_k=3)
+        between = _run(worker, cache, [beta], handles, top_k=3)
+        again = _run(worker, cache, [alpha, ("alpha", None)] * 2, handles, top_k=3)
+    finally:
+        worker.stop()
+
+    def value(name: str, **labels) -> float:
+        return metrics.registry.get_sample_value(name, labels) or 0.0
+
+    pipeline = direct(store)
+    for results, jobs in (first, between, again):
+        for job, result in zip(jobs, results):
+            version = job.adapter.version if job.adapter else None
+            expected = pipeline.answer(
+                handles[job.domain], job.question, job.domain, version, top_k=3, max_new_tokens=6
+            )
+            assert result.answer.text == expected
+    assert value("ragadapt_kv_cache_hits_total") > 0 and value("ragadapt_kv_cache_misses_total") > 0
+    assert value("ragadapt_kv_cache_evictions_total", reason="adapter") > 0  # alpha's, then beta's
+    assert value("ragadapt_kv_cache_evictions_total", reason="budget") == 0
+    assert 0 < value("ragadapt_kv_cache_bytes") <= 1 << 30
 
 
 def test_a_question_joins_the_one_in_flight_and_is_answered_first(setup, direct):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.settings import BackboneSettings, Settings
 from storage import DomainRegistry, open_store
@@ -41,6 +42,19 @@ def test_fresh_server_answers_about_the_readme(tmp_path):
         assert supporting and any("make test" in p["text"] for p in supporting)
         assert body["adapter_version"] is None
         assert client.get("/domains/demo").json()["description"] == settings.demo.description
+        # Asked again, every retrieved passage's prefix comes from the passage KV cache: the same answer.
+        again = client.post("/ask?domain=demo", json=question)
+        assert again.json()["answer"] == body["answer"]
+        assert _sample(client.get("/metrics").text, "ragadapt_kv_cache_hits_total") == 3
+
+
+def _sample(exposition: str, name: str) -> float:
+    return next(
+        sample.value
+        for family in text_string_to_metric_families(exposition)
+        for sample in family.samples
+        if sample.name == name
+    )
 
 
 def test_a_demo_domain_left_without_an_index_is_built_at_the_next_start(make_settings, local_store_settings):

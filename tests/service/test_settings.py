@@ -66,3 +66,15 @@ def test_an_exposed_server_with_an_admin_token_is_fine():
 )
 def test_serving_and_run_workers_split_the_cores(groups, cores, budget):
     assert Settings(**groups).thread_budget(cores) == budget
+
+
+@pytest.mark.parametrize(
+    ("server", "budget"),
+    [
+        ({}, 2 << 30),  # unset: an eighth of the host's 16 GiB
+        ({"kv_cache_bytes": 0}, 0),  # off
+        ({"kv_cache_bytes": 123_456}, 123_456),
+    ],
+)
+def test_the_passage_kv_cache_budget(server, budget):
+    assert Settings(server=server).server.kv_cache_budget(16 << 30) == budget
