@@ -211,6 +211,27 @@ def test_compose_configures_ragadapt_for_the_minio_store(compose, included, monk
     assert compose["services"]["ragadapt"]["ports"][0].endswith(":8080")
 
 
+def test_compose_ray_profile_runs_a_head_the_service_reaches_with_its_token(compose, monkeypatch):
+    ragadapt, head = compose["services"]["ragadapt"], compose["services"]["ray-head"]
+    assert head["profiles"] == ["ray"] and "profiles" not in ragadapt
+    assert head["image"] == ragadapt["image"]  # a run's actor imports ragadapt and loads its backbone
+    command = head["command"]
+    assert command[:4] == ["ray", "start", "--head", "--block"]
+    port = next(arg.split("=")[1] for arg in command if arg.startswith("--port="))
+    assert ragadapt["depends_on"]["ray-head"] == {"condition": "service_healthy", "required": False}
+    assert head["healthcheck"]["test"][-1] == f"127.0.0.1:{port}"
+    environment = {key: _interpolate(str(value)) for key, value in ragadapt["environment"].items()}
+    local = _settings_from({**_dockerfile_env("Dockerfile"), **environment}, monkeypatch)
+    assert (local.runs.executor, local.indexing.executor) == ("local", "local")  # the default needs no Ray
+    environment |= {"RAGADAPT_RUNS__EXECUTOR": "ray", "RAGADAPT_INDEXING__EXECUTOR": "ray"}
+    on_ray = _settings_from({**_dockerfile_env("Dockerfile"), **environment}, monkeypatch)
+    assert on_ray.ray.address == f"ray-head:{port}"
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
+        assert (
+            str(ragadapt["environment"][name]).split(":")[0] == str(head["environment"][name]).split(":")[0]
+        )
+
+
 def test_prometheus_scrapes_ragadapt(compose):
     config = _load(DEPLOY / "prometheus" / "prometheus.yml")
     mounted = [v for v in compose["services"]["prometheus"]["volumes"] if v.startswith("./prometheus/")]
@@ -291,6 +312,68 @@ def test_k8s_configmap_and_secret_make_valid_settings(k8s, monkeypatch):
         "RAGADAPT_STORE__ACCESS_KEY",
         "RAGADAPT_STORE__SECRET_KEY",
     }
+
+
+@pytest.fixture(scope="module")
+def k8s_ray() -> dict[str, list[dict]]:
+    """The objects deploy/k8s-ray adds, and its patches, by kind."""
+    overlay = DEPLOY / "k8s-ray"
+    kustomization = _load(overlay / "kustomization.yaml")
+    assert "../k8s" in kustomization["resources"]
+    objects: dict[str, list[dict]] = {}
+    paths = [r for r in kustomization["resources"] if r != "../k8s"] + [
+        p["path"] for p in kustomization["patches"]
+    ]
+    for path in paths:
+        for document in yaml.safe_load_all((overlay / path).read_text()):
+            objects.setdefault(document["kind"], []).append(document)
+    return objects
+
+
+def _token_refs(container: dict) -> set[tuple[str, str]]:
+    env = {item["name"]: item for item in container["env"]}
+    assert env["RAY_AUTH_MODE"]["value"] == "token"
+    ref = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+    return {(ref["name"], ref["key"])}
+
+
+def test_k8s_ray_overlay_points_the_service_at_the_rayclusters_head(k8s, k8s_ray, monkeypatch):
+    [cluster] = k8s_ray["RayCluster"]
+    [secret] = k8s_ray["Secret"]
+    [config_patch] = k8s_ray["ConfigMap"]
+    [deployment_patch] = k8s_ray["Deployment"]
+    assert config_patch["metadata"]["name"] == k8s["ConfigMap"]["metadata"]["name"]
+    assert deployment_patch["metadata"]["name"] == k8s["Deployment"]["metadata"]["name"]
+    env = {**k8s["ConfigMap"]["data"], **config_patch["data"], **k8s["Secret"]["stringData"]}
+    settings = _settings_from({key: str(value) for key, value in env.items()}, monkeypatch)
+    assert (settings.runs.executor, settings.indexing.executor) == ("ray", "ray")
+    host, port = settings.ray.address.split(":")
+    head = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert host == f"{cluster['metadata']['name']}-head-svc"  # the Service KubeRay creates for the head
+    assert int(port) == next(p["containerPort"] for p in head["ports"] if p["name"] == "gcs")
+    [serving] = k8s["Deployment"]["spec"]["template"]["spec"]["containers"]
+    assert head["image"] == serving["image"]
+    workers = {
+        g["groupName"]: g["template"]["spec"]["containers"][0] for g in cluster["spec"]["workerGroupSpecs"]
+    }
+    assert (
+        workers["cpu"]["image"] == serving["image"]
+        and "nvidia.com/gpu" in workers["gpu"]["resources"]["limits"]
+    )
+    # One token: the head, every worker group and the serving pods read the same key of the same Secret.
+    [patched] = deployment_patch["spec"]["template"]["spec"]["containers"]
+    refs = _token_refs(head) | _token_refs(patched) | set().union(*map(_token_refs, workers.values()))
+    assert refs == {(secret["metadata"]["name"], next(iter(secret["stringData"])))}
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def test_kustomize_builds_the_ray_overlay():
+    done = subprocess.run(
+        ["kubectl", "kustomize", str(DEPLOY / "k8s-ray")], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    kinds = [document["kind"] for document in yaml.safe_load_all(done.stdout)]
+    assert sorted(kinds) == ["ConfigMap", "Deployment", "RayCluster", "Secret", "Secret", "Service"]
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
