@@ -345,6 +345,9 @@ class RebuildJob:
             )
         self._check_cancelled()
         output = self._job_dir / "index"
+        shards = _ShardMirror.of(self, self._work_dir / "shards")
+        if shards is not None:
+            shards.download()
         task = _WorkerTask(
             backbone=spec.backbone,
             passages=passages_file,
@@ -358,7 +361,9 @@ class RebuildJob:
             shards=self._work_dir / "shards",
             build_id=self.build_id,
         )
-        info = self._run_worker(task)
+        info = self._run_worker(task, shards)
+        if shards is not None:
+            shards.drop()
         self._check_cancelled()
         if not spec.publish:
             self._succeed(
@@ -396,8 +401,9 @@ class RebuildJob:
             RebuildResult(spec.domain, version, passages_version, directory, info, flipped, self._elapsed())
         )
 
-    def _run_worker(self, task: _WorkerTask) -> BuildInfo:
-        """Start the worker and follow it until it reports, dies, stalls or is cancelled."""
+    def _run_worker(self, task: _WorkerTask, shards: _ShardMirror | None = None) -> BuildInfo:
+        """Start the worker and follow it until it reports, dies, stalls or is cancelled; meanwhile copy the
+        shards it finishes to the store (`shards`)."""
         receiver, sender = self._context.Pipe(duplex=False)
         process = self._context.Process(
             target=_worker_main,
@@ -414,6 +420,8 @@ class RebuildJob:
         try:
             while True:
                 ready = wait_for([receiver, process.sentinel], timeout=0.5)
+                if shards is not None:
+                    shards.upload()
                 if receiver in ready:
                     try:
                         message = receiver.recv()
@@ -478,6 +486,59 @@ class RebuildJob:
         if status is not RebuildState.SUCCEEDED:
             log.warning("rebuild of %s %s: %s", self.domain, status.value, error)
         self._finished.set()
+
+
+class _ShardMirror:
+    """The encoder's finished shards of a build encoding on Ray, copied to the store as they appear
+    (`shards/<domain>/shards-<identity>/...`), so that the build resumed on another host (a job taken over by
+    another server) skips what was encoded; dropped once the build is done. A local build, and a run's
+    mid-run refresh (never resumed as such), keep them on their disk only."""
+
+    def __init__(self, store, domain: str, directory: Path):
+        self.store, self.directory = store, directory
+        self.prefix = f"shards/{domain}/"
+        self._in_store: set[str] = set()  # relative paths
+        self._downloaded: set[str] = set()  # shard directories
+
+    @classmethod
+    def of(cls, job: RebuildJob, directory: Path) -> _ShardMirror | None:
+        if job.spec.encode.ray is None or not job.spec.publish:
+            return None
+        return cls(job._versions.registry.store, job.domain, directory)
+
+    def download(self) -> None:
+        """Every shard directory of the domain in the store (the worker takes the one of its identity)."""
+        for info in self.store.list(self.prefix):
+            relative = info.key[len(self.prefix) :]
+            target = self.directory / relative
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                self.store.get_file(info.key, target)
+            self._in_store.add(relative)
+            self._downloaded.add(relative.partition("/")[0])
+
+    def upload(self) -> None:
+        """Copy finished shards not copied yet (the encoder writes each by rename: never half a file)."""
+        for path in sorted(self.directory.glob("shards-*/*")):
+            relative = path.relative_to(self.directory).as_posix()
+            if relative in self._in_store or path.name.startswith("."):
+                continue
+            if path.name != "identity.json" and path.suffix != ".npy":
+                continue
+            try:
+                self.store.put_file(self.prefix + relative, path)
+            except FileNotFoundError:  # the encoder finished and removed its shards meanwhile
+                continue
+            self._in_store.add(relative)
+
+    def drop(self) -> None:
+        """Once the build is done: delete the copies of the shard directory it used (the one it wrote to, or
+        the downloaded one its encoder removed when it finished); other encoders' stay."""
+        used = {relative.partition("/")[0] for relative in self._in_store}
+        used = {name for name in used if name not in self._downloaded or not (self.directory / name).exists()}
+        for relative in sorted(self._in_store):
+            if relative.partition("/")[0] in used:
+                self.store.delete(self.prefix + relative)
 
 
 class _WorkerError(RebuildFailed):

@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import faiss
 import torch
 from anyio import to_thread
 from litestar import Litestar
@@ -35,7 +36,7 @@ from adapters import AdapterRegistry
 from adapters.ray_runs import RayRunManager
 from adapters.supervisor import RunManager
 from backbone import Backbone
-from indexing import IndexConfig, load_corpus, write_passages
+from indexing import load_corpus, write_passages
 from indexing.encoder import EncodeConfig
 from indexing.raycluster import connect, joined
 from indexing.versions import IndexVersions
@@ -187,6 +188,7 @@ async def _load(runtime: Runtime) -> None:
     loop = asyncio.get_running_loop()
     try:
         backbone = await loop.run_in_executor(runtime.loader, Backbone.load, settings.backbone.config())
+        _check_factory(settings.indexing.large_factory, backbone.embedding_dim)
         # Pre-injected LoRA slots make attaching a cold adapter set of the default shape a tensor copy.
         await loop.run_in_executor(runtime.loader, backbone.reserve_adapter_slots, settings.cache.hot_slots)
         scratch = settings.cache_dir / "adapters"
@@ -229,6 +231,7 @@ async def _load(runtime: Runtime) -> None:
             on_live=catalog.refresh_domain,
             max_concurrent=settings.jobs.max_concurrent,
             encode=EncodeConfig(progress=False, ray=runtime.ray_encoding),
+            new_index=settings.indexing.index,
         )
         worker.start()
     except Exception as exc:
@@ -268,6 +271,17 @@ def _model_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
     return host_memory()
+
+
+def _check_factory(factory: str, dim: int) -> None:
+    """A FAISS factory string new domains would fail to build with stops the server at start-up (not ready,
+    saying why) rather than failing every large ingest later."""
+    try:
+        faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise ValueError(
+            f"indexing.large_factory {factory!r} is no FAISS index for {dim} dimensions: {exc}"
+        ) from None
 
 
 async def _poll(runtime: Runtime, demo_pending: bool) -> None:
@@ -342,7 +356,7 @@ def _create_demo(runtime: Runtime, jobs: Jobs) -> None:
         jobs.discard_input(job_id)
         shutil.rmtree(input_dir, ignore_errors=True)
         return
-    jobs.create(job_id, "ingest", demo.domain, input=key, index=IndexConfig(retrieval="dense"))
+    jobs.create(job_id, "ingest", demo.domain, input=key, index=runtime.settings.indexing.index("dense"))
     log.info(
         "building the demo domain %s from %s (job %s)", demo.domain, ", ".join(map(str, sources)), job_id
     )

@@ -215,8 +215,10 @@ class Jobs:
         lease_s: float = 60.0,
         max_crashes: int = 2,
         encode: EncodeConfig | None = None,
+        new_index: Callable[[str], IndexConfig] = lambda retrieval: IndexConfig(retrieval=retrieval),
     ):
-        """`encode`: how the jobs' builds encode passages (None: in their worker processes here)."""
+        """`encode`: how the jobs' builds encode passages (None: in their worker processes here).
+        `new_index(retrieval)`: the index settings of a domain's first build."""
         self._jobs = JobStore(store)
         self._versions = versions
         self._registry = versions.registry
@@ -229,6 +231,7 @@ class Jobs:
         self._lease_s = lease_s
         self._max_crashes = max_crashes
         self._encode = encode or EncodeConfig(progress=False)
+        self._new_index = new_index
         self._owner = owner_token(f"jobs-{secrets.token_hex(4)}")
         self._local: dict[str, _Local] = {}
         self._lock = threading.Lock()
@@ -306,7 +309,7 @@ class Jobs:
                 raise NothingToRebuild(
                     f"the passages of domain {domain!r} are gone; delete it and create it again"
                 )
-            kind, index = "ingest", IndexConfig(retrieval=record.settings.get("retrieval") or "dense")
+            kind, index = "ingest", self._new_index(record.settings.get("retrieval") or "dense")
         job_id = new_version_id()
 
         def point(current):

@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from adapters.spec import RunResources
 from backbone import BackboneConfig, embedded_default_config
+from indexing.builder import IndexConfig
 from indexing.ray_encoding import RayEncoding
 from indexing.raycluster import RayCluster
 from storage import StoreConfig
@@ -196,16 +197,26 @@ class RunSettings(BaseModel):
 
 
 class IndexingSettings(BaseModel):
-    """Where passages are encoded for ingests, rebuilds and runs' index builds. `executor: local`: in the
-    build's own process on this host. `executor: ray`: Ray Data streams them through `concurrency` encoder
-    actors of `cpus_per_actor` CPUs (their torch threads) and `gpus_per_actor` GPUs, `batch_size` passages a
-    call; the index is built, published and flipped here as for a local build."""
+    """The index of a new domain, and where passages are encoded for ingests, rebuilds and runs' index
+    builds. `executor: local`: in the build's own process on this host. `executor: ray`: Ray Data streams
+    them through `concurrency` encoder actors of `cpus_per_actor` CPUs (their torch threads) and
+    `gpus_per_actor` GPUs, `batch_size` passages a call; the index is built, published and flipped here as
+    for a local build."""
 
     executor: Literal["local", "ray"] = "local"
+    # The FAISS index of a domain created here: exact "Flat" below `flat_max` passages, `large_factory` from
+    # there on (any FAISS factory string, inner product; e.g. "IVF65536_HNSW32,PQ32" for millions of passages,
+    # trained on a sample of 100,000). A rebuild keeps the live index's.
+    flat_max: int = Field(20_000, ge=1)
+    large_factory: str = "HNSW32"
     batch_size: int = Field(64, ge=1, le=4096)
     concurrency: int = Field(2, ge=1)
     cpus_per_actor: float = Field(1.0, gt=0)
     gpus_per_actor: float = Field(0.0, ge=0)
+
+    def index(self, retrieval: str) -> IndexConfig:
+        """The index settings of a new domain that searches by `retrieval` by default."""
+        return IndexConfig(retrieval=retrieval, flat_max=self.flat_max, large_factory=self.large_factory)
 
     def encoding(self, cluster: RayCluster) -> RayEncoding | None:
         """How to encode on `cluster` (None: locally)."""

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from adapters.errors import InvalidQaSet
 from adapters.qa import QaExample, QaSets, parse_qa_jsonl
-from indexing import EmptyCorpus, IndexConfig, MalformedPassages, load_corpus
+from indexing import EmptyCorpus, MalformedPassages, load_corpus
 from storage import InvalidKey
 from storage.store import check_key
 
@@ -142,7 +142,7 @@ def create_domain_handler(max_upload_bytes: int):
                 if qa:
                     QaSets(runtime.store).publish(record.name, qa, source="POST /admin/domains")
                 return jobs.create(
-                    job_id, "ingest", record.name, input=key, index=IndexConfig(retrieval=retrieval)
+                    job_id, "ingest", record.name, input=key, index=runtime.settings.indexing.index(retrieval)
                 )
 
             job = await to_thread.run_sync(create)

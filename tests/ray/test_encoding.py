@@ -1,24 +1,29 @@
-"""Ray Data re-encoding of a real shared domain with the embedded default backbone: the same embeddings as the
-local pipeline, and the same search results."""
+"""Ray Data re-encoding: of a real shared domain with the embedded default backbone, the same embeddings as
+the local pipeline and the same search results; a build resumed on another host from the shards in the
+store."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from indexing.builder import build_faiss
+from indexing.builder import IndexConfig, build_faiss
 from indexing.chunking import read_passages
 from indexing.encoder import EncodeConfig, encode_passages
 from indexing.ray_encoding import RayEncoding
+from indexing.rebuild import RebuildJob, RebuildSpec
+from indexing.versions import IndexVersions
+from storage import DomainRegistry
+from tests.adapters.conftest import make_domain
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "conversations"
 
-pytestmark = pytest.mark.integration
 
-
+@pytest.mark.integration
 def test_ray_data_encodes_a_shared_domain_as_the_local_pipeline_does(
     ray_cluster, embedded_backbone, tmp_path
 ):
@@ -51,3 +56,38 @@ def test_ray_data_encodes_a_shared_domain_as_the_local_pipeline_does(
     # these 252 lists and changes the passages of 5; Ray Data reordered 2 and changed none.
     assert [set(row) for row in found_local] == [set(row) for row in found_on_ray]
     assert (found_local == found_on_ray).all(1).mean() >= 0.98
+
+
+def test_a_ray_build_resumes_from_the_shards_another_host_left_in_the_store_then_drops_them(
+    ray_cluster, tiny_config, tiny_backbone, tmp_path
+):
+    domain = make_domain(tmp_path / "domain", tiny_config, tiny_backbone)
+    versions = IndexVersions(DomainRegistry(domain.store), tmp_path / "versions")
+    live = versions.live("toy")
+    passages = read_passages(versions.fetch_passages("toy", live.passages_version, tmp_path / "live"))
+    # What a host that died mid-build left: the identity and the first shard, marked so its use shows.
+    encode = EncodeConfig(progress=False, shard_size=8, keep_shards=True)
+    encode_passages(tiny_backbone, passages, config=encode, work_dir=tmp_path / "dead-host")
+    [left] = (tmp_path / "dead-host").glob("shards-*")
+    marked = np.full((8, tiny_backbone.embedding_dim), 0.25, dtype=np.float32)
+    np.save(left / "shard-00000.npy", marked)
+    for name in ("identity.json", "shard-00000.npy"):
+        domain.store.put_file(f"shards/toy/{left.name}/{name}", left / name)
+    other = "shards/toy/shards-of-another-encoder/identity.json"
+    domain.store.put_bytes(other, b"{}")
+
+    spec = RebuildSpec(
+        domain="toy",
+        backbone=tiny_config,
+        index=IndexConfig(retrieval="dense", save_embeddings=True),
+        encode=dataclasses.replace(encode, keep_shards=False, ray=RayEncoding(ray_cluster, batch_size=4)),
+    )
+    result = RebuildJob(spec, versions, tmp_path / "this-host").start().result(timeout=300)
+
+    assert result.flipped and result.info.encoded_on == "ray"
+    embeddings = np.load(result.directory / "embeddings.npy")  # [n, dim]
+    assert (embeddings[:8] == marked).all()  # taken from the store, not encoded again
+    fresh = encode_passages(tiny_backbone, passages[8:], config=EncodeConfig(progress=False))
+    np.testing.assert_allclose(embeddings[8:], fresh, atol=1e-5)
+    # The build is done: its copies are gone, another encoder's stay.
+    assert [info.key for info in domain.store.list("shards/toy/")] == [other]

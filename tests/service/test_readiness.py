@@ -7,8 +7,9 @@ import signal
 import time
 
 from adapters.supervisor import worker_scratch
+from storage import ArtifactKind
 from tests.adapters.conftest import run_workers
-from tests.service.support import serve
+from tests.service.support import ADMIN, serve
 
 
 def _until(what: str, check, timeout: float = 120.0):
@@ -45,3 +46,36 @@ def test_readyz_reports_the_run_workers_and_a_dead_supervisor(local_store_settin
         down = client.get("/readyz")
         assert down.status_code == 503 and down.json()["code"] == "run_workers_down"
         assert int(down.headers["retry-after"]) > 0
+
+
+def test_a_large_factory_faiss_cannot_build_keeps_the_server_not_ready_saying_why(
+    local_store_settings, make_settings
+):
+    settings = make_settings(local_store_settings, indexing={"large_factory": "IVF8,PQ7"})  # 7 divides no dim
+    with serve(settings, ready=False) as served, served.client() as client:
+        _until("the load to fail", lambda: served.runtime.load_error is not None)
+        down = client.get("/readyz")
+        assert down.status_code == 503 and "indexing.large_factory 'IVF8,PQ7'" in down.json()["detail"]
+
+
+def test_a_new_domain_past_flat_max_gets_the_large_factory(local_store_settings, make_settings):
+    settings = make_settings(local_store_settings, indexing={"flat_max": 2, "large_factory": "HNSW16"})
+    passages = [
+        {"id": f"p{i}", "title": f"topic {i}", "text": f"passage number {i} about things"} for i in range(6)
+    ]
+    with serve(settings) as served, served.client() as client:
+        created = client.post("/admin/domains", headers=ADMIN, json={"name": "big", "passages": passages})
+        assert created.status_code == 202, created.text
+        job = created.json()["job"]["id"]
+        done = _until(
+            "the build",
+            lambda: (
+                (j := client.get(f"/admin/jobs/{job}", headers=ADMIN).json())["state"]
+                in ("succeeded", "failed")
+                and j
+            ),
+        )
+        assert done["state"] == "succeeded", done
+        live = served.runtime.registry.live("big")
+        manifest = served.runtime.registry.read_manifest("big", ArtifactKind.INDEXES, live.index_version)
+        assert manifest.metadata["build"]["factory"] == "HNSW16"
