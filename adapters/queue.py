@@ -154,12 +154,18 @@ def requeue(
     runs: RunStore, run_id: str, *, reason: str, owner: str | None = None, crashed: bool = False
 ) -> None:
     """Put a running run back in the queue (its worker stopped or died); it resumes from its last
-    checkpoint."""
+    checkpoint. That is the newest one in the store: a worker killed after publishing a checkpoint but
+    before recording it in run.json leaves the record a checkpoint behind, so the record is brought up to
+    it here."""
+    latest = runs.latest_checkpoint(run_id)
+    stored = int(latest.metadata["step"]) if latest is not None else None
 
     def back(record: RunRecord) -> RunRecord | None:
         if record.state != RunState.RUNNING or (owner is not None and record.owner != owner):
             return None
         record.state, record.owner, record.lease_until = RunState.QUEUED, None, None
+        if stored is not None and stored > (record.checkpoint_step or 0):
+            record.checkpoint_step = stored
         if crashed:
             record.crashes += 1
         return record

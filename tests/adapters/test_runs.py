@@ -9,13 +9,13 @@ import pytest
 from pydantic import ValidationError
 
 from adapters.errors import InvalidRun, RunFinished
-from adapters.queue import claim_next, submit
-from adapters.records import EVENTS_PER_PAGE, RunStore, now
+from adapters.queue import claim_next, requeue, submit
+from adapters.records import EVENTS_PER_PAGE, RunStore, now, owner_token
 from adapters.spec import RunRequest, RunState
 from adapters.supervisor import RunManager
 from adapters.validation import prepare
 from backbone import AdapterLoadError
-from storage import ArtifactKind, DomainNotFound, DomainRegistry, new_version_id
+from storage import ArtifactKind, DomainNotFound, DomainRegistry, artifacts, new_version_id
 
 
 def request(**body) -> RunRequest:
@@ -128,6 +128,24 @@ def test_runs_submitted_within_one_second_start_in_submission_order(domain, monk
     assert runs.active() == [second.id, first.id]
     assert claim_next(runs, "test-worker", lease_s=30, max_crashes=2).id == first.id
     assert claim_next(runs, "test-worker", lease_s=30, max_crashes=2).id == second.id
+
+
+def test_a_requeued_run_resumes_from_the_newest_checkpoint_in_the_store_even_if_unrecorded(domain, tmp_path):
+    # A worker killed between publishing its step-20 checkpoint and recording it in run.json.
+    runs = RunStore(domain.store)
+    owner = owner_token("killed-worker")
+    record = submit(runs, request(), owner=owner)
+    directory = tmp_path / "checkpoint"
+    directory.mkdir()
+    (directory / "trainer.json").write_text("{}")
+    artifacts.publish(domain.store, runs.checkpoints_prefix(record.id), directory, {"step": 20, "index": {}})
+    assert runs.get(record.id).checkpoint_step is None
+
+    requeue(runs, record.id, reason="its worker died", owner=owner, crashed=True)
+    back = runs.get(record.id)
+    assert back.state == RunState.QUEUED and back.checkpoint_step == 20 and back.crashes == 1
+    events, _ = runs.events(record.id)
+    assert events[-1]["state"] == "queued" and events[-1]["resumes_from"] == 20
 
 
 def test_cancelling_a_queued_run_ends_it_at_once_and_twice_is_409(domain, tiny_config, tmp_path):
