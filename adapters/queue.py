@@ -80,7 +80,7 @@ def claim_next(runs: RunStore, owner: str, *, lease_s: float, max_crashes: int) 
         if record.state.finished:
             runs.dequeue(run_id)
             continue
-        if _claimable(record):
+        if claimable(record):
             candidates.append(record)
     for record in sorted(candidates, key=lambda r: (r.created_at, r.id)):
         claimed = claim(runs, record.id, owner, lease_s=lease_s, max_crashes=max_crashes)
@@ -89,7 +89,9 @@ def claim_next(runs: RunStore, owner: str, *, lease_s: float, max_crashes: int) 
     return None
 
 
-def _claimable(record: RunRecord) -> bool:
+def claimable(record: RunRecord) -> bool:
+    """Whether an executor may take the run now: queued, stuck in a submit that died, or running with its
+    worker gone (lease run out, or a dead process of this host)."""
     if record.state == RunState.QUEUED:
         return True
     if record.state == RunState.VALIDATING:  # queued, but its submit ended before it could say so
@@ -107,7 +109,7 @@ def claim(runs: RunStore, run_id: str, owner: str, *, lease_s: float, max_crashe
 
     def take(record: RunRecord) -> RunRecord | None:
         nonlocal crashed, submit_interrupted
-        if not _claimable(record):
+        if not claimable(record):
             return None
         crashed = record.state == RunState.RUNNING  # its previous worker vanished without releasing it
         submit_interrupted = record.state == RunState.VALIDATING

@@ -32,9 +32,9 @@ from adapters.errors import InvalidRun, LeaseLost
 from adapters.execution import Workspace, execute
 from adapters.frontend import RunFrontend
 from adapters.lease import RunContext
-from adapters.queue import SUBMIT_GRACE_S, claim
-from adapters.records import RunRecord, RunStore, now, owner_token
-from adapters.spec import RunRequest, RunResources, RunState
+from adapters.queue import claim, claimable
+from adapters.records import RunRecord, RunStore, open_spec_store, owner_token
+from adapters.spec import RunInfo, RunRequest, RunResources, RunState
 from indexing.raycluster import RayCluster, connect
 from storage.errors import StoreError
 from storage.store import ObjectStore
@@ -78,10 +78,7 @@ class RunActor:
         return self._state
 
     def _main(self) -> None:
-        from storage import open_store
-
-        store = self.spec.store if isinstance(self.spec.store, ObjectStore) else open_store(self.spec.store)
-        runs = RunStore(store)
+        runs = RunStore(open_spec_store(self.spec.store))
         owner = owner_token(f"ray-{self.run_id[-6:]}")
         scratch = Path(tempfile.mkdtemp(prefix="ragadapt-run-"))
         workspace = Workspace(self.spec.backbone_config, scratch, ray_encoding=self.spec.ray_encoding)
@@ -213,18 +210,16 @@ class RayRunManager(RunFrontend):
                 log.exception("placing runs on the Ray cluster failed; trying again")
 
     def place_unplaced(self) -> None:
-        """Give every unfinished run an actor, unless it has one (alive, restarting or waiting for room)."""
+        """Give an actor to every run an executor may take (queued, or its worker gone); one that has its
+        actor already (alive, restarting or waiting for room) keeps it."""
         for run_id in self.runs.active():
             record = self.runs.get(run_id)
-            stuck_submit = record.state == RunState.VALIDATING and (
-                (now() - record.created_at).total_seconds() > SUBMIT_GRACE_S
-            )
-            if record.state in (RunState.QUEUED, RunState.RUNNING) or stuck_submit:
+            if claimable(record):
                 self._place(record)
 
     # --- the executor's side of the interface ---------------------------------------------------------------
 
-    def submit(self, request: RunRequest) -> Any:
+    def submit(self, request: RunRequest) -> RunInfo:
         self._check_feasible(request.resources or self._resources)
         return super().submit(request)
 

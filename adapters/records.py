@@ -88,6 +88,16 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
+def open_spec_store(store: Any) -> ObjectStore:
+    """The store a worker process or a run's actor was handed: an ObjectStore that pickles (LocalStore) as
+    it is, or a storage.StoreConfig opened here."""
+    if isinstance(store, ObjectStore):
+        return store
+    from storage import open_store
+
+    return open_store(store)
+
+
 def owner_token(token: str) -> str:
     return f"{socket.gethostname()}/{os.getpid()}/{token}"
 

@@ -29,7 +29,7 @@ from adapters.execution import Workspace, execute
 from adapters.frontend import RunFrontend
 from adapters.lease import RunContext
 from adapters.queue import claim_next, requeue
-from adapters.records import RunRecord, RunStore, owner_is_dead_here, owner_token
+from adapters.records import RunRecord, RunStore, open_spec_store, owner_is_dead_here, owner_token
 from adapters.spec import RunState
 from storage.errors import StoreError
 from storage.store import ObjectStore
@@ -56,14 +56,6 @@ class WorkerSpec:
     ray_encoding: RayEncoding | None = None  # the runs' index builds encode on Ray Data (None: here)
 
 
-def _open(store: Any) -> ObjectStore:
-    if isinstance(store, ObjectStore):
-        return store
-    from storage import open_store
-
-    return open_store(store)
-
-
 def worker_main(
     spec: WorkerSpec,
     stop: multiprocessing.synchronize.Event,
@@ -77,7 +69,7 @@ def worker_main(
         import torch
 
         torch.set_num_threads(spec.threads)
-    runs = RunStore(_open(spec.store))
+    runs = RunStore(open_spec_store(spec.store))
     owner = owner_token(spec.token)
     workspace = Workspace(
         spec.backbone_config, worker_scratch(spec.work_dir, spec.token), ray_encoding=spec.ray_encoding

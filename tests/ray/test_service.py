@@ -22,7 +22,7 @@ import pytest
 
 from service.settings import Settings, StoreSettings
 from storage import ArtifactKind, DomainRegistry, LocalStore
-from tests.service.support import ADMIN, TOPICS, ServerProcess
+from tests.service.support import ADMIN, TOPICS, ServerProcess, free_port, until
 
 pytestmark = pytest.mark.integration
 
@@ -34,17 +34,11 @@ PASSAGES = [
 ASK = {"question": "what is the capital of france", "top_k": 2, "max_new_tokens": 3}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextmanager
 def ray_head(log: Path, auth: dict[str, str]) -> Iterator[str]:
     """`ray start --head --block` on loopback in a session of its own; yields its address. Stopped by
     signalling that session's process group only (not `ray stop`, which would end every cluster here)."""
-    port = _free_port()
+    port = free_port()
     temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # Ray's socket paths must stay short
     command = [
         str(Path(sys.executable).parent / "ray"),
@@ -96,16 +90,6 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-def _until(what: str, check, timeout: float = 240.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        found = check()
-        if found:
-            return found
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.3)
-
-
 def test_a_service_on_a_ray_cluster_ingests_trains_and_cancels_while_the_live_version_serves(
     tiny_backbone_settings, tmp_path
 ):
@@ -134,13 +118,14 @@ def test_a_service_on_a_ray_cluster_ingests_trains_and_cancels_while_the_live_ve
                 )
                 assert created.status_code == 202, created.text
                 job = created.json()["job"]["id"]
-                done = _until(
+                done = until(
                     "the ingest",
                     lambda: (
                         (j := client.get(f"/admin/jobs/{job}", headers=ADMIN).json())["state"]
                         in ("succeeded", "failed")
                         and j
                     ),
+                    240.0,
                 )
                 assert done["state"] == "succeeded", done
                 registry = DomainRegistry(LocalStore(tmp_path / "store"))
@@ -167,10 +152,10 @@ def test_a_service_on_a_ray_cluster_ingests_trains_and_cancels_while_the_live_ve
                 def run_info() -> dict:
                     return client.get(f"/admin/runs/{run}", headers=ADMIN).json()
 
-                _until("a few steps on the cluster", lambda: run_info()["step"] >= 2)
+                until("a few steps on the cluster", lambda: run_info()["step"] >= 2, 240.0)
                 cancelled = client.post(f"/admin/runs/{run}/cancel", headers=ADMIN)
                 assert cancelled.status_code == 200 and cancelled.json()["cancel_requested"], cancelled.text
-                ended = _until("the cancel", lambda: (i := run_info())["state"] != "running" and i)
+                ended = until("the cancel", lambda: (i := run_info())["state"] != "running" and i, 240.0)
                 assert ended["state"] == "cancelled" and ended["step"] < 100_000
                 assert registry.live("toy") == live  # nothing promoted
                 assert client.post("/ask", params={"domain": "toy"}, json=ASK).status_code == 200

@@ -179,7 +179,7 @@ class ServerProcess:
     def __init__(self, settings: Settings, log: Path, **env: str):
         self.settings = settings
         self.log = log
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         backbone, store = settings.backbone, settings.store
         self.env = {
@@ -244,7 +244,18 @@ class ServerProcess:
         return httpx.Client(base_url=self.url, timeout=60.0)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def until(what: str, check, timeout: float = 180.0):
+    """Poll `check` until it returns something truthy, and return that; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = check()
+        if found:
+            return found
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)

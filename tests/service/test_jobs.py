@@ -15,7 +15,7 @@ import pytest
 
 from storage import DomainRegistry, new_version_id, open_store
 from tests.s3server import SeaweedS3
-from tests.service.support import ADMIN, TOPICS, ServerProcess, serve
+from tests.service.support import ADMIN, TOPICS, ServerProcess, serve, until
 
 PASSAGES = [
     {"id": f"{title.lower()}-{i}", "title": title, "text": f"{text} note {i}"}
@@ -23,16 +23,6 @@ PASSAGES = [
     for title, text in TOPICS
 ]
 ASK = {"question": "what is the capital of france", "top_k": 2, "max_new_tokens": 3}
-
-
-def _until(what: str, check, timeout: float = 180.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        found = check()
-        if found:
-            return found
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def _create(client: httpx.Client, name: str) -> dict:
@@ -76,9 +66,9 @@ def test_a_failed_build_says_why_and_the_domain_can_be_rebuilt_then_deleted(
     with serve(settings) as served, served.client() as client:
         before = set(_rebuild_workers())
         job = _create(client, "toy")
-        victim = _until("the build's worker process", lambda: sorted(set(_rebuild_workers()) - before), 60)[0]
+        victim = until("the build's worker process", lambda: sorted(set(_rebuild_workers()) - before), 60)[0]
         os.kill(victim, signal.SIGKILL)
-        failed = _until("the job to fail", lambda: (j := _job(client, job["id"]))["state"] == "failed" and j)
+        failed = until("the job to fail", lambda: (j := _job(client, job["id"]))["state"] == "failed" and j)
         assert "worker_died" in failed["error"]
 
         refused = client.post("/ask", params={"domain": "toy"}, json=ASK)
@@ -98,7 +88,7 @@ def test_a_failed_build_says_why_and_the_domain_can_be_rebuilt_then_deleted(
         again = client.post("/admin/domains/toy/rebuild", headers=ADMIN, json={})
         assert again.status_code == 409 and again.json()["code"] == "build_in_progress"
         assert again.json()["detail"].count(rebuilt.json()["id"]) == 1
-        done = _until(
+        done = until(
             "the rebuild",
             lambda: (
                 (j := _job(client, rebuilt.json()["id"]))["state"] != "running"
@@ -107,7 +97,7 @@ def test_a_failed_build_says_why_and_the_domain_can_be_rebuilt_then_deleted(
             ),
         )
         assert done["state"] == "succeeded" and done["result"]["passages"] == len(PASSAGES), done
-        assert _until("an answer", lambda: _answered(client, "toy"), 30)
+        assert until("an answer", lambda: _answered(client, "toy"), 30)
         assert client.get("/readyz").json()["building"] == []
 
         deleted = client.delete("/admin/domains/toy", headers=ADMIN)
@@ -119,7 +109,7 @@ def test_a_failed_build_says_why_and_the_domain_can_be_rebuilt_then_deleted(
         assert [info.key for info in store.list("domains/toy/")] == []
         # The name is free again, with nothing of the old domain under it.
         job = _create(client, "toy")
-        assert _until("the new domain's build", lambda: _job(client, job["id"])["state"] == "succeeded")
+        assert until("the new domain's build", lambda: _job(client, job["id"])["state"] == "succeeded")
         assert len(client.get("/domains/toy").json()["versions"]["indexes"]) == 1
 
 
@@ -127,7 +117,7 @@ def test_a_domain_is_not_deleted_under_a_run(local_store_settings, make_settings
     settings = make_settings(local_store_settings)  # no run workers: a run stays queued
     with serve(settings) as served, served.client() as client:
         job = _create(client, "toy")
-        _until("the build", lambda: _job(client, job["id"])["state"] == "succeeded")
+        until("the build", lambda: _job(client, job["id"])["state"] == "succeeded")
         run = client.post(
             "/admin/adapt",
             headers=ADMIN,
@@ -152,12 +142,12 @@ def test_an_interrupted_deletion_is_finished_by_deleting_again(local_store_setti
     settings = make_settings(local_store_settings)
     with serve(settings) as served, served.client() as client:
         job = _create(client, "toy")
-        _until("the build", lambda: _job(client, job["id"])["state"] == "succeeded")
+        until("the build", lambda: _job(client, job["id"])["state"] == "succeeded")
         # What a server killed in the middle of a deletion leaves: the record marked, the rest still there.
         registry = DomainRegistry(open_store(settings.store_config))
         registry.update_domain("toy", lambda d: d.model_copy(update={"deleting": True}))
         assert client.get("/domains/toy").status_code == 404
-        assert _until(
+        assert until(
             "the catalog to drop it",
             lambda: client.post("/ask", params={"domain": "toy"}, json=ASK).status_code == 404,
             30,
@@ -185,14 +175,14 @@ def test_a_store_outage_during_ingest_is_waited_out(tmp_path, make_settings):
             s3.kill()
             time.sleep(6)
             s3.start()
-            done = _until(
+            done = until(
                 "the job",
                 lambda: (j := _job(client, job["id"]))["state"] in ("succeeded", "failed", "cancelled") and j,
             )
             assert done["state"] == "succeeded", done
-            assert _until("an answer", lambda: _answered(client, "toy"), 30)
+            assert until("an answer", lambda: _answered(client, "toy"), 30)
             store = open_store(settings.store_config)
-            assert _until(
+            assert until(
                 "the record",
                 lambda: json.loads(store.get_bytes(f"jobs/{job['id']}/job.json"))["state"] == "succeeded",
                 30,
@@ -213,13 +203,13 @@ def test_a_server_killed_during_ingest_resumes_the_job_after_a_restart(
             time.sleep(restart_after_s)
             server.kill()
             server.start()
-            done = _until(
+            done = until(
                 "the resumed job",
                 lambda: (j := _job(client, job["id"]))["state"] in ("succeeded", "failed", "cancelled") and j,
             )
             assert done["state"] == "succeeded", done
             assert done["result"]["passages"] == len(PASSAGES)
-            assert _until("an answer", lambda: _answered(client, "toy"), 30)
+            assert until("an answer", lambda: _answered(client, "toy"), 30)
             live = client.get("/domains/toy").json()["live"]
             assert live["index_version"] == done["result"]["index_version"]
     finally:
@@ -244,9 +234,9 @@ def test_a_domain_whose_job_was_lost_before_it_was_recorded_says_so_and_is_rebui
         assert "lost" in lost.json()["detail"]
         rebuilt = client.post("/admin/domains/toy/rebuild", headers=ADMIN)
         assert rebuilt.status_code == 202 and rebuilt.json()["kind"] == "ingest", rebuilt.text
-        done = _until(
+        done = until(
             "the rebuild",
             lambda: (j := _job(client, rebuilt.json()["id"]))["state"] in ("succeeded", "failed") and j,
         )
         assert done["state"] == "succeeded", done
-        assert _until("an answer", lambda: _answered(client, "toy"), 30)
+        assert until("an answer", lambda: _answered(client, "toy"), 30)
