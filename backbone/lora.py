@@ -6,6 +6,7 @@ import itertools
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -77,6 +78,8 @@ class AdapterHost:
         self._free: list[str] = []
         self._tensors: dict[str, dict[str, nn.Parameter]] = {}  # slot -> {state-dict key: parameter}
         self._injected = 0
+        self._rows = _RowAdapters()
+        self._training = 0  # open training scopes: adapter weights may change at any step
 
     @property
     def names(self) -> set[str]:
@@ -102,6 +105,7 @@ class AdapterHost:
         # PEFT marks new adapters trainable; adapters stay frozen until a training scope asks.
         for param in self._tensors[slot].values():
             param.requires_grad_(False)
+        self._rows.hook(self.peft)
         return slot
 
     def reserve(self, count: int, config: PeftLoraConfig) -> None:
@@ -189,6 +193,7 @@ class AdapterHost:
 
     def _renew(self, name: str) -> None:
         self._identities[name] = f"{name}#{next(self._serials)}"
+        self._rows.changed()
 
     def parameters(self, name: str) -> list[nn.Parameter]:
         slot = self._slots.get(name)
@@ -205,7 +210,12 @@ class AdapterHost:
         slots = self.slots_of(adapters)
         if self.peft is None:
             return self.base(**inputs)
-        return self.peft(**inputs, adapter_names=slots)
+        if torch.is_grad_enabled() or self._training:
+            # Training, or evaluating between steps: PEFT's own path, gradients and all, on live weights.
+            return self.peft(**inputs, adapter_names=slots)
+        with self._rows.planned(slots, self.peft.peft_config):
+            # PEFT runs the base layers only; the hooks add every row's LoRA delta.
+            return self.peft(**inputs, adapter_names=[BASE] * len(slots))
 
     def slots_of(self, adapters: list[str]) -> list[str]:
         """Per-row PEFT adapter names for per-row adapter names; raises for any that is not attached."""
@@ -231,9 +241,11 @@ class AdapterHost:
             p.requires_grad_(True)
         for d in dropouts:
             d.train()
+        self._training += 1
         try:
             yield params
         finally:
+            self._training -= 1
             for d in dropouts:
                 d.eval()
             for p in params:
@@ -252,9 +264,11 @@ class AdapterHost:
         self.peft.train()
         if checkpointing:
             self.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self._training += 1
         try:
             yield params
         finally:
+            self._training -= 1
             if checkpointing:
                 self.base.gradient_checkpointing_disable()
             self.peft.eval()
@@ -266,3 +280,95 @@ class AdapterHost:
         missing = [n for n in names if n not in self.names]
         if missing:
             raise UnknownAdapter(f"adapters not loaded: {sorted(missing)}")
+
+
+class _RowAdapters:
+    """Per-row LoRA deltas of a mixed batch at inference, a few wide matmuls per layer.
+
+    PEFT's mixed batches gather each adapter's rows, run its two small matmuls and scatter the result back:
+    about seven small ops per adapter per layer, plus float32 casts when the base is bfloat16 (PEFT keeps
+    adapter weights in float32). A decoding step is hundreds of such layers, so on a CPU these per-op costs,
+    not arithmetic, are what mixing adapters adds. Instead each layer holds the A matrices of the batch's
+    adapters side by side ([in, n_adapters * rank], in the activations' dtype) and their B matrices stacked
+    with the scaling folded in: one matmul gives every row every adapter's low-rank projection, a mask keeps
+    each row's own adapter's columns (zeros for base rows), and one more matmul adds the deltas to the base
+    output. That costs n_adapters times a single adapter's LoRA arithmetic (a few percent of the layer at
+    rank 8 and a handful of hot adapters) and four ops whatever the mix. The stacks are built once per set of
+    adapters and reused until any adapter's weights change.
+    """
+
+    def __init__(self):
+        self._layers: set[int] = set()
+        self._plan: _Plan | None = None
+        self._version = 0  # bumped whenever adapter weights change: stale stacks are rebuilt
+        self._stacks: dict[int, tuple[tuple, torch.Tensor, torch.Tensor]] = {}  # layer -> (key, A, B)
+
+    def hook(self, model: nn.Module) -> None:
+        """Hook every LoRA layer of `model` not hooked yet (a new adapter may target new modules)."""
+        for module in model.modules():
+            if isinstance(module, LoraLayer) and id(module) not in self._layers:
+                self._layers.add(id(module))
+                module.register_forward_hook(self._add_deltas)
+
+    def changed(self) -> None:
+        self._version += 1
+        self._stacks.clear()
+
+    @contextmanager
+    def planned(self, slots: list[str], configs: dict) -> Iterator[None]:
+        """Within: LoRA layers add the deltas of `slots[i]`'s adapter to row i (BASE: none)."""
+        used = tuple(sorted(set(slots) - {BASE}))
+        if used:
+            rank = max(configs[s].r for s in used)  # smaller ranks are padded with zero columns
+            mask = torch.zeros(len(slots), 1, len(used) * rank)
+            for row, slot in enumerate(slots):
+                if slot != BASE:
+                    at = used.index(slot) * rank
+                    mask[row, :, at : at + rank] = 1
+            whole = len(used) == 1 and BASE not in slots
+            self._plan = _Plan(used, rank, None if whole else mask)
+        try:
+            yield
+        finally:
+            self._plan = None
+
+    def _add_deltas(self, module: LoraLayer, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        plan = self._plan
+        if plan is None:
+            return None
+        x = args[0]
+        a, b = self._stack(module, plan, x.dtype)
+        projected = x @ a  # [rows, tokens, adapters * rank]
+        if plan.mask is not None:
+            if plan.mask.dtype != x.dtype or plan.mask.device != x.device:
+                plan.mask = plan.mask.to(x.device, x.dtype)  # once per forward
+            projected = projected * plan.mask
+        return output + projected @ b
+
+    def _stack(self, module: LoraLayer, plan: _Plan, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (self._version, plan.slots, plan.rank, dtype)
+        held = self._stacks.get(id(module))
+        if held is not None and held[0] == key:
+            return held[1], held[2]
+        a_parts, b_parts = [], []
+        weight = module.get_base_layer().weight
+        for slot in plan.slots:
+            if slot in module.lora_A:
+                a = module.lora_A[slot].weight  # [rank, in]
+                b = module.lora_B[slot].weight * module.scaling[slot]  # [out, rank]
+            else:  # an adapter that does not target this layer
+                a, b = weight.new_zeros(0, weight.shape[1]), weight.new_zeros(weight.shape[0], 0)
+            missing = plan.rank - a.shape[0]
+            a_parts.append(torch.cat([a, a.new_zeros(missing, a.shape[1])]) if missing else a)
+            b_parts.append(torch.cat([b, b.new_zeros(b.shape[0], missing)], dim=1) if missing else b)
+        a_wide = torch.cat(a_parts).t().to(dtype).contiguous()  # [in, adapters * rank]
+        b_tall = torch.cat(b_parts, dim=1).t().to(dtype).contiguous()  # [adapters * rank, out]
+        self._stacks[id(module)] = (key, a_wide, b_tall)
+        return a_wide, b_tall
+
+
+@dataclass
+class _Plan:
+    slots: tuple[str, ...]  # the batch's adapters (PEFT slots), in their column order
+    rank: int  # columns per adapter
+    mask: torch.Tensor | None  # [rows, 1, adapters * rank]: each row's own columns; None: every row, all

@@ -173,6 +173,47 @@ def test_mixed_adapter_batch_equals_per_adapter_runs(tiny_root, generator, encod
     )
 
 
+@pytest.mark.parametrize("generator,encoder", VARIANTS)
+def test_batched_inference_deltas_equal_peft_per_row_adapters(tiny_root, generator, encoder):
+    """The inference path (every row's LoRA delta from a few wide matmuls) against PEFT's own per-row path
+    (taken with gradients on): adapters of different ranks, alphas and targets, and base rows, in one batch,
+    before and after an adapter's weights change."""
+    bb = load(tiny_root, generator, encoder)
+    configs = {
+        "r8": AdapterSetConfig(),
+        "r2": AdapterSetConfig(
+            question=LoraConfig(r=2, alpha=4), passage=LoraConfig(r=2), generator=LoraConfig(r=2, alpha=3)
+        ),
+        "q_only": AdapterSetConfig(
+            question=LoraConfig(r=4, targets=("query",) if encoder == "bert" else None)
+        ),
+    }
+    for seed, (key, config) in enumerate(configs.items()):
+        bb.add_adapter_set(key, config)
+        randomize(bb, key, seed=40 + seed)
+    rows = ["r8", None, "r2", "q_only", "r8", "r2"]
+    questions = [f"question number {i} about {w}" for i, w in enumerate("abcdef")]
+    sources = [bb.generator.source(q, PASSAGES[i % 3]) for i, q in enumerate(questions)]
+    names = bb._names("generator", rows)
+
+    def outputs():
+        return (
+            bb.encode_questions(questions, rows),
+            bb.encode_passages([PASSAGES[i % 3] for i in range(6)], rows),
+            bb.generator.target_logprobs(sources, ["paris"] * 6, names)[0],
+        )
+
+    for _ in range(2):  # as attached, then after new weights
+        with torch.no_grad():
+            batched = outputs()
+        with torch.enable_grad():
+            per_row = outputs()
+        for ours, peft in zip(batched, per_row):
+            torch.testing.assert_close(ours, peft.detach(), atol=1e-5, rtol=1e-4)
+        with bb.training("r2"):  # new weights: the stacks built from the old ones must not serve
+            randomize(bb, "r2", seed=50)
+
+
 def test_mixed_batch_generation_matches_single_runs(tiny_root):
     bb = load(tiny_root, "llama", "bert")
     for seed, key in enumerate(["news", "covid"]):
