@@ -23,7 +23,9 @@ under the row's own adapter, whose identity is part of the key.
 from __future__ import annotations
 
 import itertools
-from collections import OrderedDict
+import math
+from collections import OrderedDict, deque
+from collections.abc import Generator as Generator_
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -186,6 +188,7 @@ class _Row:
     position: int  # position id of its next input token
     tokens: list[int] = field(default_factory=list)
     logprob: float = 0.0
+    dropped: bool = False  # abandoned while its prefill was in progress
 
 
 class _Batch:
@@ -227,90 +230,269 @@ def _left_pad_mask(mask: torch.Tensor, length: int) -> torch.Tensor:
     return torch.cat([mask.new_zeros(mask.shape[0], length - mask.shape[1]), mask], dim=1)
 
 
+class _Forward:
+    """One left-padded forward of new tokens on top of a past of cached prefixes (right-aligned, zeros where
+    a row has none), run whole or a chunk of columns at a time; position ids count each row's real tokens,
+    continuing from its prefix."""
+
+    def __init__(
+        self,
+        generator: Generator,
+        adapters: list[str],
+        ids: list[list[int]],
+        prefixes: list[_Prefix | None] | None = None,
+    ):
+        self._generator = generator
+        self._adapters = adapters
+        self._lengths = [len(row) for row in ids]
+        prefixes = prefixes or [None] * len(ids)
+        self.cache, self.mask = _past(generator, prefixes)  # mask grows with the columns fed
+        self._ids, self._new_mask, positions = _left_padded(ids, generator.tokenizer.pad_token_id)
+        offsets = torch.tensor([len(p.ids) if p is not None else 0 for p in prefixes]).unsqueeze(1)
+        self._positions = positions + offsets
+        self._fed = 0
+        self.logits: torch.Tensor | None = None  # [rows, vocab] at the last column, once done
+
+    @property
+    def width(self) -> int:
+        return len(self._lengths)
+
+    @property
+    def remaining(self) -> int:
+        return self._ids.shape[1] - self._fed
+
+    @property
+    def done(self) -> bool:
+        return self.remaining == 0
+
+    def run(self, columns: int) -> tuple[int, int]:
+        """Feed the next `columns` columns; returns (padding, real) tokens fed."""
+        start, end = self._fed, min(self._fed + columns, self._ids.shape[1])
+        device = self._generator.device
+        new_mask = self._new_mask[:, start:end]
+        self.mask = torch.cat([self.mask, new_mask.to(self.mask.device)], dim=1)
+        out = self._generator.host.forward(
+            self._adapters,
+            input_ids=self._ids[:, start:end].to(device),
+            attention_mask=self.mask.to(device),
+            position_ids=self._positions[:, start:end].to(device),
+            cache=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self._fed = end
+        if self.done:
+            self.logits = out.logits[:, -1]
+        real = int(new_mask.sum())
+        return new_mask.numel() - real, real
+
+    def prefixes(self) -> list[_Prefix]:
+        """Each row's KV states, when the rows were whole prefixes computed from position 0."""
+        width = self._ids.shape[1]
+        return [
+            _Prefix(
+                tuple(self._ids[i, width - n :].tolist()),
+                [layer.keys[i, :, -n:].clone() for layer in self.cache.layers],
+                [layer.values[i, :, -n:].clone() for layer in self.cache.layers],
+            )
+            for i, n in enumerate(self._lengths)
+        ]
+
+
+def _past(generator: Generator, prefixes: list[_Prefix | None]) -> tuple[Cache, torch.Tensor]:
+    """A cache holding each row's prefix right-aligned (zeros where it has none or a shorter one) and its
+    attention mask [n, longest prefix]."""
+    cache = Cache(layers=[_GrowingLayer() for _ in range(generator.host.base.config.num_hidden_layers)])
+    lengths = [len(p.ids) if p is not None else 0 for p in prefixes]
+    width = max(lengths)
+    mask = torch.tensor([[0] * (width - n) + [1] * n for n in lengths], device=generator.device)
+    if width:
+        sample = next(p for p in prefixes if p is not None)
+        for index, layer in enumerate(cache.layers):
+            heads, _, dim = sample.keys[index].shape
+            keys = sample.keys[index].new_zeros(len(prefixes), heads, width, dim)
+            values = sample.values[index].new_zeros(len(prefixes), heads, width, dim)
+            for row, prefix in enumerate(prefixes):
+                if prefix is not None:
+                    keys[row, :, width - len(prefix.ids) :] = prefix.keys[index]
+                    values[row, :, width - len(prefix.ids) :] = prefix.values[index]
+            layer.load(keys, values)
+    return cache, mask
+
+
 class Decoding:
     """Greedy decoding of rows that join (`add`) and finish (`step`) at different times, under per-row
     adapters, reusing prompt prefixes' KV states from `prefixes` where given.
 
+    Prefill: newcomers are grouped by the length of what they prefill, so that a group pads its rows by at
+    most an eighth of its tokens (padding them all to the longest, as one forward would, costs about a fifth
+    of prefill on RAG prompts), and each group is one forward. With `chunk_tokens` (Sarathi-Serve's chunked
+    prefill), newcomers that arrive while rows are decoding are prefilled a chunk of about that many tokens
+    per step, between decoding steps, so a long prompt delays the rows in flight by one chunk per token, not
+    by its whole prefill; with nothing in flight, or without `chunk_tokens`, `add` prefills at once.
+
     Not thread-safe: the thread that owns the model drives it. Adapter names are resolved on every forward, so
     a row fails loudly (UnknownAdapter) rather than run under another adapter if its own was detached mid-way.
+    A forward that fails in `add` adds nothing; one that fails in `step` (a chunk) raises from `step`.
     """
 
-    def __init__(self, generator: Generator, prefixes: PrefixCache | None = None):
+    # A length group's padding stays within this share of its real tokens.
+    PADDING = 1 / 8
+
+    def __init__(self, generator: Generator, prefixes: PrefixCache | None = None, chunk_tokens: int = 0):
         self._generator = generator
         self._prefixes = prefixes
+        self.chunk_tokens = chunk_tokens
         self._batch: _Batch | None = None
+        # prefills in progress, oldest first: (their rows, the coroutine feeding them)
+        self._admissions: deque[tuple[list[_Row], Generator_[int | None, float, None]]] = deque()
+        self._waiting: dict[int, _Row] = {}  # ticket -> row of an admission in progress
         self._finished: list[tuple[int, Generation]] = []
+        self._prefilled: list[int] = []  # rows whose first token is out, since the last `prefilled` call
         self._tickets = itertools.count()
+        self.padding = [0, 0]  # prefill tokens fed: [padding, real], since creation
 
     def __len__(self) -> int:
         """Rows not yet returned by `step`."""
-        return self.rows + len(self._finished)
+        return self.rows + len(self._waiting) + len(self._finished)
 
     @property
     def rows(self) -> int:
-        """Rows the next step runs."""
+        """Rows the next step decodes."""
         return len(self._batch.rows) if self._batch else 0
 
-    def add(self, prompts: list[Prompt], adapters: list[str], max_new_tokens: list[int]) -> list[int]:
-        """Prefill new rows (one forward for all, after one for the prefixes not cached yet) and pick their
-        first tokens; returns their tickets.
+    @property
+    def prefilling(self) -> int:
+        """Rows still being prefilled (in chunks, between steps)."""
+        return len(self._waiting)
 
-        A row with a prefix from the cache prefills only its suffix. Its cache row holds [padding, prefix,
-        padding, suffix]: the prefix right-aligned in the past columns, the suffix left-padded after them,
-        the padding masked out, and the suffix's position ids continuing from the prefix's length, so every
-        token attends to exactly what it would in a single forward of the whole prompt."""
+    def add(self, prompts: list[Prompt], adapters: list[str], max_new_tokens: list[int]) -> list[int]:
+        """Admit new rows; returns their tickets. Prefilled at once (and their first tokens picked) unless
+        rows are decoding and `chunk_tokens` is set: then `step` prefills them chunk by chunk, and a failed
+        prefill there raises from `step`."""
         if not prompts:
             return []
-        generator = self._generator
-        prefix_ids, suffix_ids = generator.prompt_ids(prompts)
-        prefixes = self._cached_prefixes(prompts, adapters, prefix_ids, suffix_ids)
-        # Rows without a cached prefix prefill their whole prompt as the "suffix" of an empty past.
-        suffix_ids = [s if c is not None else p + s for p, s, c in zip(prefix_ids, suffix_ids, prefixes)]
-        cache, past_mask = self._past(prefixes)  # past_mask [n, past]
-        new_ids, new_mask, new_positions = _left_padded(suffix_ids, generator.tokenizer.pad_token_id)
-        offsets = torch.tensor([len(c.ids) if c is not None else 0 for c in prefixes]).unsqueeze(1)
-        device = generator.device
-        mask = torch.cat([past_mask, new_mask], dim=1).to(device)  # [n, past + new]
-        out = generator.host.forward(
-            adapters,
-            input_ids=new_ids.to(device),
-            attention_mask=mask,
-            position_ids=(new_positions + offsets).to(device),
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
         rows = [
-            _Row(next(self._tickets), adapter, budget, int(offset) + len(ids))
-            for adapter, budget, offset, ids in zip(adapters, max_new_tokens, offsets[:, 0], suffix_ids)
+            _Row(next(self._tickets), adapter, budget, 0) for adapter, budget in zip(adapters, max_new_tokens)
         ]
-        batch = _Batch(rows, cache, mask)
-        self._advance(batch, out.logits[:, -1])
-        if batch.rows:
-            if self._batch is None:
-                self._batch = batch
-            else:
-                self._batch.join(batch)
+        admission = self._admission(prompts, rows)
+        next(admission)  # tokenize and look up the cache now; forwards run when given tokens to spend
+        if self._batch is None or not self.chunk_tokens:
+            for _ in iter(lambda: admission.send(math.inf), None):
+                pass
+        else:
+            self._admissions.append((rows, admission))
+            self._waiting.update((row.ticket, row) for row in rows)
         return [row.ticket for row in rows]
 
-    def _cached_prefixes(
+    def _admission(self, prompts: list[Prompt], rows: list[_Row]) -> Generator_[int | None, float, None]:
+        """Prefill `rows` as a coroutine: sent a token budget, it runs one forward (a chunk of columns that
+        fits the budget) and yields the tokens it fed; it yields None when its rows have joined the batch.
+
+        A row whose prefix is cached prefills only its suffix. Its cache row holds [padding, prefix,
+        padding, suffix]: the prefix right-aligned in the past columns, the suffix left-padded after them,
+        the padding masked out, and the suffix's position ids continuing from the prefix's length, so every
+        token attends to exactly what it would in a single forward of the whole prompt. Prefixes the cache
+        lacks are computed first, once each, and kept."""
+        generator = self._generator
+        adapters = [row.adapter for row in rows]
+        prefix_ids, suffix_ids = generator.prompt_ids(prompts)
+        entries, found, missing = self._lookup(prompts, adapters, prefix_ids, suffix_ids)
+        budget = yield 0
+        if missing:
+            firsts = list(missing.values())
+            for group in self._groups([prefix_ids[i] for i in firsts]):
+                forward = _Forward(
+                    generator, [adapters[firsts[i]] for i in group], [prefix_ids[firsts[i]] for i in group]
+                )
+                while not forward.done:
+                    budget = yield self._feed(forward, budget)
+                for i, prefix in zip(group, forward.prefixes()):
+                    entry = list(missing)[i]
+                    found[entry] = prefix
+                    self._prefixes.put(*entry, prefix)
+        prefixes = [found[entries[i]] if i in entries else None for i in range(len(rows))]
+        # Rows without a cached prefix prefill their whole prompt as the "suffix" of an empty past.
+        new_ids = [s if c is not None else p + s for p, s, c in zip(prefix_ids, suffix_ids, prefixes)]
+        for group in self._groups(new_ids):
+            forward = _Forward(
+                generator,
+                [adapters[i] for i in group],
+                [new_ids[i] for i in group],
+                [prefixes[i] for i in group],
+            )
+            while not forward.done:
+                budget = yield self._feed(forward, budget)
+            joined = [rows[i] for i in group]
+            for row, i in zip(joined, group):
+                row.position = (len(prefixes[i].ids) if prefixes[i] is not None else 0) + len(new_ids[i])
+                self._waiting.pop(row.ticket, None)
+            batch = _Batch(joined, forward.cache, forward.mask)
+            self._advance(batch, forward.logits)
+            self._prefilled += [row.ticket for row in joined if not row.dropped]
+            if any(row.dropped for row in joined):
+                self._finished = [(t, g) for t, g in self._finished if not self._was_dropped(t, joined)]
+                kept = [i for i, row in enumerate(batch.rows) if not row.dropped]
+                if not kept:
+                    batch.rows = []
+                elif len(kept) < len(batch.rows):
+                    batch.keep(kept)
+            if batch.rows:
+                if self._batch is None:
+                    self._batch = batch
+                else:
+                    self._batch.join(batch)
+        yield None
+
+    def prefilled(self) -> list[int]:
+        """Rows whose prefill ended (their first token picked) since the last call."""
+        done, self._prefilled = self._prefilled, []
+        return done
+
+    @staticmethod
+    def _was_dropped(ticket: int, rows: list[_Row]) -> bool:
+        return any(row.ticket == ticket and row.dropped for row in rows)
+
+    def _feed(self, forward: _Forward, budget: float) -> int:
+        """Run `forward`'s next chunk within `budget` tokens (at least one column); returns tokens fed."""
+        columns = forward.remaining if budget == math.inf else max(1, int(budget) // forward.width)
+        padding, real = forward.run(columns)
+        self.padding[0] += padding
+        self.padding[1] += real
+        return padding + real
+
+    def _groups(self, ids: list[list[int]]) -> list[list[int]]:
+        """Row indices grouped by length, longest first: a group's rows are padded to its first row's
+        length by at most `PADDING` of its real tokens."""
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        groups: list[list[int]] = []
+        for i in order:
+            group = groups[-1] if groups else None
+            if group is not None:
+                width, real = len(ids[group[0]]), sum(len(ids[j]) for j in group) + len(ids[i])
+                if width * (len(group) + 1) - real <= self.PADDING * real:
+                    group.append(i)
+                    continue
+            groups.append([i])
+        return groups
+
+    def _lookup(
         self,
         prompts: list[Prompt],
         adapters: list[str],
         prefix_ids: list[list[int]],
         suffix_ids: list[list[int]],
-    ) -> list[_Prefix | None]:
-        """Each row's prefix KV states (None: prefill it whole): from the cache, or computed now in one
-        forward for every distinct prefix the cache lacks, and kept for later rows."""
-        rows: list[_Prefix | None] = [None] * len(prompts)
+    ) -> tuple[dict[int, tuple[str, PrefixKey]], dict[tuple[str, PrefixKey], _Prefix | None], dict]:
+        """Rows' prefix cache entries (row -> entry), the entries found (entry -> states, None if missing)
+        and the missing ones (entry -> the first row with it)."""
+        entries: dict[int, tuple[str, PrefixKey]] = {}
+        found: dict[tuple[str, PrefixKey], _Prefix | None] = {}
+        missing: dict[tuple[str, PrefixKey], int] = {}
         cache = self._prefixes
         if cache is None or not cache.budget_bytes:
-            return rows
+            return entries, found, missing
         host = self._generator.host
         cache.retain(host.identities())
-        entries: dict[int, tuple[str, PrefixKey]] = {}  # row -> its cache entry
-        found: dict[tuple[str, PrefixKey], _Prefix | None] = {}
-        missing: dict[tuple[str, PrefixKey], int] = {}  # -> the first row with that prefix
         for i, (prompt, adapter) in enumerate(zip(prompts, adapters)):
             # A row needs a suffix of its own: its first token's logits come from the suffix's forward.
             if prompt.key is None or not prefix_ids[i] or not suffix_ids[i]:
@@ -320,65 +502,30 @@ class Decoding:
                 found[entry] = cache.get(*entry, prefix_ids[i])
                 if found[entry] is None:
                     missing[entry] = i
-        if missing:
-            computed = self._prefill_prefixes(
-                [prefix_ids[i] for i in missing.values()], [adapters[i] for i in missing.values()]
-            )
-            for entry, prefix in zip(missing, computed):
-                found[entry] = prefix
-                cache.put(*entry, prefix)
-        for i, entry in entries.items():
-            rows[i] = found[entry]
-        return rows
-
-    def _prefill_prefixes(self, ids: list[list[int]], adapters: list[str]) -> list[_Prefix]:
-        """The KV states of these prefixes (one forward, left-padded, at position ids from 0)."""
-        generator = self._generator
-        input_ids, mask, positions = _left_padded(ids, generator.tokenizer.pad_token_id)
-        device = generator.device
-        cache = Cache(layers=[_GrowingLayer() for _ in range(generator.host.base.config.num_hidden_layers)])
-        generator.host.forward(
-            adapters,
-            input_ids=input_ids.to(device),
-            attention_mask=mask.to(device),
-            position_ids=positions.to(device),
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        width = input_ids.shape[1]
-        return [
-            _Prefix(
-                tuple(row),
-                [layer.keys[i, :, width - len(row) :].clone() for layer in cache.layers],
-                [layer.values[i, :, width - len(row) :].clone() for layer in cache.layers],
-            )
-            for i, row in enumerate(ids)
-        ]
-
-    def _past(self, prefixes: list[_Prefix | None]) -> tuple[Cache, torch.Tensor]:
-        """A cache holding each row's prefix right-aligned (zeros where it has none or a shorter one) and its
-        attention mask [n, longest prefix]."""
-        generator = self._generator
-        cache = Cache(layers=[_GrowingLayer() for _ in range(generator.host.base.config.num_hidden_layers)])
-        lengths = [len(p.ids) if p is not None else 0 for p in prefixes]
-        width = max(lengths)
-        mask = torch.tensor([[0] * (width - n) + [1] * n for n in lengths], dtype=torch.long)
-        if width:
-            sample = next(p for p in prefixes if p is not None)
-            for index, layer in enumerate(cache.layers):
-                heads, _, dim = sample.keys[index].shape
-                keys = sample.keys[index].new_zeros(len(prefixes), heads, width, dim)
-                values = sample.values[index].new_zeros(len(prefixes), heads, width, dim)
-                for row, prefix in enumerate(prefixes):
-                    if prefix is not None:
-                        keys[row, :, width - len(prefix.ids) :] = prefix.keys[index]
-                        values[row, :, width - len(prefix.ids) :] = prefix.values[index]
-                layer.load(keys, values)
-        return cache, mask
+        return entries, found, missing
 
     def step(self) -> list[tuple[int, Generation]]:
-        """One decoding step for every row; returns the rows that finished since the last call."""
+        """One decoding step for every row, then a chunk of `chunk_tokens` for the prefills waiting (all of
+        them when no row is decoding); returns the rows that finished since the last call."""
+        self._decode()
+        budget = self.chunk_tokens if self._batch is not None else math.inf
+        while self._admissions and budget > 0:
+            rows, admission = self._admissions[0]
+            try:
+                spent = admission.send(budget)
+            except BaseException:  # its rows are lost; the rows decoding are not
+                self._admissions.popleft()
+                for row in rows:
+                    self._waiting.pop(row.ticket, None)
+                raise
+            if spent is None:
+                self._admissions.popleft()
+            else:
+                budget -= spent
+        finished, self._finished = self._finished, []
+        return finished
+
+    def _decode(self) -> None:
         batch = self._batch
         if batch is not None:
             batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
@@ -396,11 +543,15 @@ class Decoding:
             self._advance(batch, out.logits[:, -1])
             if not batch.rows:
                 self._batch = None
-        finished, self._finished = self._finished, []
-        return finished
 
     def drop(self, tickets: set[int]) -> None:
-        """Stop decoding these rows (their requests were abandoned); they are never returned."""
+        """Stop decoding these rows (their requests were abandoned); they are never returned. Rows still
+        waiting for their prefill are dropped when it ends, and a prefill left with no rows stops."""
+        for ticket in tickets & self._waiting.keys():
+            self._waiting.pop(ticket).dropped = True
+        self._admissions = deque(
+            (rows, admission) for rows, admission in self._admissions if not all(r.dropped for r in rows)
+        )
         self._finished = [(t, g) for t, g in self._finished if t not in tickets]
         if self._batch is not None:
             keep = [i for i, row in enumerate(self._batch.rows) if row.ticket not in tickets]
@@ -440,8 +591,10 @@ class WholeBatchDecoding:
     def __init__(self, generator: Generator):
         self._generator = generator
         self._finished: list[tuple[int, Generation]] = []
+        self._prefilled: list[int] = []
         self._tickets = itertools.count()
         self.rows = 0  # rows are never in flight between calls
+        self.prefilling = 0
 
     def __len__(self) -> int:
         return len(self._finished)
@@ -456,7 +609,13 @@ class WholeBatchDecoding:
                 [sources[i] for i in rows], [adapters[i] for i in rows], budget
             )
             self._finished += [(tickets[i], g) for i, g in zip(rows, generations)]
+        self._prefilled += tickets
         return tickets
+
+    def prefilled(self) -> list[int]:
+        """Rows added since the last call: decoded whole, their first token came with their last."""
+        done, self._prefilled = self._prefilled, []
+        return done
 
     def step(self) -> list[tuple[int, Generation]]:
         finished, self._finished = self._finished, []

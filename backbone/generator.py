@@ -238,12 +238,15 @@ class Generator:
 
     # --- decoding -------------------------------------------------------------------------------------------
 
-    def decoding(self, prefixes: PrefixCache | None = None) -> Decoding | WholeBatchDecoding:
+    def decoding(
+        self, prefixes: PrefixCache | None = None, chunk_tokens: int = 0
+    ) -> Decoding | WholeBatchDecoding:
         """A greedy decoding that rows can join and leave between steps (continuous batching) where the
-        model's cache allows it, reusing the KV states of cached prompt prefixes; otherwise one that decodes
-        each added group to the end at once (and caches nothing)."""
+        model's cache allows it, reusing the KV states of cached prompt prefixes and prefilling newcomers
+        in chunks of `chunk_tokens` between steps (0: at once); otherwise one that decodes each added group
+        to the end at once (and caches nothing)."""
         if self.kind == "causal" and supports_continuous(self.host.base.config):
-            return Decoding(self, prefixes)
+            return Decoding(self, prefixes, chunk_tokens)
         return WholeBatchDecoding(self)
 
     def finish(self, tokens: list[int], logprob: float) -> Generation:

@@ -290,10 +290,11 @@ class Backbone:
 
     # --- answering ------------------------------------------------------------------------------------------
 
-    def answering(self, prefixes: PrefixCache | None = None) -> Answering:
+    def answering(self, prefixes: PrefixCache | None = None, chunk_tokens: int = 0) -> Answering:
         """Questions answered together as they come and go (continuous batching), reusing the passage
-        prefixes' KV states kept in `prefixes`; see `Answering`."""
-        return Answering(self, prefixes)
+        prefixes' KV states kept in `prefixes`, newcomers prefilled `chunk_tokens` at a time between
+        decoding steps (0: at once); see `Answering`."""
+        return Answering(self, prefixes, chunk_tokens)
 
     @torch.inference_mode()
     def answer(
@@ -360,12 +361,13 @@ class Answering:
     questions between steps as they arrive and hands back answers as they finish, so the batch stays full.
     """
 
-    def __init__(self, backbone: Backbone, prefixes: PrefixCache | None = None):
+    def __init__(self, backbone: Backbone, prefixes: PrefixCache | None = None, chunk_tokens: int = 0):
         self._backbone = backbone
-        self._decoding = backbone.generator.decoding(prefixes)
+        self._decoding = backbone.generator.decoding(prefixes, chunk_tokens)
         self._questions: dict[int, _Question] = {}
         self._row_owner: dict[int, tuple[int, int]] = {}  # decoding ticket -> (question ticket, passage)
         self._ready: list[int] = []  # questions whose rows are all done
+        self._started: list[int] = []  # questions whose rows are all prefilled, since `started` was called
         self._next_ticket = 0
 
     def __len__(self) -> int:
@@ -377,6 +379,25 @@ class Answering:
         """Generator rows the next step runs."""
         return self._decoding.rows
 
+    @property
+    def prefill_tokens(self) -> tuple[int, int] | None:
+        """Prompt tokens prefilled so far, (padding, real); None where the decoding does not count them."""
+        padding = getattr(self._decoding, "padding", None)
+        return tuple(padding) if padding is not None else None
+
+    def started(self) -> list[int]:
+        """Questions whose rows have all been prefilled (their first tokens are out) since the last call."""
+        started, self._started = self._started, []
+        return started
+
+    def _note_prefilled(self) -> None:
+        for row in self._decoding.prefilled():
+            ticket, _ = self._row_owner[row]
+            question = self._questions[ticket]
+            question.prefilled += 1
+            if question.prefilled == len(question.passages):
+                self._started.append(ticket)
+
     def add(
         self,
         questions: list[str],
@@ -386,8 +407,9 @@ class Answering:
         max_new_tokens: list[int],
         collections: list[str | None] | None = None,
     ) -> list[int]:
-        """Start answering these questions (one prefill for all their rows); returns their tickets. If the
-        prefill fails, nothing was added and the questions in flight go on.
+        """Start answering these questions; returns their tickets. Their rows are prefilled now, or chunk by
+        chunk in the next steps while other questions decode (`chunk_tokens`). If a prefill in `add` fails,
+        nothing was added and the questions in flight go on; a chunk that fails raises from `step`.
 
         `collections[i]` names the version of the passage collection question i's passages come from (e.g.
         "<domain>/<index version>"), under which a passage id always means the same text; only then are its
@@ -420,11 +442,14 @@ class Answering:
             if not row:
                 self._ready.append(ticket)
         self._row_owner.update(zip(row_tickets, owners))
+        self._note_prefilled()
         return tickets
 
     def step(self) -> list[tuple[int, Answer]]:
         """One decoding step; returns the questions answered since the last call."""
-        self._collect(self._decoding.step())
+        finished = self._decoding.step()
+        self._note_prefilled()
+        self._collect(finished)
         ready, self._ready = self._ready, []
         return [(ticket, self._questions.pop(ticket).answer(self._backbone.score_scale)) for ticket in ready]
 
@@ -437,6 +462,7 @@ class Answering:
         for ticket in tickets:
             self._questions.pop(ticket, None)
         self._ready = [t for t in self._ready if t not in tickets]
+        self._started = [t for t in self._started if t not in tickets]
 
     def _collect(self, finished) -> None:
         for row_ticket, generation in finished:
@@ -452,6 +478,7 @@ class _Question:
     passages: list[Passage]
     scores: list[float]
     generations: list  # per passage: its Generation once its row is done
+    prefilled: int = 0  # rows whose first token is out
 
     def answer(self, score_scale: float) -> Answer:
         if not self.passages:

@@ -220,6 +220,7 @@ async def _load(runtime: Runtime) -> None:
             batch_wait_s=settings.server.batch_wait_ms / 1000,
             retry_after_s=settings.server.retry_after_s,
             kv_cache_bytes=settings.server.kv_cache_budget(_model_memory(backbone.device)),
+            prefill_chunk_tokens=settings.server.prefill_chunk_tokens,
         )
         jobs = Jobs(
             runtime.store,

@@ -6,7 +6,8 @@ domains the service knows (others are counted as "other"), so a client cannot gr
 HTTP and asking
 - `ragadapt_http_requests_total{method, route, status}`  counter; `route` is the route template
 - `ragadapt_ask_requests_total{domain, code}`  counter; `code` is "ok" or the problem code
-- `ragadapt_ask_stage_seconds{domain, stage}`  histogram; stage: queue, embed, search, generate, total
+- `ragadapt_ask_stage_seconds{domain, stage}`  histogram; stage: queue, embed, search, generate, total,
+  first_token (from admission to the question's first token: time to first token)
 - `ragadapt_answer_tokens_total{domain}`  counter; generator tokens in returned answers
 - `ragadapt_queue_depth`  gauge; requests waiting for the model worker
 - `ragadapt_batch_rows`  histogram; questions in flight per decoding step (continuous batching)
@@ -28,6 +29,8 @@ prefill)
 - `ragadapt_kv_cache_evictions_total{reason}`  counter; budget: least recently used out to stay in
   `server.kv_cache_bytes`; adapter: its generator adapter was detached or replaced
 - `ragadapt_kv_cache_bytes`  gauge; bytes of KV states held
+- `ragadapt_prefill_tokens_total{kind}`  counter; prompt tokens prefilled, kind real|padding (newcomers are
+  grouped by length so that padding stays small)
 
 Domains, jobs and runs
 - `ragadapt_live_version_info{domain, adapter_version, index_version}`  gauge, 1 for what serves now
@@ -49,7 +52,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-STAGES = ("queue", "embed", "search", "generate", "total")
+STAGES = ("queue", "embed", "search", "generate", "first_token", "total")
 RUN_STATES = ("validating", "queued", "running", "succeeded", "failed", "cancelled")
 OTHER = "other"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -140,6 +143,9 @@ class Metrics:
         )
         self.kv_cache_bytes = Gauge(
             "ragadapt_kv_cache_bytes", "Bytes of KV states in the passage KV cache", registry=r
+        )
+        self.prefill_tokens = Counter(
+            "ragadapt_prefill_tokens", "Prompt tokens prefilled (real or padding)", ["kind"], registry=r
         )
         self.live_version = Gauge(
             "ragadapt_live_version_info",

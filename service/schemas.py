@@ -54,12 +54,14 @@ class PassageOut(BaseModel):
 
 class Timings(BaseModel):
     """Seconds per stage; embed and search are shared by the questions that joined together, generate runs
-    from their prefill to this answer."""
+    from their prefill to this answer; first_token from admission to the answer's first token (queue, embed,
+    search and prefill: the time to first token)."""
 
     queue: float
     embed: float
     search: float
     generate: float
+    first_token: float
 
 
 class AskResponse(BaseModel):

@@ -91,13 +91,15 @@ class ModelWorker:
         batch_wait_s: float,
         retry_after_s: int = 1,
         kv_cache_bytes: int = 0,
+        prefill_chunk_tokens: int = 0,
     ):
         self._backbone = backbone
         self._cache = cache
         self._metrics = metrics
         # Passage prefixes' KV states, kept across answerings (a failed step starts a new answering only).
         self._prefixes = PrefixCache(kv_cache_bytes)
-        self._reported: dict[str, int] = {}  # the prefix cache's counts the metrics have seen
+        self._reported: dict[str, int] = {}  # the prefix cache's and prefill's counts the metrics have seen
+        self.prefill_chunk_tokens = prefill_chunk_tokens
         self.queue_size = queue_size
         self.max_batch_rows = max_batch_rows
         self.batch_wait_s = batch_wait_s
@@ -170,7 +172,7 @@ class ModelWorker:
     # --- the worker thread ----------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        answering = self._backbone.answering(self._prefixes)
+        answering = self._answering()
         in_flight: dict[int, AskJob] = {}  # answering ticket -> job
         while True:
             admitted = self._admit(in_flight)
@@ -192,7 +194,11 @@ class ModelWorker:
                     for job in in_flight.values():
                         self._finish(job, exc)
                     in_flight.clear()
-                    answering = self._backbone.answering(self._prefixes)
+                    answering = self._answering()
+
+    def _answering(self):
+        self._prefill_reported = (0, 0)
+        return self._backbone.answering(self._prefixes, self.prefill_chunk_tokens)
 
     def _release(self, job: AskJob) -> None:
         """Give back the adapter lease the HTTP layer handed over with the job."""
@@ -308,11 +314,16 @@ class ModelWorker:
             [f"{job.index.domain}/{job.index.version}" for job in answerable],
         )
         in_flight.update(zip(tickets, answerable))
-        self._report_prefixes()
+        self._report(answering, in_flight)
 
-    def _report_prefixes(self) -> None:
-        """Add the prefix cache's counts since the last report to the metrics (the backbone counts in plain
-        numbers; it knows nothing of Prometheus)."""
+    def _report(self, answering, in_flight: dict[int, AskJob]) -> None:
+        """Note the first tokens of questions whose prefill ended, and add the prefix cache's and prefill's
+        counts since the last report to the metrics (the backbone counts in plain numbers; it knows nothing
+        of Prometheus)."""
+        now = time.perf_counter()
+        for ticket in answering.started():
+            job = in_flight[ticket]
+            job.timings["first_token"] = now - job.admitted
         cache, metrics = self._prefixes, self._metrics
         totals = {"hits": cache.hits, "misses": cache.misses, **cache.evictions}
         counters = {
@@ -320,6 +331,11 @@ class ModelWorker:
             "misses": metrics.kv_cache_misses,
             **{reason: metrics.kv_cache_evictions.labels(reason) for reason in cache.evictions},
         }
+        prefill = answering.prefill_tokens  # counted per answering, from zero
+        if prefill is not None:
+            for kind, total, seen in zip(("padding", "real"), prefill, self._prefill_reported):
+                metrics.prefill_tokens.labels(kind).inc(total - seen)
+            self._prefill_reported = prefill
         for name, total in totals.items():
             counters[name].inc(total - self._reported.get(name, 0))
         self._reported = totals
@@ -331,9 +347,13 @@ class ModelWorker:
             self._metrics.batch_rows.observe(len(in_flight))
             self._metrics.batch_adapters.observe(len({job.adapter for job in in_flight.values()}))
         tokenizer = self._backbone.generator.tokenizer
-        for ticket, answer in answering.step():
+        answered = answering.step()
+        self._report(answering, in_flight)
+        for ticket, answer in answered:
             job = in_flight.pop(ticket)
-            job.timings["generate"] = time.perf_counter() - job.generating_since
+            now = time.perf_counter()
+            job.timings["generate"] = now - job.generating_since
+            job.timings.setdefault("first_token", now - job.admitted)  # no passages: no prefill
             tokens = len(tokenizer(answer.text, add_special_tokens=False).input_ids) if answer.text else 0
             self._finish(job, AskResult(answer, job.hits, dict(job.timings), tokens))
 

@@ -91,7 +91,7 @@ async def ask(
         if code == "ok":
             metrics.ask_stage_seconds.labels(label, "total").observe(time.perf_counter() - started)
     timings = result.timings
-    for stage in ("queue", "embed", "search", "generate"):
+    for stage in ("queue", "embed", "search", "generate", "first_token"):
         metrics.ask_stage_seconds.labels(label, stage).observe(timings.get(stage, 0.0))
     metrics.answer_tokens.labels(label).inc(result.answer_tokens)
     supporting = {s.passage.id for s in result.answer.supporting}
@@ -116,7 +116,10 @@ async def ask(
         index_version=serving.index.version,
         passages=passages,
         timings=Timings(
-            **{stage: round(timings.get(stage, 0.0), 6) for stage in ("queue", "embed", "search", "generate")}
+            **{
+                stage: round(timings.get(stage, 0.0), 6)
+                for stage in ("queue", "embed", "search", "generate", "first_token")
+            }
         ),
     )
 

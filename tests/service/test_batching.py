@@ -86,6 +86,7 @@ def _worker(
     batch_wait_s: float,
     queue_size: int = 16,
     kv_cache_bytes: int = 0,
+    prefill_chunk_tokens: int = 0,
 ):
     """A model worker over the setup's backbone with a fresh adapter cache and metrics (not started)."""
     store, backbone, _, _, loader, tmp_path = setup
@@ -107,6 +108,7 @@ def _worker(
         max_batch_rows=max_batch_rows,
         batch_wait_s=batch_wait_s,
         kv_cache_bytes=kv_cache_bytes,
+        prefill_chunk_tokens=prefill_chunk_tokens,
     )
     return worker, cache, metrics
 
@@ -212,10 +214,14 @@ def test_the_passage_kv_cache_answers_as_a_whole_prefill_and_forgets_detached_ad
     assert 0 < value("ragadapt_kv_cache_bytes") <= 1 << 30
 
 
-def test_a_question_joins_the_one_in_flight_and_is_answered_first(setup, direct):
-    """Continuous batching: a short question asked while a long answer decodes does not wait for it."""
+@pytest.mark.parametrize("chunk", [0, 8])
+def test_a_question_joins_the_one_in_flight_and_is_answered_first(setup, direct, chunk):
+    """Continuous batching: a short question asked while a long answer decodes does not wait for it, whether
+    its prompt is prefilled at once or in chunks between the long answer's steps."""
     store, backbone, versions, handles, _, _ = setup
-    worker, cache, metrics = _worker(setup, hot_slots=2, max_batch_rows=4, batch_wait_s=0.0)
+    worker, cache, metrics = _worker(
+        setup, hot_slots=2, max_batch_rows=4, batch_wait_s=0.0, prefill_chunk_tokens=chunk
+    )
     saved, backbone.generator.eos_ids = backbone.generator.eos_ids, []  # rows end at their token budget only
 
     async def main():
@@ -248,6 +254,12 @@ def test_a_question_joins_the_one_in_flight_and_is_answered_first(setup, direct)
         handles["beta"], short.question, "beta", versions["beta"], top_k=2, max_new_tokens=3
     )
     assert result.answer.text == expected
+    timings = result.timings
+    # Its first token came after its prefill, which follows queue, embed and search (and an adapter attach).
+    assert timings["queue"] + timings["embed"] + timings["search"] < timings["first_token"]
+    real = metrics.registry.get_sample_value("ragadapt_prefill_tokens_total", {"kind": "real"})
+    padding = metrics.registry.get_sample_value("ragadapt_prefill_tokens_total", {"kind": "padding"})
+    assert real > 0 and padding <= real / 8
 
 
 def test_a_question_that_fails_to_start_leaves_those_in_flight_unharmed(setup, monkeypatch):

@@ -41,6 +41,7 @@ class Timings(_Model):
     embed: float | None = None
     search: float | None = None
     generate: float | None = None
+    first_token: float | None = None  # from admission to the answer's first token
 
 
 class Answer(_Model):
