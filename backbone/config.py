@@ -104,3 +104,6 @@ class BackboneConfig:
     max_passage_tokens: int = 192
     max_answer_tokens: int = 48
     allow_hub: bool = False
+    # Weight-only int8/int4 copies of the generator's linear layers for decoding steps of a few rows
+    # (bfloat16 on a CPU; `weight_only.py`); "none" keeps one bfloat16 (or float32) weight per layer.
+    weight_only: Literal["none", "int8", "int4"] = "none"

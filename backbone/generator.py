@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Literal
 
@@ -18,6 +19,7 @@ from .config import BackboneConfig
 from .decoding import Decoding, PrefixCache, PrefixKey, WholeBatchDecoding, supports_continuous
 from .loading import converted_gguf_dir, hub_kwargs, resolve_reference
 from .lora import AdapterHost
+from .weight_only import pack_linears
 
 SYSTEM_PROMPT = (
     "Answer the question from the passage. "
@@ -32,6 +34,9 @@ RECONSTRUCT_TOKEN = "<reconstruct>"
 # (instruction + passage) prefix and the (question + rest of the template) suffix apart, so that a passage's
 # prefix has the same ids in every prompt and its KV states can be reused.
 TEMPLATE_VERSION = 2
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,9 @@ class Generator:
         model = auto.from_pretrained(source, dtype=dtype, **kwargs).to(device)
         model.eval()
         model.requires_grad_(False)
+        if config.weight_only != "none":
+            packed = pack_linears(model, 8 if config.weight_only == "int8" else 4)
+            log.info("generator: %d linear layers with weight-only %s copies", packed, config.weight_only)
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         return cls(model, tokenizer, kind, device, config)
 

@@ -35,6 +35,7 @@ class BackboneSettings(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     device: str = "auto"
     allow_hub: bool = False
+    weight_only: Literal["none", "int8", "int4"] = "none"  # packed generator weights for small decoding steps
     max_question_tokens: int = Field(64, ge=8)
     max_passage_tokens: int = Field(192, ge=8)
     max_answer_tokens: int = Field(48, ge=2)
@@ -55,6 +56,7 @@ class BackboneSettings(BaseModel):
             max_question_tokens=self.max_question_tokens,
             max_passage_tokens=self.max_passage_tokens,
             max_answer_tokens=self.max_answer_tokens,
+            weight_only=self.weight_only,
         )
         if not self.generator:
             return embedded_default_config(**common)
