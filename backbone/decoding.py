@@ -271,6 +271,7 @@ class _Forward:
         device = self._generator.device
         new_mask = self._new_mask[:, start:end]
         self.mask = torch.cat([self.mask, new_mask.to(self.mask.device)], dim=1)
+        self._fed = end
         out = self._generator.host.forward(
             self._adapters,
             input_ids=self._ids[:, start:end].to(device),
@@ -278,9 +279,9 @@ class _Forward:
             position_ids=self._positions[:, start:end].to(device),
             cache=self.cache,
             use_cache=True,
-            logits_to_keep=1,
+            # Vocabulary logits of the last column only, and none before the last chunk.
+            logits_to_keep=last_positions(end - start, 1 if self.done else 0, device),
         )
-        self._fed = end
         if self.done:
             self.logits = out.logits[:, -1]
         real = int(new_mask.sum())
@@ -297,6 +298,13 @@ class _Forward:
             )
             for i, n in enumerate(self._lengths)
         ]
+
+
+def last_positions(length: int, count: int, device: torch.device) -> torch.Tensor:
+    """`logits_to_keep` for the last `count` of `length` positions, as indices: an int there slices the
+    hidden states, and a bfloat16 LM head on that strided slice takes a slow path on a CPU (about 100 ms
+    for the embedded default's, a transposed copy of its weight), where indexing makes a fresh tensor."""
+    return torch.arange(length - count, length, device=device)
 
 
 def _past(generator: Generator, prefixes: list[_Prefix | None]) -> tuple[Cache, torch.Tensor]:

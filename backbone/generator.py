@@ -16,7 +16,14 @@ from transformers import (
 )
 
 from .config import BackboneConfig
-from .decoding import Decoding, PrefixCache, PrefixKey, WholeBatchDecoding, supports_continuous
+from .decoding import (
+    Decoding,
+    PrefixCache,
+    PrefixKey,
+    WholeBatchDecoding,
+    last_positions,
+    supports_continuous,
+)
 from .loading import converted_gguf_dir, hub_kwargs, resolve_reference
 from .lora import AdapterHost
 from .weight_only import pack_linears
@@ -217,7 +224,7 @@ class Generator:
             input_ids=input_ids,
             attention_mask=attention,
             position_ids=positions,
-            logits_to_keep=span + 1,
+            logits_to_keep=last_positions(width, span + 1, self.device),
         )
         logits = out.logits[:, :-1].float()  # [batch, span, vocab]
         wanted = input_ids[:, -span:]  # [batch, span]

@@ -92,7 +92,7 @@ class ServerSettings(BaseModel):
     kv_cache_bytes: int | None = Field(None, ge=0)
     # Questions arriving while others decode are prefilled about this many tokens per decoding step, between
     # steps (chunked prefill, docs/serving.md), so the answers in flight keep streaming; 0: prefilled at once.
-    prefill_chunk_tokens: int = Field(128, ge=0)
+    prefill_chunk_tokens: int = Field(256, ge=0)
     log_json: bool = False
 
     def kv_cache_budget(self, memory: int) -> int:
