@@ -159,7 +159,7 @@ def quality(args, backbones: dict[str, Backbone]) -> dict:
         "f1": {name: round(statistics.mean(values), 4) for name, values in scores.items()},
         f"f1_{names[1]}_minus_{names[0]}": round(float(diff.mean()), 4),
         "ci95": [round(float(np.percentile(boot, 2.5)), 4), round(float(np.percentile(boot, 97.5)), 4)],
-        "identical_answers": sum(a == b for a, b in zip(scores[names[0]], scores[names[1]])),
+        "questions_scored_the_same": sum(a == b for a, b in zip(scores[names[0]], scores[names[1]])),
     }
 
 

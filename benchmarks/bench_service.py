@@ -2,16 +2,22 @@
 
     .venv/bin/python benchmarks/bench_service.py                      # throughput, cold_load, latency
     .venv/bin/python benchmarks/bench_service.py --only throughput    # one of them
+    .venv/bin/python benchmarks/bench_service.py --only replay --dtype auto --max-passage-tokens 192
 
 - throughput: requests/s of the real server (uvicorn on loopback) for 4 domains mixed, each with its own
   adapter set, against 1 domain with 1 adapter at the same offered load (same concurrency, same requests), and
   against naive per-request swapping: the same mixed requests answered one at a time in-process, attaching the
   request's adapter set (detaching the previous one) before each; no HTTP, so the baseline is if anything
-  flattered.
+  flattered. Every round asks questions no earlier round asked, so the passage KV cache (at
+  `--kv-cache-bytes`, unset: the service's default) hits only what different questions share.
 - cold_load: one adapter set (r=8 LoRA on Q/K/V of both encoders and the generator, ~3 MB) from the store to
   attached and usable, through the service's adapter cache, on a local store and on an S3 server (SeaweedFS).
 - latency: /ask p50/p99 at concurrency 1, 8 and 32, and the service's overhead over calling the same pipeline
   (encode, search, generate) directly at concurrency 1.
+- replay (not in the default set: it ingests the whole knowledge bases): every dev question of the shared
+  domains in random order against their whole knowledge bases, 4 domains with adapters, the service's default
+  top_k and answer length, with the passage KV cache at its default budget and off: throughput, time to first
+  token (the answers' `timings.first_token`) and the cache's hit ratio.
 
 Each writes `benchmarks/results/service_<name>.json` (machine, date, settings, numbers) and appends a line to
 `benchmarks/RESULTS.md`. The 2 cores are shared with other work, so every comparison alternates its contenders
@@ -88,14 +94,21 @@ def _rows(path: Path) -> list[dict]:
 
 
 def domain_slice(source: str, part: int, passages: int, questions: int, seed: int = 0) -> tuple[list, list]:
-    """`questions` dev questions of a shared domain and a corpus of `passages` holding their gold passages."""
+    """`questions` dev questions of a shared domain and a corpus of `passages` holding their gold passages;
+    0 passages: the whole knowledge base; 0 questions: the part's share of every dev question (the parts of a
+    source are the `SOURCES` naming it)."""
     rng = random.Random(seed)
     qa = [
         row for row in _rows(DATA_DIR / source / "qa.jsonl") if row["split"] == "dev" and row["passage_ids"]
     ]
     rng.shuffle(qa)
-    chosen = qa[part * questions : (part + 1) * questions]
+    if questions:
+        chosen = qa[part * questions : (part + 1) * questions]
+    else:
+        chosen = qa[part :: sum(1 for s, _ in SOURCES.values() if s == source)]
     corpus = {row["id"]: row for row in _rows(DATA_DIR / source / "passages.jsonl")}
+    if not passages:
+        passages = len(corpus)
     gold = [pid for row in chosen for pid in row["passage_ids"] if pid in corpus]
     others = [pid for pid in corpus if pid not in set(gold)]
     picked = list(dict.fromkeys(gold))[:passages]
@@ -179,9 +192,13 @@ def server_settings(args, data_dir: Path, **server) -> Settings:
 
 
 def fire(
-    client: httpx.Client, requests: list[tuple[str, dict]], concurrency: int
+    client: httpx.Client,
+    requests: list[tuple[str, dict]],
+    concurrency: int,
+    bodies: list[dict] | None = None,
 ) -> tuple[float, list[float]]:
-    """Closed loop: `concurrency` clients send the requests in order. Returns (wall seconds, latencies)."""
+    """Closed loop: `concurrency` clients send the requests in order. Returns (wall seconds, latencies);
+    appends the response bodies to `bodies` if given."""
     pending = iter(requests)
     lock = threading.Lock()
     latencies: list[float] = []
@@ -200,6 +217,8 @@ def fire(
                 raise RuntimeError(f"/ask failed: {response.status_code} {response.text}")
             with lock:
                 latencies.append(elapsed)
+                if bodies is not None:
+                    bodies.append(response.json())
 
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
@@ -240,23 +259,31 @@ class DirectPipeline:
 def bench_throughput(args, backbone: Backbone, store: ObjectStore, asked: dict, work: Path) -> None:
     body = {"top_k": args.top_k, "max_new_tokens": args.max_new_tokens, "retrieval": "dense"}
     domains = list(asked)
-    mixed = [
-        (domains[i % len(domains)], {"question": asked[domains[i % len(domains)]][i // len(domains)], **body})
-        for i in range(args.requests)
-    ]
-    single = [
-        (domains[0], {"question": asked[domains[0]][i % len(asked[domains[0]])], **body})
-        for i in range(args.requests)
-    ]
+
+    def workload(number: int) -> tuple[list, list]:
+        """Set `number`'s requests, mixed and single: questions no earlier set asked, so that the passage KV
+        cache hits only what different questions share, as in real traffic."""
+        first = number * args.requests
+        mixed = [
+            (
+                domains[i % len(domains)],
+                {"question": asked[domains[i % len(domains)]][(first + i) // 4], **body},
+            )
+            for i in range(args.requests)
+        ]
+        single = [
+            (domains[0], {"question": asked[domains[0]][first + i], **body}) for i in range(args.requests)
+        ]
+        return mixed, single
 
     # Naive swapping: the adapter sets in host memory, attached per request (detaching the previous one).
     weights = {d: Backbone.read_adapter_set(work / f"adapter-{d}") for d in domains}
     direct = DirectPipeline(backbone, store, work / "direct-cache")
 
-    def naive() -> float:
+    def naive(number: int) -> float:
         attached = None
         started = time.perf_counter()
-        for domain, request in mixed:
+        for domain, request in workload(number + 1)[0]:
             if attached != domain:
                 if attached is not None:
                     backbone.remove_adapter_set(f"naive-{attached}")
@@ -272,15 +299,17 @@ def bench_throughput(args, backbone: Backbone, store: ObjectStore, asked: dict, 
         max_batch_rows=args.concurrency,
         batch_wait_ms=args.batch_wait_ms,
         queue_size=4 * args.requests,
+        kv_cache_bytes=args.kv_cache_bytes,
     )
     rounds: dict[str, list[float]] = {"mixed": [], "single": [], "naive": []}
     with served(settings) as client:
-        fire(client, mixed[: args.concurrency], args.concurrency)  # warm-up: every adapter loaded and hot
+        fire(client, workload(0)[0], args.concurrency)  # warm-up: every adapter loaded and hot
         for number in range(args.rounds):
             order = ["mixed", "single", "naive"]
+            mixed, single = workload(number + 1)
             for name in order[number % 3 :] + order[: number % 3]:
                 if name == "naive":
-                    seconds = naive()
+                    seconds = naive(number)
                 else:
                     seconds, _ = fire(client, mixed if name == "mixed" else single, args.concurrency)
                 rounds[name].append(args.requests / seconds)
@@ -312,6 +341,8 @@ def bench_throughput(args, backbone: Backbone, store: ObjectStore, asked: dict, 
         "retrieval": "dense",
         "dtype": str(backbone.dtype),
         "max_passage_tokens": backbone.config.max_passage_tokens,
+        "kv_cache_bytes": "service default" if args.kv_cache_bytes is None else args.kv_cache_bytes,
+        "questions": "new ones every round (the KV cache hits only passages different questions share)",
     }
     record(
         "service_throughput" + (f"_{args.tag}" if args.tag else ""),
@@ -334,6 +365,85 @@ def _histogram_mean(text: str, name: str) -> float | None:
         elif line.startswith(f"{name}_count "):
             count = float(line.split()[-1])
     return round(total / count, 2) if total is not None and count else None
+
+
+# --- replay ------------------------------------------------------------------------------------------------
+
+
+def bench_replay(args, backbone: Backbone, work: Path) -> None:
+    """Every dev question of the shared domains, in random order, against the whole knowledge bases (covid's
+    split between covid and covid-b, a second domain on the same corpus under another adapter), at the
+    service's default top_k and answer length, with the passage KV cache at its default budget and off."""
+    store = LocalStore(work / "replay" / "store")
+    asked = prepare_domains(store, backbone, work / "replay", args.replay_passages, 0)
+    requests = [(domain, {"question": q}) for domain, questions in asked.items() for q in questions]
+    random.Random(0).shuffle(requests)
+    requests = requests[: args.replay_requests or None]
+    results = {}
+    for label, budget in (("no_cache", 0), ("cache", None)):
+        settings = server_settings(
+            args,
+            work / "replay",
+            max_batch_rows=args.concurrency,
+            batch_wait_ms=args.batch_wait_ms,
+            queue_size=4 * len(requests),
+            kv_cache_bytes=budget,
+        )
+        bodies: list[dict] = []
+        with served(settings) as client:
+            seconds, latencies = fire(client, requests, args.concurrency, bodies)
+            metrics = client.get("/metrics").text
+        hits, misses = (
+            _counter(metrics, "ragadapt_kv_cache_hits_total"),
+            _counter(metrics, "ragadapt_kv_cache_misses_total"),
+        )
+        results[label] = {
+            "requests_per_s": round(len(requests) / seconds, 3),
+            "seconds": round(seconds, 1),
+            "first_token": percentiles([b["timings"]["first_token"] for b in bodies]),
+            "latency": percentiles(latencies),
+            "kv_cache_hit_ratio": round(hits / (hits + misses), 3) if hits + misses else None,
+            "kv_cache_lookups": int(hits + misses),
+        }
+        print(f"  {label}: {results[label]}", flush=True)
+    cache, none = results["cache"], results["no_cache"]
+    results["throughput_ratio"] = round(cache["requests_per_s"] / none["requests_per_s"], 3)
+    results["first_token_p50_ratio"] = round(
+        cache["first_token"]["p50_ms"] / none["first_token"]["p50_ms"], 3
+    )
+    settings_out = {
+        "domains": {domain: len(questions) for domain, questions in asked.items()},
+        "requests": len(requests),
+        "order": "random (seed 0)",
+        "knowledge_bases": (f"{args.replay_passages} passages each" if args.replay_passages else "whole")
+        + " (covid-b: the covid corpus again, another adapter)",
+        "concurrency": args.concurrency,
+        "max_batch_rows": args.concurrency,
+        "top_k": "service default",
+        "max_new_tokens": "service default",
+        "retrieval": "service default",
+        "kv_cache_bytes": "service default vs 0",
+        "dtype": str(backbone.dtype),
+        "max_passage_tokens": backbone.config.max_passage_tokens,
+    }
+    record(
+        "service_replay",
+        settings_out,
+        results,
+        f"{len(requests)} dev questions of 4 domains ({settings_out['knowledge_bases']}) in random order, "
+        f"concurrency "
+        f"{args.concurrency}, defaults: passage KV cache on/off {cache['requests_per_s']}/"
+        f"{none['requests_per_s']} req/s = {results['throughput_ratio']}x (target >= 1.5), first token p50 "
+        f"{cache['first_token']['p50_ms']}/{none['first_token']['p50_ms']} ms = "
+        f"{results['first_token_p50_ratio']}x (target <= 0.6), hit ratio {cache['kv_cache_hit_ratio']}",
+    )
+
+
+def _counter(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(f"{name} "):
+            return float(line.split()[-1])
+    return 0.0
 
 
 # --- cold adapter load -------------------------------------------------------------------------------------
@@ -477,7 +587,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--only", choices=["throughput", "cold_load", "latency"], default=None)
+    parser.add_argument("--only", choices=["throughput", "cold_load", "latency", "replay"], default=None)
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "ragadapt")
     parser.add_argument("--passages", type=int, default=300, help="passages per domain")
     parser.add_argument("--requests", type=int, default=16, help="requests per throughput round")
@@ -493,6 +603,11 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "auto"], default="float32")
     parser.add_argument("--tag", default="", help="suffix of the throughput result's name (another workload)")
     parser.add_argument("--max-passage-tokens", type=int, default=128)
+    parser.add_argument(
+        "--kv-cache-bytes", type=int, default=None, help="server.kv_cache_bytes (unset: default)"
+    )
+    parser.add_argument("--replay-requests", type=int, default=0, help="replay only the first N (0: all)")
+    parser.add_argument("--replay-passages", type=int, default=0, help="passages per domain (0: all)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="ragadapt-bench-service-"))
@@ -507,13 +622,15 @@ def main() -> None:
         chosen = [args.only] if args.only else ["throughput", "cold_load", "latency"]
         if "throughput" in chosen or "latency" in chosen:
             store = LocalStore(work / "data" / "store")
-            asked = prepare_domains(store, backbone, work, args.passages, max(args.requests, 32))
+            asked = prepare_domains(store, backbone, work, args.passages, (args.rounds + 1) * args.requests)
         if "throughput" in chosen:
             bench_throughput(args, backbone, store, asked, work)
         if "cold_load" in chosen:
             bench_cold_load(args, backbone, work)
         if "latency" in chosen:
             bench_latency(args, backbone, store, asked, work)
+        if "replay" in chosen:
+            bench_replay(args, backbone, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
