@@ -300,6 +300,7 @@ def bench_throughput(args, backbone: Backbone, store: ObjectStore, asked: dict, 
         batch_wait_ms=args.batch_wait_ms,
         queue_size=4 * args.requests,
         kv_cache_bytes=args.kv_cache_bytes,
+        **_chunking(args),
     )
     rounds: dict[str, list[float]] = {"mixed": [], "single": [], "naive": []}
     with served(settings) as client:
@@ -342,6 +343,7 @@ def bench_throughput(args, backbone: Backbone, store: ObjectStore, asked: dict, 
         "dtype": str(backbone.dtype),
         "max_passage_tokens": backbone.config.max_passage_tokens,
         "kv_cache_bytes": "service default" if args.kv_cache_bytes is None else args.kv_cache_bytes,
+        "prefill_chunk_tokens": _chunking(args).get("prefill_chunk_tokens", "service default"),
         "questions": "new ones every round (the KV cache hits only passages different questions share)",
     }
     record(
@@ -388,6 +390,7 @@ def bench_replay(args, backbone: Backbone, work: Path) -> None:
             batch_wait_ms=args.batch_wait_ms,
             queue_size=4 * len(requests),
             kv_cache_bytes=budget,
+            **_chunking(args),
         )
         bodies: list[dict] = []
         with served(settings) as client:
@@ -423,6 +426,7 @@ def bench_replay(args, backbone: Backbone, work: Path) -> None:
         "max_new_tokens": "service default",
         "retrieval": "service default",
         "kv_cache_bytes": "service default vs 0",
+        "prefill_chunk_tokens": _chunking(args).get("prefill_chunk_tokens", "service default"),
         "dtype": str(backbone.dtype),
         "max_passage_tokens": backbone.config.max_passage_tokens,
     }
@@ -437,6 +441,11 @@ def bench_replay(args, backbone: Backbone, work: Path) -> None:
         f"{cache['first_token']['p50_ms']}/{none['first_token']['p50_ms']} ms = "
         f"{results['first_token_p50_ratio']}x (target <= 0.6), hit ratio {cache['kv_cache_hit_ratio']}",
     )
+
+
+def _chunking(args) -> dict:
+    """The server's prefill chunk setting: as asked, else the service's default."""
+    return {} if args.prefill_chunk_tokens is None else {"prefill_chunk_tokens": args.prefill_chunk_tokens}
 
 
 def _counter(text: str, name: str) -> float:
@@ -605,6 +614,9 @@ def main() -> None:
     parser.add_argument("--max-passage-tokens", type=int, default=128)
     parser.add_argument(
         "--kv-cache-bytes", type=int, default=None, help="server.kv_cache_bytes (unset: default)"
+    )
+    parser.add_argument(
+        "--prefill-chunk-tokens", type=int, default=None, help="server.prefill_chunk_tokens (unset: default)"
     )
     parser.add_argument("--replay-requests", type=int, default=0, help="replay only the first N (0: all)")
     parser.add_argument("--replay-passages", type=int, default=0, help="passages per domain (0: all)")

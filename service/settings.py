@@ -91,8 +91,10 @@ class ServerSettings(BaseModel):
     # memory the model runs in (see `kv_cache_budget`), 0: off.
     kv_cache_bytes: int | None = Field(None, ge=0)
     # Questions arriving while others decode are prefilled about this many tokens per decoding step, between
-    # steps (chunked prefill, docs/serving.md), so the answers in flight keep streaming; 0: prefilled at once.
-    prefill_chunk_tokens: int = Field(256, ge=0)
+    # steps (chunked prefill, docs/serving.md), so the answers in flight keep getting tokens; 0: at once.
+    # Off by default: /ask does not stream, and each chunk is a forward of its own (a quarter less
+    # throughput at 256 in bench_service's mixed workload).
+    prefill_chunk_tokens: int = Field(0, ge=0)
     log_json: bool = False
 
     def kv_cache_budget(self, memory: int) -> int:
