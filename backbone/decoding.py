@@ -386,8 +386,12 @@ class Decoding:
         admission = self._admission(prompts, rows)
         next(admission)  # tokenize and look up the cache now; forwards run when given tokens to spend
         if self._batch is None or not self.chunk_tokens:
-            for _ in iter(lambda: admission.send(math.inf), None):
-                pass
+            try:
+                for _ in iter(lambda: admission.send(math.inf), None):
+                    pass
+            except BaseException:  # groups that joined before the failure leave again: nothing was added
+                self.drop({row.ticket for row in rows})
+                raise
         else:
             self._admissions.append((rows, admission))
             self._waiting.update((row.ticket, row) for row in rows)
@@ -521,10 +525,9 @@ class Decoding:
             rows, admission = self._admissions[0]
             try:
                 spent = admission.send(budget)
-            except BaseException:  # its rows are lost; the rows decoding are not
+            except BaseException:  # its rows are lost (those of its groups that joined too); the rest go on
                 self._admissions.popleft()
-                for row in rows:
-                    self._waiting.pop(row.ticket, None)
+                self.drop({row.ticket for row in rows})
                 raise
             if spent is None:
                 self._admissions.popleft()
@@ -561,6 +564,7 @@ class Decoding:
             (rows, admission) for rows, admission in self._admissions if not all(r.dropped for r in rows)
         )
         self._finished = [(t, g) for t, g in self._finished if t not in tickets]
+        self._prefilled = [t for t in self._prefilled if t not in tickets]
         if self._batch is not None:
             keep = [i for i, row in enumerate(self._batch.rows) if row.ticket not in tickets]
             if not keep:

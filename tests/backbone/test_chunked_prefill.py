@@ -124,3 +124,38 @@ def test_a_row_dropped_while_its_prompt_prefills_is_never_returned(llama):
     with torch.inference_mode():
         alone = llama.generator.generate_whole([prompts[1]], names[1:2], 12)[0]
     assert done[short_ticket].text == alone.text
+
+
+@pytest.mark.parametrize("chunk", [0, 16])
+def test_a_prefill_that_fails_part_way_leaves_none_of_its_rows_behind(llama, monkeypatch, chunk):
+    """Newcomers of two lengths are two groups; the second group's first forward fails after the first group
+    joined the batch. None of the newcomers decode on; the row in flight does. `add` raises where it
+    prefills at once, `step` where it prefills in chunks."""
+    prompts, names = _prompts(llama)
+    decoding = llama.generator.decoding(chunk_tokens=chunk)
+    host = llama.generator.host
+    forward, starts = host.forward, []
+
+    def fail_second_group(adapters, **inputs):
+        if inputs["input_ids"].shape[1] > 1 and int(inputs["position_ids"].min()) == 0:
+            starts.append(inputs["input_ids"].shape)  # a group's first forward
+            if len(starts) == 3:  # the in-flight row's, then the long group's, then the short one's
+                raise RuntimeError("the forward failed")
+        return forward(adapters, **inputs)
+
+    monkeypatch.setattr(host, "forward", fail_second_group)
+    done = {}
+    with torch.inference_mode():
+        (first,) = decoding.add(prompts[:1], names[:1], [120])  # long enough to outlast the chunks
+        done.update(decoding.step())
+        with pytest.raises(RuntimeError, match="the forward failed"):
+            decoding.add([LONG, prompts[1]], names[:2], [12, 12])
+            while decoding.prefilling:
+                done.update(decoding.step())
+        assert (decoding.rows, decoding.prefilling) == (1, 0)
+        while len(decoding):
+            done.update(decoding.step())
+    assert set(done) == {first}
+    with torch.inference_mode():
+        alone = llama.generator.generate_whole(prompts[:1], names[:1], 120)[0]
+    assert done[first].text == alone.text
