@@ -22,7 +22,7 @@ import pytest
 
 from service.settings import Settings, StoreSettings
 from storage import ArtifactKind, DomainRegistry, LocalStore
-from tests.service.support import ADMIN, TOPICS, ServerProcess, free_port, until
+from tests.service.support import ADMIN, TOPICS, ServerProcess, finished_job, free_port, until
 
 pytestmark = pytest.mark.integration
 
@@ -118,15 +118,7 @@ def test_a_service_on_a_ray_cluster_ingests_trains_and_cancels_while_the_live_ve
                 )
                 assert created.status_code == 202, created.text
                 job = created.json()["job"]["id"]
-                done = until(
-                    "the ingest",
-                    lambda: (
-                        (j := client.get(f"/admin/jobs/{job}", headers=ADMIN).json())["state"]
-                        in ("succeeded", "failed")
-                        and j
-                    ),
-                    240.0,
-                )
+                done = finished_job(client, job, "the ingest", 240.0)
                 assert done["state"] == "succeeded", done
                 registry = DomainRegistry(LocalStore(tmp_path / "store"))
                 live = registry.live("toy")

@@ -23,6 +23,7 @@ from backbone import AdapterSetConfig, Backbone, Passage
 from indexing import EncodeConfig, IndexHandle, ingest, write_passages
 from indexing.versions import IndexVersions
 from service.app import create_app
+from service.jobs import FINISHED
 from service.runtime import Runtime
 from service.settings import Settings
 from storage import DomainRegistry, ObjectStore
@@ -259,3 +260,15 @@ def until(what: str, check, timeout: float = 180.0):
             return found
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.2)
+
+
+def finished_job(client: httpx.Client, job_id: str, what: str, timeout: float = 180.0) -> dict:
+    """The job's body once it has finished (succeeded, failed or cancelled); fail after `timeout` seconds."""
+
+    def finished() -> dict | None:
+        response = client.get(f"/admin/jobs/{job_id}", headers=ADMIN)
+        assert response.status_code == 200, response.text
+        job = response.json()
+        return job if job["state"] in FINISHED else None
+
+    return until(what, finished, timeout)

@@ -15,7 +15,7 @@ import pytest
 
 from storage import DomainRegistry, new_version_id, open_store
 from tests.s3server import SeaweedS3
-from tests.service.support import ADMIN, TOPICS, ServerProcess, serve, until
+from tests.service.support import ADMIN, TOPICS, ServerProcess, finished_job, serve, until
 
 PASSAGES = [
     {"id": f"{title.lower()}-{i}", "title": title, "text": f"{text} note {i}"}
@@ -88,14 +88,7 @@ def test_a_failed_build_says_why_and_the_domain_can_be_rebuilt_then_deleted(
         again = client.post("/admin/domains/toy/rebuild", headers=ADMIN, json={})
         assert again.status_code == 409 and again.json()["code"] == "build_in_progress"
         assert again.json()["detail"].count(rebuilt.json()["id"]) == 1
-        done = until(
-            "the rebuild",
-            lambda: (
-                (j := _job(client, rebuilt.json()["id"]))["state"] != "running"
-                and j["state"] != "pending"
-                and j
-            ),
-        )
+        done = finished_job(client, rebuilt.json()["id"], "the rebuild")
         assert done["state"] == "succeeded" and done["result"]["passages"] == len(PASSAGES), done
         assert until("an answer", lambda: _answered(client, "toy"), 30)
         assert client.get("/readyz").json()["building"] == []
@@ -175,10 +168,7 @@ def test_a_store_outage_during_ingest_is_waited_out(tmp_path, make_settings):
             s3.kill()
             time.sleep(6)
             s3.start()
-            done = until(
-                "the job",
-                lambda: (j := _job(client, job["id"]))["state"] in ("succeeded", "failed", "cancelled") and j,
-            )
+            done = finished_job(client, job["id"], "the job")
             assert done["state"] == "succeeded", done
             assert until("an answer", lambda: _answered(client, "toy"), 30)
             store = open_store(settings.store_config)
@@ -203,10 +193,7 @@ def test_a_server_killed_during_ingest_resumes_the_job_after_a_restart(
             time.sleep(restart_after_s)
             server.kill()
             server.start()
-            done = until(
-                "the resumed job",
-                lambda: (j := _job(client, job["id"]))["state"] in ("succeeded", "failed", "cancelled") and j,
-            )
+            done = finished_job(client, job["id"], "the resumed job")
             assert done["state"] == "succeeded", done
             assert done["result"]["passages"] == len(PASSAGES)
             assert until("an answer", lambda: _answered(client, "toy"), 30)
@@ -234,9 +221,6 @@ def test_a_domain_whose_job_was_lost_before_it_was_recorded_says_so_and_is_rebui
         assert "lost" in lost.json()["detail"]
         rebuilt = client.post("/admin/domains/toy/rebuild", headers=ADMIN)
         assert rebuilt.status_code == 202 and rebuilt.json()["kind"] == "ingest", rebuilt.text
-        done = until(
-            "the rebuild",
-            lambda: (j := _job(client, rebuilt.json()["id"]))["state"] in ("succeeded", "failed") and j,
-        )
+        done = finished_job(client, rebuilt.json()["id"], "the rebuild")
         assert done["state"] == "succeeded", done
         assert until("an answer", lambda: _answered(client, "toy"), 30)

@@ -4,27 +4,20 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 from adapters.supervisor import worker_scratch
 from storage import ArtifactKind
 from tests.adapters.conftest import run_workers
-from tests.service.support import ADMIN, serve
-
-
-def _until(what: str, check, timeout: float = 120.0):
-    deadline = time.monotonic() + timeout
-    while not (found := check()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-    return found
+from tests.service.support import ADMIN, finished_job, serve, until
 
 
 def test_readyz_reports_the_run_workers_and_a_dead_supervisor(local_store_settings, make_settings):
     settings = make_settings(local_store_settings, runs={"max_concurrent": 1})
     with serve(settings) as served, served.client() as client:
         runs = served.runtime.runs
-        ready = _until("the run worker", lambda: (r := client.get("/readyz").json())["runs"]["workers"] and r)
+        ready = until(
+            "the run worker", lambda: (r := client.get("/readyz").json())["runs"]["workers"] and r, 120.0
+        )
         assert ready["runs"] == {"supervisor": "running", "workers": 1, "expected": 1}
 
         # A killed worker is replaced, and the scratch directory it leaves (a run's files) is swept.
@@ -32,9 +25,10 @@ def test_readyz_reports_the_run_workers_and_a_dead_supervisor(local_store_settin
         scratch = worker_scratch(settings.cache_dir / "runs", token)
         (scratch / "runs" / "some-run").mkdir(parents=True, exist_ok=True)
         os.kill(victim, signal.SIGKILL)
-        _until(
+        until(
             "a new worker",
             lambda: run_workers() and victim not in run_workers() and runs.alive_workers == 1,
+            120.0,
         )
         assert not scratch.exists()
         assert client.get("/readyz").json()["runs"]["workers"] == 1
@@ -53,7 +47,7 @@ def test_a_large_factory_faiss_cannot_build_keeps_the_server_not_ready_saying_wh
 ):
     settings = make_settings(local_store_settings, indexing={"large_factory": "IVF8,PQ7"})  # 7 divides no dim
     with serve(settings, ready=False) as served, served.client() as client:
-        _until("the load to fail", lambda: served.runtime.load_error is not None)
+        until("the load to fail", lambda: served.runtime.load_error is not None, 120.0)
         down = client.get("/readyz")
         assert down.status_code == 503 and "indexing.large_factory 'IVF8,PQ7'" in down.json()["detail"]
 
@@ -67,14 +61,7 @@ def test_a_new_domain_past_flat_max_gets_the_large_factory(local_store_settings,
         created = client.post("/admin/domains", headers=ADMIN, json={"name": "big", "passages": passages})
         assert created.status_code == 202, created.text
         job = created.json()["job"]["id"]
-        done = _until(
-            "the build",
-            lambda: (
-                (j := client.get(f"/admin/jobs/{job}", headers=ADMIN).json())["state"]
-                in ("succeeded", "failed")
-                and j
-            ),
-        )
+        done = finished_job(client, job, "the build", 120.0)
         assert done["state"] == "succeeded", done
         live = served.runtime.registry.live("big")
         manifest = served.runtime.registry.read_manifest("big", ArtifactKind.INDEXES, live.index_version)
