@@ -8,7 +8,7 @@ import torch
 
 from backbone import Backbone, PrefixCache, Prompt
 from backbone.decoding import Decoding
-from tests.backbone.test_lora import PASSAGES, load, randomize
+from tests.backbone.test_lora import PASSAGES, ends_at_budget, with_adapters
 
 QUESTIONS = ["what is the capital", "how does covid spread through droplets", "revenue", "who said it"]
 # A prompt several times longer than the others: what a chunk budget has to split.
@@ -19,14 +19,9 @@ LONG = Prompt(
 
 @pytest.fixture(scope="module")
 def llama(tiny_root) -> Backbone:
-    bb = load(tiny_root, "llama", "bert")
-    for seed, key in enumerate(["news", "covid"]):
-        bb.add_adapter_set(key)
-        randomize(bb, key, seed=70 + seed)
-    generator = bb.generator
-    saved, generator.eos_ids = generator.eos_ids, []  # rows end at their budgets: long enough to overlap
-    yield bb
-    generator.eos_ids = saved
+    bb = with_adapters(tiny_root, seed=70)
+    with ends_at_budget(bb.generator):  # rows end at their budgets: long enough to overlap
+        yield bb
 
 
 def _prompts(bb: Backbone) -> tuple[list[Prompt], list[str]]:

@@ -7,7 +7,7 @@ import torch
 
 from backbone import Backbone, Prompt
 from backbone.decoding import Decoding, WholeBatchDecoding
-from tests.backbone.test_lora import PASSAGES, load, randomize
+from tests.backbone.test_lora import PASSAGES, ends_at_budget, load, with_adapters
 
 QUESTIONS = [
     "what is the capital",
@@ -19,11 +19,7 @@ QUESTIONS = [
 
 @pytest.fixture(scope="module")
 def llama(tiny_root) -> Backbone:
-    bb = load(tiny_root, "llama", "bert")
-    for seed, key in enumerate(["news", "covid"]):
-        bb.add_adapter_set(key)
-        randomize(bb, key, seed=40 + seed)
-    return bb
+    return with_adapters(tiny_root, seed=40)
 
 
 def _rows(bb: Backbone) -> tuple[list[Prompt], list[str]]:
@@ -53,12 +49,11 @@ def test_rows_that_join_late_decode_as_if_alone_and_short_rows_leave_first(llama
     sources, names = _rows(llama)
     budgets = [3, 9, 6, 5]
     generator = llama.generator
-    saved, generator.eos_ids = generator.eos_ids, []  # rows end at their budgets, whatever the model says
     decoding = generator.decoding()
     assert isinstance(decoding, Decoding)
     finished_at: dict[int, int] = {}
     results = {}
-    try:
+    with ends_at_budget(generator):
         with torch.inference_mode():
             first = decoding.add(sources[:2], names[:2], budgets[:2])
             for step in range(1, 20):
@@ -72,8 +67,6 @@ def test_rows_that_join_late_decode_as_if_alone_and_short_rows_leave_first(llama
                     break
         tickets = first + later
         expected = [_alone(llama, s, n, b) for s, n, b in zip(sources, names, budgets)]
-    finally:
-        generator.eos_ids = saved
     for ticket, alone in zip(tickets, expected):
         assert results[ticket].text == alone.text
         assert results[ticket].logprob == pytest.approx(alone.logprob, abs=1e-3)

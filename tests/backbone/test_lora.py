@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -28,6 +31,25 @@ VARIANTS = [("llama", "bert"), ("bart", "dpr")]
 
 def load(tiny_root, generator, encoder) -> Backbone:
     return Backbone.load(tiny_backbone_config(tiny_root, generator=generator, encoder=encoder))
+
+
+def with_adapters(tiny_root, seed: int, generator: str = "llama", encoder: str = "bert") -> Backbone:
+    """A tiny backbone with two randomized adapter sets, "news" and "covid" (seeds `seed` and `seed` + 1)."""
+    bb = load(tiny_root, generator, encoder)
+    for offset, key in enumerate(["news", "covid"]):
+        bb.add_adapter_set(key)
+        randomize(bb, key, seed=seed + offset)
+    return bb
+
+
+@contextmanager
+def ends_at_budget(generator) -> Iterator[None]:
+    """Within: rows end at their token budgets, whatever the model says (no end tokens)."""
+    saved, generator.eos_ids = generator.eos_ids, []
+    try:
+        yield
+    finally:
+        generator.eos_ids = saved
 
 
 def randomize(backbone: Backbone, key: str, seed: int) -> None:
@@ -139,10 +161,7 @@ def test_generator_only_training_keeps_retriever_adapters_still(tiny_root):
 
 @pytest.mark.parametrize("generator,encoder", VARIANTS)
 def test_mixed_adapter_batch_equals_per_adapter_runs(tiny_root, generator, encoder):
-    bb = load(tiny_root, generator, encoder)
-    for seed, key in enumerate(["news", "covid"]):
-        bb.add_adapter_set(key)
-        randomize(bb, key, seed=10 + seed)
+    bb = with_adapters(tiny_root, 10, generator, encoder)
     rows = [None, "news", "covid", "news"]
     questions = [
         "what is the capital of france",
@@ -215,10 +234,7 @@ def test_batched_inference_deltas_equal_peft_per_row_adapters(tiny_root, generat
 
 
 def test_mixed_batch_generation_matches_single_runs(tiny_root):
-    bb = load(tiny_root, "llama", "bert")
-    for seed, key in enumerate(["news", "covid"]):
-        bb.add_adapter_set(key)
-        randomize(bb, key, seed=20 + seed)
+    bb = with_adapters(tiny_root, 20)
     questions = ["what is the capital", "how does covid spread", "what is the capital"]
     rows = ["news", "covid", None]
     passages = [PASSAGES[:2]] * 3

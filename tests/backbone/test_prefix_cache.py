@@ -8,7 +8,7 @@ import torch
 
 from backbone import Backbone, Passage, PrefixCache, PrefixKey
 from backbone.decoding import _Prefix
-from tests.backbone.test_lora import PASSAGES, load, randomize
+from tests.backbone.test_lora import PASSAGES, ends_at_budget, load, randomize, with_adapters
 
 QUESTIONS = [
     "what is the capital",
@@ -26,20 +26,14 @@ CHATML = (
 
 @pytest.fixture(scope="module")
 def llama(tiny_root) -> Backbone:
-    bb = load(tiny_root, "llama", "bert")
-    for seed, key in enumerate(["news", "covid"]):
-        bb.add_adapter_set(key)
-        randomize(bb, key, seed=60 + seed)
-    return bb
+    return with_adapters(tiny_root, seed=60)
 
 
 @pytest.fixture
 def until_budget(llama):
     """Rows end at their budgets, whatever the model says, so every answer is several tokens long."""
-    generator = llama.generator
-    saved, generator.eos_ids = generator.eos_ids, []
-    yield
-    generator.eos_ids = saved
+    with ends_at_budget(llama.generator):
+        yield
 
 
 def _answer(bb: Backbone, batches, prefixes: PrefixCache | None) -> list:
