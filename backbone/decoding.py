@@ -442,8 +442,9 @@ class Decoding:
             batch = _Batch(joined, forward.cache, forward.mask)
             self._advance(batch, forward.logits)
             self._prefilled += [row.ticket for row in joined if not row.dropped]
-            if any(row.dropped for row in joined):
-                self._finished = [(t, g) for t, g in self._finished if not self._was_dropped(t, joined)]
+            dropped = {row.ticket for row in joined if row.dropped}
+            if dropped:
+                self._finished = [(t, g) for t, g in self._finished if t not in dropped]
                 kept = [i for i, row in enumerate(batch.rows) if not row.dropped]
                 if not kept:
                     batch.rows = []
@@ -460,10 +461,6 @@ class Decoding:
         """Rows whose prefill ended (their first token picked) since the last call."""
         done, self._prefilled = self._prefilled, []
         return done
-
-    @staticmethod
-    def _was_dropped(ticket: int, rows: list[_Row]) -> bool:
-        return any(row.ticket == ticket and row.dropped for row in rows)
 
     def _feed(self, forward: _Forward, budget: float) -> int:
         """Run `forward`'s next chunk within `budget` tokens (at least one column); returns tokens fed."""

@@ -368,6 +368,7 @@ class Answering:
         self._row_owner: dict[int, tuple[int, int]] = {}  # decoding ticket -> (question ticket, passage)
         self._ready: list[int] = []  # questions whose rows are all done
         self._started: list[int] = []  # questions whose rows are all prefilled, since `started` was called
+        self._prefill_seen = (0, 0)  # the decoding's prefill counts at the last `prefill_tokens` call
         self._next_ticket = 0
 
     def __len__(self) -> int:
@@ -379,11 +380,15 @@ class Answering:
         """Generator rows the next step runs."""
         return self._decoding.rows
 
-    @property
     def prefill_tokens(self) -> tuple[int, int] | None:
-        """Prompt tokens prefilled so far, (padding, real); None where the decoding does not count them."""
-        padding = getattr(self._decoding, "padding", None)
-        return tuple(padding) if padding is not None else None
+        """Prompt tokens prefilled since the last call, (padding, real); None where the decoding does not
+        count them."""
+        counted = getattr(self._decoding, "padding", None)
+        if counted is None:
+            return None
+        new = (counted[0] - self._prefill_seen[0], counted[1] - self._prefill_seen[1])
+        self._prefill_seen = tuple(counted)
+        return new
 
     def started(self) -> list[int]:
         """Questions whose rows have all been prefilled (their first tokens are out) since the last call."""

@@ -197,7 +197,6 @@ class ModelWorker:
                     answering = self._answering()
 
     def _answering(self):
-        self._prefill_reported = (0, 0)
         return self._backbone.answering(self._prefixes, self.prefill_chunk_tokens)
 
     def _release(self, job: AskJob) -> None:
@@ -331,11 +330,10 @@ class ModelWorker:
             "misses": metrics.kv_cache_misses,
             **{reason: metrics.kv_cache_evictions.labels(reason) for reason in cache.evictions},
         }
-        prefill = answering.prefill_tokens  # counted per answering, from zero
+        prefill = answering.prefill_tokens()
         if prefill is not None:
-            for kind, total, seen in zip(("padding", "real"), prefill, self._prefill_reported):
-                metrics.prefill_tokens.labels(kind).inc(total - seen)
-            self._prefill_reported = prefill
+            for kind, tokens in zip(("padding", "real"), prefill):
+                metrics.prefill_tokens.labels(kind).inc(tokens)
         for name, total in totals.items():
             counters[name].inc(total - self._reported.get(name, 0))
         self._reported = totals
